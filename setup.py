@@ -1,0 +1,44 @@
+"""sycoca_jax: Symmetrizing Contrastive Captioners in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.6,<0.11",
+    "flax>=0.10,<0.13",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=1.0",
+    "einops>=0.8",
+    "clu>=0.0.12",
+    # clu's metric writers and tfds' TFRecord readers import TensorFlow; the CPU build is enough.
+    "tensorflow-cpu>=2.16",
+    "tensorflow-datasets>=4.9.6",
+    "grain>=0.2.6",           # random-access, checkpointable input pipelines
+    "array-record>=0.5",      # the on-disk format grain reads for web-scale image-text data
+    "numpy>=1.26",
+    "pillow>=10",
+    "tokenizers>=0.19",       # fast, exact CLIP BPE
+    "ftfy>=6",                # CLIP's text clean-up before BPE
+    "regex>=2023",
+    "scikit-learn>=1.4",      # real offline eval sets (digits) and linear probes
+    "scikit-image>=0.22",     # photos and textures shipped in the wheel, lfw_subset
+    "safetensors>=0.4",       # reading open_clip checkpoints without pickle
+    "absl-py>=2",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-xdist>=3", "pycocoevalcap>=1.2", "easy-vqa>=1.0"],
+    # Only needed to import open_clip weights from .pt/.bin files and for the parity tests.
+    "torch": ["torch>=2.4", "open-clip-torch>=2.26"],
+}
+
+setuptools.setup(
+    name="sycoca_jax",
+    version="0.1.0",
+    description="SyCoCa (Symmetrizing Contrastive Captioners) pretraining and evaluation in JAX/Flax.",
+    packages=setuptools.find_packages(include=["sycoca_jax", "sycoca_jax.*"]),
+    package_data={"sycoca_jax": ["data/assets/*"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

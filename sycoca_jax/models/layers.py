@@ -1,0 +1,186 @@
+"""Transformer building blocks shared by every tower.
+
+Shape legend (used across sycoca_jax.models):
+  B batch, N image patches, L text tokens, S key/value length, D width, H heads,
+  E joint embedding size, V vocabulary, P pixels per patch (p * p * 3).
+
+Parameter names follow open_clip's (ln_1, attn, ln_1_kv, ln_2, mlp/c_fc, mlp/c_proj) so that importing its
+CoCa checkpoints is a renaming, not a re-plumbing. Parameters are float32; `dtype` sets the compute type.
+"""
+
+from typing import Any, Callable, Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # torch.nn.GELU, as open_clip uses
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # OpenAI CLIP's
+}
+
+
+def causal_mask(length: int) -> jax.Array:
+  """[1, 1, L, L] boolean mask, True where a query may attend a key."""
+  return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+def key_padding_mask(valid: jax.Array) -> jax.Array:
+  """[B, S] validity -> [B, 1, 1, S] boolean attention mask."""
+  return valid[:, None, None, :]
+
+
+class Mlp(nn.Module):
+  """Two-layer feed-forward block: D -> mlp_ratio * D -> D."""
+
+  mlp_ratio: float = 4.0
+  act: str = "gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, name="c_fc")(x)
+    x = ACTIVATIONS[self.act](x)
+    return nn.Dense(width, dtype=self.dtype, name="c_proj")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with separate q/k/v projections and an optional decoding cache.
+
+  Self-attention when `kv` is None, cross-attention otherwise (keys may have another width than queries).
+  With `decode=True` (self-attention only) keys and values are appended to a cache of the length the cache was
+  initialised with, one step at a time: the autoregressive sampler in sycoca_jax.decoding relies on it.
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, kv=None, mask=None, *, decode: bool = False):
+    width = x.shape[-1]
+    kv = x if kv is None else kv
+    dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
+    split = lambda t: einops.rearrange(t, "b s (h d) -> b s h d", h=self.num_heads)
+    q, k, v = split(dense("query")(x)), split(dense("key")(kv)), split(dense("value")(kv))
+
+    if decode:
+      # The cache is created by calling the model once with decode=True on a [B, max_len] input (the sampler
+      # does this through `init`), and afterwards filled one position per call.
+      is_initialized = self.has_variable("cache", "cached_key")
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if is_initialized:
+        step = q.shape[1]
+        i = index.value
+        k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
+        v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
+        cached_k.value, cached_v.value = k, v
+        index.value = i + step
+        # Query at absolute position i + t sees keys 0 .. i + t.
+        q_pos = i + jnp.arange(step)[:, None]
+        k_pos = jnp.arange(k.shape[1])[None, :]
+        mask = (k_pos <= q_pos)[None, None]
+
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = einops.rearrange(out, "b s h d -> b s (h d)")
+    return nn.Dense(width, dtype=self.dtype, name="out")(out)
+
+
+class Block(nn.Module):
+  """Pre-LN residual block: x + attn(ln_1(x) [, ln_1_kv(kv)]); x + mlp(ln_2(x)).
+
+  A cross-attention block (`cross=True`) attends from x to `kv`, as open_clip's multimodal decoder does; its
+  queries never attend to each other.
+  """
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  act: str = "gelu"
+  norm_eps: float = 1e-5
+  cross: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, kv=None, mask=None, *, decode: bool = False):
+    norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=name)
+    if self.cross:
+      kv = norm("ln_1_kv")(kv)
+    attn = Attention(self.num_heads, dtype=self.dtype, name="attn")
+    x = x + attn(norm("ln_1")(x), kv, mask, decode=decode and not self.cross)
+    return x + Mlp(self.mlp_ratio, self.act, dtype=self.dtype, name="mlp")(norm("ln_2")(x))
+
+
+class Transformer(nn.Module):
+  """`depth` blocks; each layer is a self-attention block, followed by a cross-attention block if `cross`.
+
+  `scan=True` stacks the layers' parameters on a leading axis and runs them with one `nn.scan` (faster
+  compiles on deep models); `remat=True` recomputes each layer's activations in the backward pass.
+  """
+
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  act: str = "gelu"
+  norm_eps: float = 1e-5
+  cross: bool = False
+  remat: bool = False
+  scan: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, kv=None, mask=None, kv_mask=None, *, decode: bool = False):
+    layer_cls = nn.remat(_Layer, prevent_cse=not self.scan) if self.remat else _Layer
+    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, act=self.act, norm_eps=self.norm_eps,
+              cross=self.cross, decode=decode, dtype=self.dtype)
+    if self.scan:
+      stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast,) * 3, length=self.depth)
+      x, _ = stack(**kw, name="layers")(x, kv, mask, kv_mask)
+    else:
+      for i in range(self.depth):
+        x, _ = layer_cls(**kw, name=f"layers_{i}")(x, kv, mask, kv_mask)
+    return x
+
+
+class _Layer(nn.Module):
+  """One layer of `Transformer`, with the (carry, out) signature that nn.scan wants."""
+
+  num_heads: int
+  mlp_ratio: float
+  act: str
+  norm_eps: float
+  cross: bool
+  decode: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, kv, mask, kv_mask):
+    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, act=self.act, norm_eps=self.norm_eps,
+              dtype=self.dtype)
+    x = Block(**kw, name="self")(x, None, mask, decode=self.decode)
+    if self.cross:
+      x = Block(**kw, cross=True, name="cross")(x, kv, kv_mask)
+    return x, None
+
+
+def normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """L2-normalise in float32 (as torch.nn.functional.normalize)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def take_tokens(x: jax.Array, ids: Optional[jax.Array]) -> jax.Array:
+  """Gathers tokens per example: x [B, N, D], ids [B, K] -> [B, K, D]; identity when ids is None.
+
+  take_along_axis keeps the batch axis a batch dimension of the gather, so a batch-sharded input stays sharded
+  (no all-gather of the tokens; tests/test_masking.py checks the compiled program).
+  """
+  if ids is None:
+    return x
+  return jnp.take_along_axis(x, ids[..., None], axis=1)

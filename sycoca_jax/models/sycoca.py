@@ -1,0 +1,240 @@
+"""SyCoCa: CoCa's contrastive + captioning towers, made symmetric with text-guided masked image modeling.
+
+Shape legend: B batch, N patches, L text tokens, D width, E joint embedding, V vocabulary, P pixels per patch.
+
+One forward pass (`SyCoCa.__call__`), with the heads that the enabled objectives need:
+  1. full image pass     E_v(image)            -> image embedding (ITC), patch embeddings, patch tokens
+  2. text pass           E_t(text)             -> text embedding (ITC), token features, token embeddings
+  3. attentive masking   scores(patches, tokens) -> IC patch set, TG-MIM visible / hidden sets
+  4. IC head             D_t(token features[:-1], IC patch tokens)  -> next-token logits
+  5. TG-MIM head         E_v(visible patches only), then D_v(visible, mask tokens, token features) -> pixels
+
+Every tower is always created (the parameter tree does not depend on which objectives are on, so checkpoints
+move freely between the ablation configs); `heads` decides which ones run.
+"""
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sycoca_jax import masking as masking_lib
+from sycoca_jax.models import layers
+from sycoca_jax.models.image_decoder import ImageDecoder
+from sycoca_jax.models.text import TextDecoder, TextEncoder
+from sycoca_jax.models.vit import VisionTransformer
+
+HEADS = ("itc", "ic", "mim")
+
+
+class SyCoCa(nn.Module):
+  image_encoder: VisionTransformer
+  text_encoder: TextEncoder
+  text_decoder: TextDecoder
+  image_decoder: ImageDecoder
+  masking: str = "attentive"
+  ic_ratio: float = 0.5
+  mim_ratio: float = 0.5
+  ic_reencode: bool = False
+  init_logit_scale: float = math.log(1 / 0.07)
+  max_logit_scale: float = math.log(100.0)
+  pad_id: int = 0
+
+  def setup(self):
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale), ())
+
+  # -- Pieces, each usable on its own through `model.apply(params, ..., method=...)`. --------------------------
+
+  def temperature(self) -> jax.Array:
+    """exp(logit_scale), clamped at exp(max_logit_scale) (no gradient beyond the clamp, as open_clip's)."""
+    return jnp.exp(jnp.minimum(self.logit_scale, self.max_logit_scale))
+
+  def encode_image(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    """images [B, H, W, 3] -> {'embedding' [B, E] (L2-normalised), 'tokens', 'patch_embeddings', 'pooled'}."""
+    out = dict(self.image_encoder(images, ids_keep))
+    out["embedding"] = layers.normalize(out["pooled"])
+    return out
+
+  def encode_text(self, text: jax.Array) -> dict[str, jax.Array]:
+    """text [B, L] -> {'embedding' [B, E] (L2-normalised), 'tokens' [B, L, D], 'token_embeddings', 'pooled'}."""
+    out = dict(self.text_encoder(text))
+    out["embedding"] = layers.normalize(out["pooled"])
+    return out
+
+  def caption_logits(self, image_tokens: jax.Array, text: jax.Array) -> jax.Array:
+    """Teacher-forced logits [B, L - 1, V]: position t predicts token t + 1 of `text` [B, L]."""
+    tokens = self.text_encoder(text)["tokens"]
+    return self.text_decoder(tokens[:, :-1], image_tokens)
+
+  def decode_step(self, image_tokens: jax.Array, tokens: jax.Array, start: Any) -> jax.Array:
+    """Cached sampling step: the logits [B, l, V] for `tokens` [B, l] at positions start .. start + l - 1."""
+    features = self.text_encoder.encode_tokens(tokens, decode=True, start=start)
+    return self.text_decoder(features, image_tokens, decode=True)
+
+  def caption_features(self, image_tokens: jax.Array, text: jax.Array) -> jax.Array:
+    """The multimodal decoder's final features [B, L, D] (for VQA / classification heads)."""
+    tokens = self.text_encoder(text)["tokens"]
+    return self.text_decoder(tokens, image_tokens, return_features=True)
+
+  def choose_masks(self, rng, image_out, text_out, text) -> masking_lib.Masks:
+    patch_embeddings = image_out.get("patch_embeddings")
+    if patch_embeddings is None:  # attentional pooling: no per-patch tokens, only their count matters
+      if self.masking == "attentive":
+        raise ValueError("masking.strategy='attentive' needs per-patch tokens: set model.vision.pool='tok'.")
+      patch_embeddings = jnp.zeros((text.shape[0], self.image_encoder.num_patches, 1))
+    # The start token and padding carry no caption content; the appended CLS is not among the tokens.
+    valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+    return masking_lib.get_strategy(self.masking)(
+        rng, patch_embeddings=patch_embeddings,
+        token_embeddings=text_out["token_embeddings"], token_valid=valid,
+        ic_ratio=self.ic_ratio, mim_ratio=self.mim_ratio)
+
+  # -- The training forward pass. -------------------------------------------------------------------------------
+
+  def __call__(self, images: jax.Array, text: jax.Array, *, rng: Optional[jax.Array] = None,
+               heads: Sequence[str] = HEADS) -> dict[str, Any]:
+    """images [B, H, W, 3] (normalised), text [B, L] -> named outputs.
+
+    Always: image_embedding, text_embedding [B, E], logit_scale (the temperature, exp'd and clamped).
+    'ic' in heads: caption_logits [B, L - 1, V].   'mim' in heads: mim_pred [B, N, P].
+    When masking runs: masks (a masking.Masks: the chosen index sets, for losses and visualisation).
+    `rng` feeds the `random` strategy; the others are deterministic.
+    """
+    unknown = set(heads) - set(HEADS)
+    if unknown:
+      raise ValueError(f"Unknown heads {sorted(unknown)}; choose from {HEADS}.")
+    image_out = self.encode_image(images)
+    text_out = self.encode_text(text)
+    out: dict[str, Any] = {
+        "image_embedding": image_out["embedding"],
+        "text_embedding": text_out["embedding"],
+        "logit_scale": self.temperature(),
+    }
+
+    needs_masks = ("ic" in heads and self.ic_ratio > 0) or "mim" in heads
+    masks = None
+    if needs_masks:
+      if rng is None:
+        rng = jax.random.PRNGKey(0)
+      masks = self.choose_masks(rng, image_out, text_out, text)
+      out["masks"] = masks
+
+    if "ic" in heads:
+      if masks is not None and masks.ic_keep is not None:
+        if self.ic_reencode or self.image_encoder.pool == "attn":
+          # With attentional pooling the tokens are query summaries, not patches: pool the kept patches.
+          image_tokens = self.image_encoder(images, masks.ic_keep)["tokens"]
+        else:
+          image_tokens = layers.take_tokens(image_out["tokens"], masks.ic_keep)
+      else:
+        image_tokens = image_out["tokens"]
+      out["caption_logits"] = self.text_decoder(text_out["tokens"][:, :-1], image_tokens)
+
+    if "mim" in heads:
+      if masks.mim_keep is None:
+        raise ValueError("The TG-MIM objective needs masking.mim_ratio > 0.")
+      # Second, cheaper encoder pass over the visible patches only: hidden content cannot leak through
+      # self-attention, as it could if the full pass's tokens were reused.
+      visible = self.image_encoder(images, masks.mim_keep)["tokens"]
+      out["mim_pred"] = self.image_decoder(visible, masks.mim_restore, text_out["tokens"], text != self.pad_id)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Configuration.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """The paper's CoCa-Base geometry (open_clip `coca_base` with CLIP BPE) and SyCoCa masking defaults."""
+  return ml_collections.ConfigDict(dict(
+      embed_dim=512,
+      act="gelu",                # gelu | gelu_tanh | quick_gelu
+      norm_eps=1e-5,
+      dtype="float32",           # compute dtype; parameters are always float32
+      remat=False,
+      scan_layers=False,
+      pad_id=0,
+      init_logit_scale=math.log(1 / 0.07),
+      max_logit_scale=math.log(100.0),
+      vision=dict(image_size=288, patch_size=18, width=768, depth=12, heads=12, mlp_ratio=4.0,
+                  pool="tok", attn_pooler_queries=256, attn_pooler_heads=8),
+      text=dict(vocab_size=49408, context_length=76, width=768, depth=12, heads=12, mlp_ratio=4.0,
+                legacy_cls_mask=False),
+      text_decoder=dict(width=768, depth=12, heads=12, mlp_ratio=4.0),
+      image_decoder=dict(width=512, depth=8, heads=16, mlp_ratio=4.0, cross_attention=True),
+      masking=dict(strategy="attentive", ic_ratio=0.5, mim_ratio=0.5, ic_reencode=False),
+  ))
+
+
+def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the offending key, before anything is compiled."""
+
+  def fail(key, msg):
+    raise ValueError(f"config.model.{key}: {msg}")
+
+  v, t, d, m = cfg.vision, cfg.text, cfg.text_decoder, cfg.masking
+  if v.image_size % v.patch_size:
+    fail("vision.image_size", f"{v.image_size} is not divisible by vision.patch_size={v.patch_size}.")
+  for key, tower in (("vision", v), ("text", t), ("text_decoder", d), ("image_decoder", cfg.image_decoder)):
+    if tower.width % tower.heads:
+      fail(f"{key}.width", f"{tower.width} is not divisible by {key}.heads={tower.heads}.")
+  if v.pool not in ("tok", "attn"):
+    fail("vision.pool", f"{v.pool!r} is not one of 'tok', 'attn'.")
+  if t.width != d.width:
+    fail("text_decoder.width", f"must equal text.width={t.width}: the decoder continues the text features.")
+  if cfg.act not in layers.ACTIVATIONS:
+    fail("act", f"{cfg.act!r} is not one of {sorted(layers.ACTIVATIONS)}.")
+  if cfg.dtype not in ("float32", "bfloat16", "float16"):
+    fail("dtype", f"{cfg.dtype!r} is not one of float32, bfloat16, float16.")
+  if m.strategy not in masking_lib.STRATEGIES:
+    fail("masking.strategy", f"{m.strategy!r} is not one of {sorted(masking_lib.STRATEGIES)}.")
+  for key in ("ic_ratio", "mim_ratio"):
+    r = m[key]
+    if not 0.0 <= r < 1.0:
+      fail(f"masking.{key}", f"{r} must be in (0, 1), or 0 to switch that head's masking off.")
+  if m.strategy == "none" and (m.ic_ratio or m.mim_ratio):
+    fail("masking.strategy", "'none' needs masking.ic_ratio = masking.mim_ratio = 0.")
+  if m.strategy == "attentive" and v.pool != "tok":
+    fail("masking.strategy", "'attentive' scores every patch and needs model.vision.pool='tok'.")
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
+  """The SyCoCa module for a model config (see `default_model_config`)."""
+  validate_model_config(cfg)
+  dtype = jnp.dtype(cfg.dtype)
+  common = dict(act=cfg.act, norm_eps=cfg.norm_eps, remat=cfg.remat, scan=cfg.scan_layers, dtype=dtype)
+  v, t, d, i = cfg.vision, cfg.text, cfg.text_decoder, cfg.image_decoder
+  return SyCoCa(
+      image_encoder=VisionTransformer(
+          v.image_size, v.patch_size, v.width, v.depth, v.heads, cfg.embed_dim, v.mlp_ratio, pool=v.pool,
+          attn_pooler_queries=v.attn_pooler_queries, attn_pooler_heads=v.attn_pooler_heads, **common),
+      text_encoder=TextEncoder(
+          t.vocab_size, t.context_length, t.width, t.depth, t.heads, cfg.embed_dim, t.mlp_ratio,
+          pad_id=cfg.pad_id, legacy_cls_mask=t.legacy_cls_mask, **common),
+      text_decoder=TextDecoder(t.vocab_size, d.width, d.depth, d.heads, d.mlp_ratio, **common),
+      image_decoder=ImageDecoder(
+          (v.image_size // v.patch_size) ** 2, v.patch_size ** 2 * 3, i.width, i.depth, i.heads, i.mlp_ratio,
+          cross_attention=i.cross_attention, **common),
+      masking=cfg.masking.strategy,
+      ic_ratio=cfg.masking.ic_ratio,
+      mim_ratio=cfg.masking.mim_ratio,
+      ic_reencode=cfg.masking.ic_reencode,
+      init_logit_scale=cfg.init_logit_scale,
+      max_logit_scale=cfg.max_logit_scale,
+      pad_id=cfg.pad_id,
+  )
+
+
+def init_params(model: SyCoCa, rng: jax.Array, batch_size: int = 1) -> Any:
+  """Initialises every tower (all heads run once on a dummy batch)."""
+  size = model.image_encoder.image_size
+  images = jnp.zeros((batch_size, size, size, 3), jnp.float32)
+  text = jnp.ones((batch_size, model.text_encoder.context_length), jnp.int32)
+  # Masking has no parameters; initialising through a 50/50 random-masking copy builds every tower whatever
+  # this config's objectives and ratios, so all configs share one parameter tree.
+  init_model = model.clone(masking="random", ic_ratio=0.5, mim_ratio=0.5)
+  return init_model.init({"params": rng}, images, text, rng=rng, heads=HEADS)["params"]

@@ -1,0 +1,125 @@
+"""The text towers: the unimodal text encoder E_t and the multimodal text decoder D_t (the IC head).
+
+Shapes as in layers.py. Both towers are causal, so a caption's token i only ever depends on tokens <= i:
+that is what lets D_t be trained with teacher forcing and sampled one token at a time with a KV cache.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sycoca_jax.models import layers
+
+Dtype = Any
+
+
+class TextEncoder(nn.Module):
+  """Causal transformer over caption tokens with a learned CLS token appended at the end (CoCa's unimodal part).
+
+  The CLS token sees the whole caption; padding keys are masked. `legacy_cls_mask=True` reproduces the mask of
+  open_clip's released CoCa weights, which is shifted by one position (open_clip's `correct_cls_mask=False`):
+  key j is hidden iff token j - 1 is padding, and key 0 always visible. Use it only for imported weights.
+  """
+
+  vocab_size: int
+  context_length: int
+  width: int
+  depth: int
+  num_heads: int
+  embed_dim: int
+  mlp_ratio: float = 4.0
+  act: str = "gelu"
+  norm_eps: float = 1e-5
+  pad_id: int = 0
+  legacy_cls_mask: bool = False
+  remat: bool = False
+  scan: bool = False
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02))
+    self.cls_emb = self.param("cls_emb", nn.initializers.normal(0.01), (self.width,))
+    self.positional_embedding = self.param(
+        "positional_embedding", nn.initializers.normal(0.01), (self.context_length + 1, self.width))
+    self.transformer = layers.Transformer(
+        self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, remat=self.remat, scan=self.scan,
+        dtype=self.dtype)
+    self.ln_final = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
+    self.text_projection = self.param(
+        "text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.embed_dim))
+
+  def __call__(self, text: jax.Array) -> dict[str, jax.Array]:
+    """text [B, L] token ids -> pooled [B, E] (CLS, unnormalised), tokens [B, L, D], token_embeddings [B, L, E].
+
+    `tokens` are the raw last-layer features that D_t continues from (open_clip applies no norm to them);
+    `token_embeddings` are ln_final + text_projection applied per token: the joint space that attentive
+    masking compares patches with.
+    """
+    batch, length = text.shape
+    x = self.token_embedding(text).astype(self.dtype)
+    x = jnp.concatenate([x, jnp.broadcast_to(self.cls_emb.astype(x.dtype), (batch, 1, self.width))], axis=1)
+    x = x + self.positional_embedding[: length + 1].astype(x.dtype)
+
+    valid = text != self.pad_id
+    cls_valid = jnp.ones((batch, 1), bool)
+    keys = jnp.concatenate([cls_valid, valid] if self.legacy_cls_mask else [valid, cls_valid], axis=1)
+    mask = layers.causal_mask(length + 1) & layers.key_padding_mask(keys)
+    x = self.transformer(x, mask=mask)
+
+    proj = self.text_projection.astype(x.dtype)
+    tokens = x[:, :-1]
+    return {
+        "pooled": self.ln_final(x[:, -1]) @ proj,
+        "tokens": tokens,
+        "token_embeddings": self.ln_final(tokens) @ proj,
+    }
+
+  def encode_tokens(self, text: jax.Array, *, decode: bool = False, start: Any = 0) -> jax.Array:
+    """Token features [B, l, D] without the CLS token: what the captioner needs while sampling.
+
+    With decode=True, `text` holds the tokens at positions start .. start + l - 1 and the self-attention
+    caches hold the earlier ones. Sampling never puts padding inside a prefix, so no padding mask is needed.
+    """
+    length = text.shape[1]
+    x = self.token_embedding(text).astype(self.dtype)
+    x = x + jax.lax.dynamic_slice_in_dim(self.positional_embedding, start, length).astype(x.dtype)
+    return self.transformer(x, mask=None if decode else layers.causal_mask(length), decode=decode)
+
+
+class TextDecoder(nn.Module):
+  """Multimodal decoder: causal self-attention over text features, cross-attention to image tokens, vocab logits.
+
+  Each layer is a self-attention block then a cross-attention block, as open_clip's MultimodalTransformer.
+  """
+
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  act: str = "gelu"
+  norm_eps: float = 1e-5
+  remat: bool = False
+  scan: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text_tokens: jax.Array, image_tokens: jax.Array, *, decode: bool = False,
+               return_features: bool = False) -> jax.Array:
+    """text_tokens [B, L, D], image_tokens [B, S, D'] -> logits [B, L, V] (float32).
+
+    return_features=True returns the final normalised features [B, L, D] instead (VQA / pooling heads).
+    """
+    length = text_tokens.shape[1]
+    x = layers.Transformer(
+        self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, cross=True, remat=self.remat,
+        scan=self.scan, dtype=self.dtype, name="transformer",
+    )(text_tokens.astype(self.dtype), image_tokens.astype(self.dtype),
+      mask=None if decode else layers.causal_mask(length), decode=decode)
+    x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_final")(x)
+    if return_features:
+      return x
+    proj = self.param("text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.vocab_size))
+    return (x @ proj.astype(x.dtype)).astype(jnp.float32)

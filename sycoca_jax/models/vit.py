@@ -1,0 +1,115 @@
+"""The image encoder E_v: a pre-LN ViT that can encode any gathered subset of its patches.
+
+Shapes as in layers.py. Positions are added before the gather and the CLS token is always kept, so encoding
+`ids_keep` is exactly "the same ViT, looking only at those patches" (MAE / FLIP style).
+"""
+
+from typing import Any, Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sycoca_jax.models import layers
+
+Dtype = Any
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, N, P], patches in row-major order, pixels (p1, p2, c) within a patch."""
+  return einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, channels: int = 3) -> jax.Array:
+  """Inverse of `patchify` for square grids: [B, N, P] -> [B, H, W, C]."""
+  grid = int(round(patches.shape[1] ** 0.5))
+  return einops.rearrange(patches, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c", h=grid, w=grid, p1=patch_size,
+                          p2=patch_size, c=channels)
+
+
+class AttentionalPooler(nn.Module):
+  """n learned queries cross-attending to the encoder's tokens (open_clip's CoCa pooler): [B, S, D] -> [B, Q, E]."""
+
+  num_queries: int
+  out_dim: int
+  num_heads: int
+  norm_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    query = self.param("query", nn.initializers.normal(1.0), (self.num_queries, self.out_dim))
+    x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_k")(x)
+    q = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_q")(query)
+    q = jnp.broadcast_to(q, (x.shape[0], *q.shape))
+    return layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(q, x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT returning a global image feature and per-token features.
+
+  pool="tok": pooled = ln_post(x)[:, 0] @ proj, tokens = ln_post(x)[:, 1:] (one token per kept patch).
+  pool="attn": open_clip's coca_ViT-* pooling: x = ln_post(attn_pool(x)); pooled = x[:, 0] @ proj,
+    tokens = x[:, 1:] (num_queries - 1 learned summaries, no longer one per patch).
+  """
+
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  embed_dim: int
+  mlp_ratio: float = 4.0
+  act: str = "gelu"
+  norm_eps: float = 1e-5
+  pool: str = "tok"
+  attn_pooler_queries: int = 256
+  attn_pooler_heads: int = 8
+  remat: bool = False
+  scan: bool = False
+  dtype: Dtype = jnp.float32
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  def setup(self):
+    scale = self.width ** -0.5
+    # A linear map of flattened patches == open_clip's bias-free strided conv1.
+    self.conv1 = nn.Dense(self.width, use_bias=False, dtype=self.dtype)
+    self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (self.width,))
+    self.positional_embedding = self.param(
+        "positional_embedding", nn.initializers.normal(scale), (self.num_patches + 1, self.width))
+    self.ln_pre = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
+    self.transformer = layers.Transformer(
+        self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, remat=self.remat, scan=self.scan,
+        dtype=self.dtype)
+    if self.pool == "attn":
+      self.attn_pool = AttentionalPooler(self.attn_pooler_queries, self.embed_dim, self.attn_pooler_heads,
+                                         self.norm_eps, dtype=self.dtype)
+      pool_dim = self.embed_dim
+    else:
+      pool_dim = self.width
+    self.ln_post = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
+    self.proj = self.param("proj", nn.initializers.normal(pool_dim ** -0.5), (pool_dim, self.embed_dim))
+
+  def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    """images [B, H, W, 3]; ids_keep [B, K] patch indices to encode (all N when None).
+
+    Returns pooled [B, E] (unnormalised), tokens [B, K or Q-1, D'] for the decoders, and, with pool="tok",
+    patch_embeddings [B, K, E]: each token projected into the joint space (what attentive masking scores).
+    """
+    x = self.conv1(patchify(images.astype(self.dtype), self.patch_size))
+    x = x + self.positional_embedding[1:].astype(x.dtype)
+    x = layers.take_tokens(x, ids_keep)
+    cls = (self.class_embedding + self.positional_embedding[0]).astype(x.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    x = self.transformer(self.ln_pre(x))
+
+    if self.pool == "attn":
+      x = self.ln_post(self.attn_pool(x))
+      return {"pooled": x[:, 0] @ self.proj.astype(x.dtype), "tokens": x[:, 1:]}
+    x = self.ln_post(x)
+    proj = self.proj.astype(x.dtype)
+    return {"pooled": x[:, 0] @ proj, "tokens": x[:, 1:], "patch_embeddings": x[:, 1:] @ proj}

@@ -1,0 +1,120 @@
+"""The objectives against NumPy references, gradient flow per ablation, and a single compile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sycoca_jax import losses
+from sycoca_jax.models.sycoca import build_model, init_params
+from tests.conftest import tiny_model_config
+from tests.test_model import _batch
+
+
+def _log_softmax(x, axis=-1):
+  x = x - x.max(axis=axis, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+
+
+def test_contrastive_loss_matches_numpy():
+  rng = np.random.RandomState(0)
+  img, txt = rng.randn(5, 8), rng.randn(5, 8)
+  img /= np.linalg.norm(img, axis=1, keepdims=True)
+  txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+  logits = 10.0 * img @ txt.T
+  want = -(np.trace(_log_softmax(logits, 1)) + np.trace(_log_softmax(logits, 0))) / (2 * 5)
+  got = losses.contrastive_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32), 10.0)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_caption_loss_ignores_padding():
+  rng = np.random.RandomState(1)
+  text = np.array([[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0]])
+  logits = rng.randn(2, 5, 9).astype(np.float32)
+  labels = text[:, 1:]
+  logp = _log_softmax(logits)
+  nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+  real = labels != 0
+  want = nll[real].mean()
+  got, count = losses.caption_loss(jnp.asarray(logits), jnp.asarray(text), pad_id=0)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert int(count) == real.sum() == 5
+  # Garbage logits at padded positions change nothing.
+  logits[~real] = 100.0
+  np.testing.assert_allclose(losses.caption_loss(jnp.asarray(logits), jnp.asarray(text), 0)[0], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_pix,kind", [(True, "mse"), (False, "mse"), (True, "l1")])
+def test_mim_loss_matches_numpy_on_hidden_patches_only(norm_pix, kind):
+  rng = np.random.RandomState(2)
+  images = rng.rand(2, 8, 8, 3).astype(np.float32)
+  pred = rng.randn(2, 4, 48).astype(np.float32)
+  mask = np.array([[1, 0, 0, 1], [0, 1, 0, 0]], np.float32)
+  target = images.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 48)
+  if norm_pix:
+    target = (target - target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, keepdims=True) + 1e-6)
+  err = np.square(pred - target) if kind == "mse" else np.abs(pred - target)
+  want = (err.mean(-1) * mask).sum() / mask.sum()
+  t = losses.mim_targets(jnp.asarray(images), 4, norm_pix)
+  got = losses.mim_loss(jnp.asarray(pred), t, jnp.asarray(mask), kind)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  pred[mask == 0] += 50.0  # visible patches do not count
+  np.testing.assert_allclose(losses.mim_loss(jnp.asarray(pred), t, jnp.asarray(mask), kind), want, rtol=1e-5)
+
+
+ABLATIONS = {
+    # name: (loss weights, towers that must receive gradient, towers that must not)
+    "clip": ((1, 0, 0), {"image_encoder", "text_encoder", "logit_scale"}, {"text_decoder", "image_decoder"}),
+    "coca": ((1, 2, 0), {"image_encoder", "text_encoder", "text_decoder", "logit_scale"}, {"image_decoder"}),
+    "sycoca": ((1, 2, 1), {"image_encoder", "text_encoder", "text_decoder", "image_decoder", "logit_scale"},
+               set()),
+    "mim_only": ((0, 0, 1), {"image_encoder", "text_encoder", "image_decoder"}, {"text_decoder", "logit_scale"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_gradients_reach_exactly_the_used_towers(name):
+  weights, used, unused = ABLATIONS[name]
+  cfg = tiny_model_config()
+  model = build_model(cfg)
+  params = init_params(model, jax.random.PRNGKey(0))
+  loss_cfg = losses.default_loss_config()
+  loss_cfg.itc_weight, loss_cfg.ic_weight, loss_cfg.mim_weight = weights
+  images, text = _batch(cfg, b=4)
+  grads, aux = jax.grad(losses.make_loss_fn(model, loss_cfg), has_aux=True)(
+      params, {"image": images, "text": text}, jax.random.PRNGKey(0))
+  for tower in used | unused:
+    leaves = jax.tree_util.tree_leaves_with_path(grads[tower])
+    assert all(np.all(np.isfinite(g)) for _, g in leaves)
+    if tower in unused:
+      assert all(not np.any(g) for _, g in leaves), f"{name}: {tower} got gradient"
+    else:
+      dead = [jax.tree_util.keystr(p) for p, g in leaves if not np.any(g)]
+      if weights[0] == 0:
+        # Without ITC, the CLS token, ln_final and the projections feed only the (stop-gradient) mask scores.
+        dead = [d for d in dead if not any(k in d for k in ("cls_emb", "ln_final", "proj"))]
+      assert not dead, f"{name}: no gradient reaches {dead}"
+  expected_terms = {k for k, w in zip(("contrastive_loss", "caption_loss", "mim_loss"), weights) if w}
+  assert expected_terms <= set(aux)
+  np.testing.assert_allclose(
+      aux["loss"], sum(w * aux[k] for k, w in zip(("contrastive_loss", "caption_loss", "mim_loss"), weights)
+                       if w), rtol=1e-6)
+
+
+def test_loss_compiles_once():
+  cfg = tiny_model_config()
+  model = build_model(cfg)
+  params = init_params(model, jax.random.PRNGKey(0))
+  inner = losses.make_loss_fn(model, losses.default_loss_config())
+  traces = []
+
+  def counted(params, batch, rng):
+    traces.append(1)
+    return inner(params, batch, rng)
+
+  step = jax.jit(jax.value_and_grad(counted, has_aux=True))
+  for seed in range(3):
+    images, text = _batch(cfg, b=4, seed=seed)
+    (loss, _), _ = step(params, {"image": images, "text": text}, jax.random.PRNGKey(seed))
+    assert np.isfinite(loss)
+  assert len(traces) == 1
