@@ -322,7 +322,9 @@ def _draw_object_mask(obj: SceneObject, size: int) -> Image.Image:
   outline_width = max(1, round(radius / 4))
   if obj.is_digit:
     # The font's digit glyphs are about 0.72 em tall: pick the em size that makes the digit 2 * radius tall.
-    draw.text((cx, cy), obj.shape, fill=255, font=_font(max(4, round(2 * radius / 0.72))), anchor="mm")
+    # A stroke makes the glyph bold enough to keep solid pixels at 64 px.
+    draw.text((cx, cy), obj.shape, fill=255, font=_font(max(4, round(2 * radius / 0.72))), anchor="mm",
+              stroke_width=max(1, round(radius / 6)), stroke_fill=255)
   elif obj.shape == "circle":
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     draw.ellipse(box, fill=255 if obj.filled else None, outline=255, width=outline_width)
@@ -426,8 +428,9 @@ def _sample_claim(scene: Scene, rng, focus: int | None) -> dict:
         {"type": "relation", "a": b, "rel": OPPOSITE[rel], "b": a}
   if kind == "count":
     o = objs[pick()]
-    desc = [{"shape": o.shape}, {"colour": o.colour}, {}, {"shape": o.shape, "colour": o.colour}][
-        int(rng.integers(4))]
+    descs = [{"shape": o.shape, "colour": o.colour}, {"shape": o.shape}, {"colour": o.colour}, {}]
+    # A focused claim names the focus object's colour and shape (test_comp: its held-out pair).
+    desc = descs[0] if focus is not None else _choice(rng, descs)
     return {"type": "count", "n": sum(_matches(x, desc) for x in objs), "obj": desc}
   if kind == "list":
     order = rng.permutation(len(objs)).tolist()
@@ -650,6 +653,23 @@ class ScenesSource:
     if self.split in ZEROSHOT:
       element["label"] = label_of(scene)
     return element
+
+  def annotations(self, index: int) -> dict:
+    """Everything but the image: captions, scene graph, VQA pairs and, for zero-shot splits, the label."""
+    scene = self.scene(index)
+    out = {"captions": scene_captions(scene, self.num_captions), "scene_graph": scene.graph(),
+           "qa": vqa_pairs(scene)}
+    if self.split in ZEROSHOT:
+      out["label"] = label_of(scene)
+    return out
+
+  @property
+  def class_names(self) -> tuple[str, ...] | None:
+    return ZEROSHOT[self.split][0] if self.split in ZEROSHOT else None
+
+  @property
+  def templates(self) -> tuple[str, ...] | None:
+    return ZEROSHOT[self.split][1] if self.split in ZEROSHOT else None
 
   def __repr__(self) -> str:
     return f"ScenesSource(split={self.split!r}, seed={self.seed}, image_size={self.image_size}, len={self._len})"

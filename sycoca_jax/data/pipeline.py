@@ -1,0 +1,418 @@
+"""Input pipelines: deterministic, resumable training batches and evaluation splits.
+
+Training (`build_train_iterator`) is a grain dataset graph:
+
+  range(len(source))[process_index::process_count]   disjoint shard of record ids per process
+    .shuffle(seed).repeat()                           reshuffled every epoch
+    .map_with_index(make_example)                     read, decode, crop, normalise, pick + tokenise a caption
+    .to_iter_dataset(threads)                         parallel reads, prefetch
+    .filter(skip_counter)                             drops examples marked bad, counting them by reason
+    .batch(global_batch_size // process_count)
+
+Every random choice of an example (crop, flip, caption) comes from a generator seeded by (seed, epoch,
+record id), and the order by grain's index shuffle, so the stream is a pure function of the seed and the
+iterator state is a few integers: `it.get_state()` / `it.set_state(state)` resume exactly.
+
+The batch contract (this process's slice of the global batch; b = global_batch_size / process_count):
+  'image'       float32 [b, S, S, 3], normalised with CLIP's mean / std
+  'text'        int32   [b, L]  bos, ids, eos, then pad 0 (L = data_config.max_len)
+  'example_id'  int32   [b]     the record id in the source (the scene index for the built-in scenes)
+
+Examples that can not be used (corrupt or truncated image bytes, an unsupported pixel format, a missing file,
+no non-empty caption) are skipped and counted; `it.stats` gives the counts for logging.
+
+Evaluation (`load_eval_split`) returns an `EvalSplit`: annotations up front (captions, labels, scene graphs,
+VQA pairs), images decoded on demand in padded, masked batches that every process steps through together.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import io
+import math
+import re
+from collections.abc import Iterator, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from sycoca_jax.data import sources as sources_lib
+from sycoca_jax.data import tokenizers as tokenizers_lib
+from sycoca_jax.data.sources import BadExample
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# x_normalised = x_uint8 * _SCALE + _OFFSET, one fused multiply-add instead of divide, subtract, divide.
+_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD))).astype(np.float32)
+_OFFSET = (-np.asarray(CLIP_MEAN) / np.asarray(CLIP_STD)).astype(np.float32)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Data config with the built-in scenes defaults; configs start from it and override what they need.
+
+  Keys:
+    name            "scenes" | "webdataset_array_record" | "tfds" | "coco_json"
+    image_size      S, the side of the square images the model sees
+    tokenizer       registered tokenizer name: "scenes_words" | "clip_bpe" | "sentencepiece"
+    tokenizer_path  model file for "sentencepiece" (unused otherwise)
+    max_len         L, token ids per caption, bos and eos included (32 tiny, 76 CoCa-Base)
+    seed            what the data is: the scenes world (scene i of a split is a function of seed, split, i).
+                    Order and augmentation follow the `seed` given to build_train_iterator.
+    split           training split name of the source
+    crop_scale      random resized crop: range of the crop's area as a fraction of the image's
+    crop_ratio      random resized crop: range of the crop's aspect ratio
+    flip            random horizontal flip; swaps the words left/right in the caption. Off by default
+    num_threads     grain read threads per process
+    prefetch_buffer_size  examples read ahead
+    max_consecutive_skips fail (naming the last reason) after this many unusable examples in a row
+    scenes          num_train (0: unbounded), num_captions, min_objects, max_objects
+    path            webdataset_array_record: glob of .array_record files; coco_json: the annotation JSON
+    image_dir       coco_json: folder the JSON's image paths are relative to
+    eval_path       webdataset_array_record: glob of held-out .array_record files for load_eval_split
+    tfds_name       tfds: dataset name, e.g. "coco_captions" (Karpathy splits) or "imagenet2012"
+    data_dir        tfds: data_dir ("" for TFDS' default)
+  """
+  return ml_collections.ConfigDict({
+      "name": "scenes",
+      "image_size": 64,
+      "tokenizer": "scenes_words",
+      "tokenizer_path": "",
+      "max_len": 32,
+      "seed": 0,
+      "split": "train",
+      "crop_scale": (0.9, 1.0),  # open_clip's default for CLIP training
+      "crop_ratio": (3 / 4, 4 / 3),
+      "flip": False,  # captions say left and right
+      "num_threads": 2,
+      "prefetch_buffer_size": 64,
+      "max_consecutive_skips": 1000,
+      "scenes": {"num_train": 0, "num_captions": 5, "min_objects": 1, "max_objects": 4},
+      "path": "",
+      "image_dir": "",
+      "eval_path": "",
+      "tfds_name": "",
+      "data_dir": "",
+  })
+
+
+def tokenizer_from_config(data_config) -> tokenizers_lib.Tokenizer:
+  kw = {"max_len": data_config.max_len}
+  if data_config.get("tokenizer_path"):
+    kw["path"] = data_config.tokenizer_path
+  return tokenizers_lib.get_tokenizer(data_config.tokenizer, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL image as 8-bit RGB, without silent value errors.
+
+  16-bit greyscale is rescaled (PIL's own convert clips everything above 255 to white); transparency is
+  composited over white (the colour under a transparent pixel is arbitrary, often black); palette, grey,
+  CMYK and YCbCr go through PIL's conversions. Float images carry no known range and are refused.
+  """
+  if image.mode == "RGB":
+    return image
+  if image.mode in _SIXTEEN_BIT_GREY:
+    grey = np.asarray(image, np.float32) / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+  if image.mode == "F":
+    raise BadExample("unsupported_image_mode", "floating-point pixels of unknown range")
+  if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
+  """Encoded bytes -> RGB image; raises BadExample for corrupt, truncated or unreadable data.
+
+  min_side: lets the JPEG decoder skip resolution the crop will not use (DCT scaling, 2-8x faster decodes of
+  web-sized photos); the decoded image keeps at least this many pixels on its shorter side.
+  """
+  try:
+    image = Image.open(io.BytesIO(data))
+    if min_side and image.format == "JPEG":
+      image.draft("RGB", (min_side, min_side))
+    image.load()  # decode now, so that truncation surfaces here rather than in a later transform
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise BadExample("corrupt_image", str(e)) from e
+  return to_rgb(image)
+
+
+def load_image(record: dict, min_side: int = 0) -> Image.Image:
+  """A source record's image, whichever of 'image' (uint8 array), 'image_bytes' or 'image_path' it has."""
+  if "image" in record:
+    array = np.asarray(record["image"])
+    if array.ndim == 2:
+      array = array[..., None]
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+      raise BadExample("unsupported_image_mode", f"array of shape {array.shape} and dtype {array.dtype}")
+    return to_rgb(Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array))
+  if "image_path" in record:
+    try:
+      with open(record["image_path"], "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise BadExample("missing_file", record["image_path"]) from e
+    return decode_image(data, min_side)
+  return decode_image(record["image_bytes"], min_side)
+
+
+def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int,
+                        scale: Sequence[float], ratio: Sequence[float]) -> Image.Image:
+  """Inception-style crop (area fraction in `scale`, aspect ratio in `ratio`), resized to size x size.
+
+  Like torchvision's RandomResizedCrop: ten tries at a crop that fits, else the largest central crop whose
+  aspect ratio is inside `ratio`.
+  """
+  w, h = image.size
+  log_ratio = np.log(ratio)
+  for _ in range(10):
+    area = w * h * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      x0, y0 = int(rng.integers(w - cw + 1)), int(rng.integers(h - ch + 1))
+      break
+  else:
+    aspect = min(max(w / h, ratio[0]), ratio[1])
+    cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
+    x0, y0 = (w - cw) // 2, (h - ch) // 2
+  if (cw, ch) == (w, h) == (size, size):
+    return image
+  return image.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch), reducing_gap=3.0)
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+  """Evaluation view: shorter side resized to `size`, then the central size x size square."""
+  w, h = image.size
+  if (w, h) == (size, size):
+    return image
+  side = min(w, h)
+  x0, y0 = (w - side) / 2, (h - side) / 2
+  return image.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side), reducing_gap=3.0)
+
+
+def normalize(image: Image.Image) -> np.ndarray:
+  """uint8 RGB image -> float32 [S, S, 3] with CLIP's mean and std."""
+  return np.asarray(image, np.float32) * _SCALE + _OFFSET
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+  """The caption of the mirrored image: 'a star left of a circle' -> 'a star right of a circle'."""
+  def swap(m):
+    word = "right" if m.group(0).lower() == "left" else "left"
+    return word.capitalize() if m.group(0)[0].isupper() else word
+  return _LEFT_RIGHT.sub(swap, text)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleMaker:
+  """Stream position and record id -> one training example, or {'skip': reason}."""
+
+  source: sources_lib.Source
+  tokenizer: tokenizers_lib.Tokenizer
+  seed: int
+  shard_len: int
+  image_size: int
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  flip: bool
+
+  def __call__(self, position: int, record_id: int) -> dict:
+    record_id = int(record_id)
+    epoch = position // self.shard_len
+    rng = np.random.default_rng([self.seed, epoch, record_id])
+    try:
+      record = self.source[record_id]
+      captions = [c for c in record["captions"] if c and c.strip()]
+      if not captions:
+        raise BadExample("empty_caption")
+      # Decode no smaller than the smallest crop needs to fill the image at full resolution.
+      min_side = math.ceil(self.image_size / math.sqrt(self.crop_scale[0]))
+      image = random_resized_crop(load_image(record, min_side), rng, self.image_size, self.crop_scale,
+                                  self.crop_ratio)
+      caption = captions[int(rng.integers(len(captions)))]
+      if self.flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        caption = swap_left_right(caption)
+    except BadExample as e:
+      return {"skip": e.reason}
+    return {"image": normalize(image), "text": self.tokenizer.encode([caption])[0],
+            "example_id": np.int32(record_id)}
+
+
+class SkipCounter:
+  """grain filter predicate that drops examples marked {'skip': reason} and counts them by reason.
+
+  grain runs filters in the consuming thread, in stream order, so the counts are exact and belong to the
+  iterator state.
+  """
+
+  def __init__(self, max_consecutive: int):
+    self.counts = collections.Counter()
+    self.max_consecutive = max_consecutive
+    self._consecutive = 0
+
+  def __call__(self, element: dict) -> bool:
+    reason = element.get("skip")
+    if reason is None:
+      self._consecutive = 0
+      return True
+    self.counts[reason] += 1
+    self._consecutive += 1
+    if self._consecutive >= self.max_consecutive:
+      raise RuntimeError(f"{self._consecutive} unusable examples in a row (last: {reason!r}; so far "
+                         f"{dict(self.counts)}). Check the data path and format.")
+    return False
+
+
+class TrainIterator:
+  """Per-process batches with exact resume: get_state() / set_state(state) (a JSON-serialisable dict)."""
+
+  def __init__(self, dataset: grain.IterDataset, counter: SkipCounter):
+    self._iterator = iter(dataset)
+    self._counter = counter
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """Skip counters for logging: 'skipped' in total and 'skipped/<reason>' each."""
+    return {"skipped": sum(self._counter.counts.values())} | {
+        f"skipped/{reason}": n for reason, n in sorted(self._counter.counts.items())}
+
+  def get_state(self) -> dict:
+    return {"pipeline": self._iterator.get_state(), "skipped": dict(self._counter.counts)}
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(state["pipeline"])
+    self._counter.counts = collections.Counter(state["skipped"])
+
+
+def _process_layout(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
+  return process_index, process_count
+
+
+def build_train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int | None = None,
+                         process_count: int | None = None) -> TrainIterator:
+  """Infinite iterator over this process's slices of the global training batches (see module docstring)."""
+  process_index, process_count = _process_layout(process_index, process_count)
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {process_count} processes.")
+  source = sources_lib.build_source(data_config, data_config.get("split", "train"))
+  record_ids = grain.MapDataset.range(len(source))[process_index::process_count]
+  if len(record_ids) == 0:
+    raise ValueError(f"{source} has {len(source)} examples: too few for {process_count} processes.")
+  make_example = ExampleMaker(
+      source=source, tokenizer=tokenizer_from_config(data_config), seed=seed, shard_len=len(record_ids),
+      image_size=data_config.image_size, crop_scale=tuple(data_config.crop_scale),
+      crop_ratio=tuple(data_config.crop_ratio), flip=data_config.flip)
+  counter = SkipCounter(data_config.max_consecutive_skips)
+  read_options = grain.ReadOptions(num_threads=data_config.num_threads,
+                                   prefetch_buffer_size=data_config.prefetch_buffer_size)
+  dataset = (record_ids.shuffle(seed=seed).repeat()
+             .map_with_index(make_example)
+             .to_iter_dataset(read_options)
+             .filter(counter)
+             .batch(global_batch_size // process_count, drop_remainder=True))
+  return TrainIterator(dataset, counter)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+class EvalSplit:
+  """An evaluation split: annotations up front, images on demand.
+
+  Attributes (None where the split has none):
+    name, image_size
+    captions      list (one per image) of lists of reference captions (5 per image for scenes' test)
+    labels        int32 [N] class indices; class_names and templates (prompt strings with '{}') with them
+    scene_graphs  list of scene-graph dicts (built-in scenes)
+    qa            list of lists of (question, answer) pairs (built-in scenes)
+  An image that can not be decoded comes back with mask False (and its index), like padding.
+  """
+
+  def __init__(self, name: str, source: sources_lib.Source, image_size: int):
+    self.name, self.image_size, self._source = name, image_size, source
+    annotations = [source.annotations(i) for i in range(len(source))]
+    self.captions = [a["captions"] for a in annotations] if "captions" in annotations[0] else None
+    self.labels = np.asarray([a["label"] for a in annotations], np.int32) if "label" in annotations[0] else None
+    self.scene_graphs = [a["scene_graph"] for a in annotations] if "scene_graph" in annotations[0] else None
+    self.qa = [a["qa"] for a in annotations] if "qa" in annotations[0] else None
+    self.class_names = getattr(source, "class_names", None)
+    self.templates = getattr(source, "templates", None)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def image(self, index: int) -> np.ndarray:
+    """float32 [S, S, 3], normalised; raises BadExample if the image can not be decoded."""
+    image = load_image(self._source[index], min_side=self.image_size)
+    return normalize(resize_center_crop(image, self.image_size))
+
+  def _masked_image(self, index: int) -> tuple[np.ndarray, bool]:
+    if index >= len(self):  # padding of the last batch
+      return np.zeros((self.image_size, self.image_size, 3), np.float32), False
+    try:
+      return self.image(index), True
+    except BadExample:
+      return np.zeros((self.image_size, self.image_size, 3), np.float32), False
+
+  def batches(self, global_batch_size: int, *, process_index: int | None = None,
+              process_count: int | None = None, num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """This process's slices of the global eval batches; every process yields the same number of them.
+
+    Yields {'image': float32 [b, S, S, 3], 'index': int32 [b] (-1 for padding), 'mask': bool [b]};
+    mask is False for padding and for images that could not be decoded.
+    """
+    process_index, process_count = _process_layout(process_index, process_count)
+    if global_batch_size % process_count:
+      raise ValueError(f"global_batch_size={global_batch_size} is not divisible by {process_count} processes.")
+    b = global_batch_size // process_count
+    num_batches = -(-len(self) // global_batch_size)
+    # Batch k of process p holds global positions k * B + p * b ... k * B + (p + 1) * b - 1.
+    positions = [k * global_batch_size + process_index * b + j for k in range(num_batches) for j in range(b)]
+
+    def load(position: int) -> dict:
+      image, valid = self._masked_image(position)
+      return {"image": image, "index": np.int32(position if valid or position < len(self) else -1),
+              "mask": np.bool_(valid)}
+
+    dataset = (grain.MapDataset.source(positions).map(load)
+               .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * b))
+               .batch(b))
+    yield from dataset
+
+
+def load_eval_split(data_config, split: str) -> EvalSplit:
+  """Evaluation split `split` of the configured dataset (scenes: 'test', 'test_comp', 'zeroshot_shape',
+  'zeroshot_colour', 'zeroshot_digit'; coco_json / tfds: the source's split names)."""
+  return EvalSplit(split, sources_lib.build_source(data_config, split), data_config.image_size)
