@@ -1,0 +1,139 @@
+"""Training pipeline: batch contract, determinism, exact resume, process sharding, eval batches."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sycoca_jax import data
+from sycoca_jax.data import pipeline
+from sycoca_jax.data import scenes
+
+
+def _config(**overrides):
+  cfg = data.default_data_config()
+  cfg.num_threads = 1
+  cfg.scenes.num_train = 40  # small, so that a few batches cross epoch boundaries
+  cfg.update(overrides)
+  return cfg
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_contract():
+  cfg = _config()
+  it = data.build_train_iterator(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1)
+  batch = next(it)
+  assert set(batch) == {"image", "text", "example_id"}
+  assert batch["image"].shape == (8, 64, 64, 3) and batch["image"].dtype == np.float32
+  assert batch["text"].shape == (8, 32) and batch["text"].dtype == np.int32
+  assert batch["example_id"].shape == (8,) and batch["example_id"].dtype == np.int32
+  # Undoing CLIP's normalisation gives back 8-bit pixel values.
+  pixels = batch["image"] * np.asarray(data.CLIP_STD) * 255 + np.asarray(data.CLIP_MEAN) * 255
+  assert pixels.min() > -0.01 and pixels.max() < 255.01
+  np.testing.assert_allclose(pixels, np.round(pixels), atol=2e-3)
+  tok = data.tokenizer_from_config(cfg)
+  for row, example_id in zip(batch["text"], batch["example_id"]):
+    end = int(np.argmax(row == tok.eos_id))
+    assert row[0] == tok.bos_id and end > 1 and not row[end + 1:].any()
+    caption = tok.decode(row)[0]
+    assert caption in [tok.normalize(c) for c in scenes.ScenesSource("train")[int(example_id)]["captions"]]
+
+
+def test_deterministic_given_seed():
+  cfg = _config()
+  a = _take(data.build_train_iterator(cfg, global_batch_size=8, seed=1, process_index=0, process_count=1), 3)
+  b = _take(data.build_train_iterator(cfg, global_batch_size=8, seed=1, process_index=0, process_count=1), 3)
+  c = _take(data.build_train_iterator(cfg, global_batch_size=8, seed=2, process_index=0, process_count=1), 3)
+  _assert_same_batches(a, b)
+  assert not np.array_equal(a[0]["example_id"], c[0]["example_id"])
+
+
+def test_resumed_iterator_yields_the_same_batches():
+  cfg = _config()
+  make = lambda: data.build_train_iterator(cfg, global_batch_size=16, seed=0, process_index=0, process_count=1)
+  uninterrupted = make()
+  _take(uninterrupted, 2)
+  state = json.loads(json.dumps(uninterrupted.get_state()))  # states go into checkpoints as JSON
+  expected = _take(uninterrupted, 4)  # 2 + 4 batches of 16 cross the 40-example epoch boundary twice
+  resumed = make()
+  _take(resumed, 1)  # a different position, to show set_state really moves it
+  resumed.set_state(state)
+  _assert_same_batches(_take(resumed, 4), expected)
+
+
+def test_every_epoch_covers_the_data_once_in_a_new_order():
+  cfg = _config()
+  it = data.build_train_iterator(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1)
+  ids = np.concatenate([b["example_id"] for b in _take(it, 10)])  # 80 = two epochs of 40
+  assert sorted(ids[:40]) == list(range(40)) and sorted(ids[40:]) == list(range(40))
+  assert not np.array_equal(ids[:40], ids[40:])
+
+
+def test_processes_read_disjoint_examples():
+  cfg = _config()
+  ids = []
+  for process_index in range(2):
+    it = data.build_train_iterator(cfg, global_batch_size=8, seed=0, process_index=process_index,
+                                   process_count=2)
+    batches = _take(it, 5)  # 5 x 4 = one epoch of this process's 20 examples
+    assert all(b["image"].shape[0] == 4 for b in batches)
+    ids.append({int(i) for b in batches for i in b["example_id"]})
+  assert not ids[0] & ids[1]
+  assert ids[0] | ids[1] == set(range(40))
+  with pytest.raises(ValueError, match="divisible"):
+    data.build_train_iterator(cfg, global_batch_size=7, seed=0, process_index=0, process_count=2)
+
+
+def test_flip_mirrors_image_and_swaps_left_right():
+  assert pipeline.swap_left_right("a star left of a circle, on the Right") == "a star right of a circle, on the Left"
+  no_crop = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+  plain = next(data.build_train_iterator(_config(**no_crop), global_batch_size=16, seed=0, process_index=0,
+                                         process_count=1))
+  flipped = next(data.build_train_iterator(_config(flip=True, **no_crop), global_batch_size=16, seed=0,
+                                           process_index=0, process_count=1))
+  tok = data.tokenizer_from_config(_config())
+  mirrored = 0
+  for i in range(16):
+    if np.array_equal(flipped["image"][i], plain["image"][i]):
+      np.testing.assert_array_equal(flipped["text"][i], plain["text"][i])
+    else:
+      np.testing.assert_array_equal(flipped["image"][i], plain["image"][i][:, ::-1])
+      assert tok.decode(flipped["text"][i]) == [pipeline.swap_left_right(tok.decode(plain["text"][i])[0])]
+      mirrored += 1
+  assert 0 < mirrored < 16
+
+
+def test_eval_batches_are_padded_masked_and_split_across_processes():
+  cfg = _config()
+  split = data.load_eval_split(cfg, "zeroshot_digit")
+  assert len(split) == 500 and split.class_names == scenes.DIGITS and split.labels.shape == (500,)
+  assert split.captions is not None and split.scene_graphs is not None
+  seen, counts = [], []
+  for process_index in range(2):
+    batches = list(split.batches(192, process_index=process_index, process_count=2))
+    counts.append(len(batches))
+    for b in batches:
+      assert b["image"].shape == (96, 64, 64, 3)
+      assert ((b["index"] >= 0) == b["mask"]).all()
+      seen += b["index"][b["mask"]].tolist()
+  assert counts == [3, 3]
+  assert sorted(seen) == list(range(500))
+  source = scenes.ScenesSource("zeroshot_digit")
+  np.testing.assert_array_equal(split.image(7), pipeline.normalize(pipeline.Image.fromarray(source[7]["image"])))
+
+
+def test_scenes_test_split_has_five_captions_and_graphs():
+  split = data.load_eval_split(_config(), "test")
+  assert len(split) == 1000 and all(len(c) == 5 for c in split.captions)
+  assert len(split.scene_graphs) == 1000 and split.qa[0] and split.labels is None
