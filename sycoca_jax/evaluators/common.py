@@ -1,0 +1,248 @@
+"""What every evaluator shares: batching with padding masks over global arrays, and host-side collection.
+
+The multi-process contract (same as training): every process feeds its own slice of each global batch, the
+last batch is padded to full size with mask False, so every process runs the same number of steps of the same
+compiled program (one compile per function, whatever the dataset size), and the outputs are gathered back to
+every host and put back in dataset order by each row's index. Results do not depend on the process count.
+
+Shape legend: B global batch, b = B / process count (this process's slice), N examples, E embedding width.
+
+A batch is a dict of global jax arrays with a leading B axis, always holding
+  'index'  int32 [B]  the example's position in the dataset (-1 for padding)
+  'mask'   bool  [B]  False for padding and for examples that could not be read
+plus the data ('image' float32 [B, S, S, 3], 'text' int32 [B, L], ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from sycoca_jax.data import pipeline
+from sycoca_jax.data import sources as sources_lib
+
+
+def data_sharding() -> NamedSharding:
+  """Batch axis split over every device of every process (a 1-D 'data' mesh)."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  return NamedSharding(mesh, P("data"))
+
+
+def round_batch_size(batch_size: int) -> int:
+  """The smallest multiple of the device count that is >= batch_size (every device gets whole rows)."""
+  n = jax.device_count()
+  return max(n, -(-batch_size // n) * n)
+
+
+def to_global(local: Mapping[str, np.ndarray], sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
+  """This process's slice of a batch -> global arrays (jax.make_array_from_process_local_data)."""
+  sharding = sharding or data_sharding()
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as numpy on every process (an all-gather when the array spans several processes)."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int,
+                  transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+                  ) -> Iterator[dict[str, jax.Array]]:
+  """Global batches over in-memory arrays that every process holds whole (tokenised texts, small datasets).
+
+  Batch k of process p holds rows k * B + p * b ... k * B + (p + 1) * b - 1 (the EvalSplit layout); rows past
+  the end are zeros with index -1 and mask False. `transform` maps this process's rows before they become
+  global (e.g. raw 8x8 digits -> normalised S x S images, so only small originals stay in memory).
+  """
+  pc, pi = jax.process_count(), jax.process_index()
+  if global_batch_size % jax.device_count():
+    raise ValueError(f"Eval batch size {global_batch_size} is not divisible by the {jax.device_count()} "
+                     "devices; round it with round_batch_size.")
+  n = len(next(iter(arrays.values())))
+  b = global_batch_size // pc
+  sharding = data_sharding()
+  for start in range(0, max(n, 1), global_batch_size):
+    rows = np.arange(start + pi * b, start + (pi + 1) * b)
+    valid = rows < n
+    safe = np.where(valid, rows, 0)
+    local = {}
+    for key, value in arrays.items():
+      chunk = np.asarray(value)[safe]
+      local[key] = np.where(valid.reshape((-1,) + (1,) * (chunk.ndim - 1)), chunk, np.zeros_like(chunk))
+    if transform is not None:
+      local = dict(transform(local))
+    local["index"] = np.where(valid, rows, -1).astype(np.int32)
+    local["mask"] = valid
+    yield to_global(local, sharding)
+
+
+def split_batches(split: pipeline.EvalSplit, global_batch_size: int,
+                  num_threads: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Global batches of an EvalSplit's images (decoded on demand; each process reads only its slice)."""
+  sharding = data_sharding()
+  for local in split.batches(global_batch_size, num_threads=num_threads):
+    yield to_global(local, sharding)
+
+
+class CachedSplitImages:
+  """An EvalSplit's image batches, decoded once and kept in host memory for later runs (cache=True).
+
+  Periodic evals during training would otherwise re-render / re-decode the same images every time.
+  `iterate(extras)` attaches per-example arrays (extras[key] indexed by dataset position, e.g. tokenised
+  texts) to each of this process's rows before the batch becomes global.
+  """
+
+  def __init__(self, split: pipeline.EvalSplit, global_batch_size: int, cache: bool = True,
+               num_threads: int = 2):
+    self.split, self.global_batch_size, self.cache, self.num_threads = split, global_batch_size, cache, num_threads
+    self._local: list[dict[str, np.ndarray]] | None = None
+
+  def __len__(self) -> int:
+    return len(self.split)
+
+  def _local_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    if self._local is not None:
+      yield from self._local
+      return
+    kept = []
+    for local in self.split.batches(self.global_batch_size, num_threads=self.num_threads):
+      if self.cache:
+        kept.append(local)
+      yield local
+    if self.cache:
+      self._local = kept
+
+  def iterate(self, extras: Mapping[str, np.ndarray] | None = None) -> Iterator[dict[str, jax.Array]]:
+    sharding = data_sharding()
+    for local in self._local_batches():
+      local = dict(local)
+      if extras:
+        rows = np.clip(local["index"], 0, len(self.split) - 1)
+        pad = ~local["mask"]
+        for key, value in extras.items():
+          chunk = np.asarray(value)[rows]
+          chunk[pad] = 0
+          local[key] = chunk
+      yield to_global(local, sharding)
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return self.iterate()
+
+
+def collect(fn: Callable[[dict[str, jax.Array]], Mapping[str, jax.Array]], batches: Iterable[dict[str, jax.Array]],
+            num: int) -> dict[str, np.ndarray]:
+  """Runs fn on every batch and reassembles its outputs (leading B axis) in dataset order on every host.
+
+  Returns the outputs as numpy [num, ...] plus 'valid' bool [num] (False for examples that could not be read;
+  their rows are zeros).
+  """
+  out: dict[str, np.ndarray] = {}
+  valid = np.zeros(num, bool)
+  for batch in batches:
+    result = fn(batch)
+    index, mask = to_host(batch["index"]), to_host(batch["mask"])
+    rows = index[mask]
+    for key, value in result.items():
+      value = to_host(value)
+      if key not in out:
+        out[key] = np.zeros((num,) + value.shape[1:], value.dtype)
+      out[key][rows] = value[mask]
+    valid[rows] = True
+  out["valid"] = valid
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+class _Head:
+  """The first n records of a source (same protocol), for evaluating on a slice."""
+
+  def __init__(self, source, n: int):
+    self._source, self._n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < self._n:
+      raise IndexError(index)
+    return self._source[index]
+
+  def annotations(self, index: int) -> dict:
+    return self._source.annotations(index)
+
+  def __getattr__(self, name):  # class_names, templates, scene(), ...
+    return getattr(self._source, name)
+
+
+def load_split(data_config: ml_collections.ConfigDict, split: str,
+               max_examples: int = 0) -> tuple[pipeline.EvalSplit, sources_lib.Source]:
+  """The split as an EvalSplit, limited to its first `max_examples` (0: all), and the source behind it."""
+  source = sources_lib.build_source(data_config, split)
+  if max_examples:
+    source = _Head(source, max_examples)
+  return pipeline.EvalSplit(split, source, data_config.image_size), source
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def images_from_arrays(images: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 / float-in-[0, 1] images [N, H, W] or [N, H, W, C] -> normalised float32 [N, S, S, 3].
+
+  Grey becomes RGB; images are resized (bicubic) to S x S after a central square crop.
+  """
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+  if images.ndim == 3:
+    images = images[..., None]
+  out = np.empty((len(images), image_size, image_size, 3), np.float32)
+  for i, image in enumerate(images):
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    out[i] = pipeline.normalize(pipeline.resize_center_crop(pipeline.to_rgb(pil), image_size))
+  return out
+
+
+def load_image_file(path: str, image_size: int) -> np.ndarray:
+  """An image file -> normalised float32 [S, S, 3] (shorter side resized, central crop)."""
+  with open(path, "rb") as f:
+    image = pipeline.decode_image(f.read(), min_side=image_size)
+  return pipeline.normalize(pipeline.resize_center_crop(image, image_size))
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def eval_data_config(data_config: ml_collections.ConfigDict,
+                     eval_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The data config an evaluator reads: the run's, with `eval_config.data` (if any) merged over it.
+
+  Lets a run that trains on CC12M evaluate retrieval on COCO: evals.retrieval_coco.data = {'name': 'coco_json',
+  'path': ...}; the tokenizer and image size stay the run's unless overridden.
+  """
+  merged = ml_collections.ConfigDict(data_config.to_dict())
+  overrides = eval_config.get("data")
+  if overrides:
+    merged.update(overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides))
+  return merged
+
+
+def prefix(eval_config: ml_collections.ConfigDict, default: str) -> str:
+  """Metric-name prefix: eval_config.prefix if set (e.g. 'retrieval_coco'), else the evaluator's name."""
+  return eval_config.get("prefix") or default
+
+
+def is_writer() -> bool:
+  """Only process 0 writes files and logs."""
+  return jax.process_index() == 0
