@@ -272,3 +272,21 @@ def test_webdataset_to_array_record_to_batches(tmp_path):
       assert abs(_decoded_value(image) - value_of_caption[caption]) < 3, caption  # pairs stay together
       seen.add(caption)
   assert seen == set(value_of_caption)
+
+
+# ------------------------------------------------------------------------------------------------ offline sets
+
+
+def test_offline_eval_sets_under_any_config(coco_dir):
+  cfg = _coco_config(coco_dir)  # not scenes: these splits do not depend on the configured dataset
+  digits = data.load_eval_split(cfg, "sklearn_digits")
+  assert len(digits) == 1797 and digits.class_names[digits.labels[9]] == "9" and "{}" in digits.templates[0]
+  image = digits.image(0)
+  assert image.shape == (32, 32, 3) and image.dtype == np.float32 and image.std() > 0.3
+  faces = data.load_eval_split(cfg, "lfw_subset")
+  assert len(faces) == 200 and faces.labels.tolist() == [0] * 100 + [1] * 100
+  pytest.importorskip("easy_vqa")
+  vqa = data.load_eval_split(cfg, "easy_vqa_test")
+  assert len(vqa) == 1000 and sum(len(q) for q in vqa.qa) == 9673
+  assert all(a in vqa.answers for pairs in vqa.qa for _, a in pairs)
+  assert next(vqa.batches(8, process_index=0, process_count=1))["mask"].all()

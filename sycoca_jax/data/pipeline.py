@@ -348,6 +348,9 @@ def build_train_iterator(data_config, *, global_batch_size: int, seed: int, proc
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+_MAX_EVAL_EXAMPLES = 10_000_000  # annotations are read up front
+
+
 class EvalSplit:
   """An evaluation split: annotations up front, images on demand.
 
@@ -356,7 +359,8 @@ class EvalSplit:
     captions      list (one per image) of lists of reference captions (5 per image for scenes' test)
     labels        int32 [N] class indices; class_names and templates (prompt strings with '{}') with them
     scene_graphs  list of scene-graph dicts (built-in scenes)
-    qa            list of lists of (question, answer) pairs (built-in scenes)
+    qa            list of lists of (question, answer) pairs (built-in scenes, easy-vqa); answers: their
+                  answer vocabulary
   An image that can not be decoded comes back with mask False (and its index), like padding.
   """
 
@@ -369,6 +373,7 @@ class EvalSplit:
     self.qa = [a["qa"] for a in annotations] if "qa" in annotations[0] else None
     self.class_names = getattr(source, "class_names", None)
     self.templates = getattr(source, "templates", None)
+    self.answers = getattr(source, "answers", None) if self.qa is not None else None
 
   def __len__(self) -> int:
     return len(self._source)
@@ -413,6 +418,13 @@ class EvalSplit:
 
 
 def load_eval_split(data_config, split: str) -> EvalSplit:
-  """Evaluation split `split` of the configured dataset (scenes: 'test', 'test_comp', 'zeroshot_shape',
-  'zeroshot_colour', 'zeroshot_digit'; coco_json / tfds: the source's split names)."""
-  return EvalSplit(split, sources_lib.build_source(data_config, split), data_config.image_size)
+  """Evaluation split `split` of the configured dataset.
+
+  scenes: 'test', 'test_comp', 'zeroshot_shape', 'zeroshot_colour', 'zeroshot_digit'; coco_json / tfds: the
+  source's split names; under any dataset: 'sklearn_digits', 'lfw_subset', 'easy_vqa_train', 'easy_vqa_test'.
+  """
+  source = sources_lib.build_source(data_config, split)
+  if len(source) > _MAX_EVAL_EXAMPLES:
+    raise ValueError(f"{source} is too large to evaluate on ({len(source)} examples); for the scenes' train "
+                     "split set data_config.scenes.num_train.")
+  return EvalSplit(split, source, data_config.image_size)

@@ -667,6 +667,8 @@ class ScenesSource:
       out["label"] = label_of(scene)
     return out
 
+  answers = VQA_ANSWERS
+
   @property
   def class_names(self) -> tuple[str, ...] | None:
     return ZEROSHOT[self.split][0] if self.split in ZEROSHOT else None

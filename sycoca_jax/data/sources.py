@@ -16,6 +16,10 @@ Datasets (data_config.name):
                           classification sets
   webdataset_array_record image-text pairs converted from img2dataset's webdataset shards (webdataset.py)
 
+Evaluation sets that pip packages ship (OFFLINE_SPLITS), reachable under any data config by split name:
+  sklearn_digits (1,797 8x8 digits, labels), lfw_subset (200 faces / non-faces), easy_vqa_train / easy_vqa_test
+  (shapes VQA, question/answer pairs per image).
+
 A missing or empty dataset fails at start-up with an error that says what was looked for and where.
 """
 
@@ -25,6 +29,8 @@ import glob
 import json
 import os
 from typing import Protocol
+
+import numpy as np
 
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import webdataset
@@ -211,11 +217,93 @@ class ArrayRecordSource:
     return f"ArrayRecordSource({self._name!r}, {len(self)} records)"
 
 
+# ------------------------------------------------------------------------------------------------ offline sets
+
+
+class ArraySource:
+  """Small labelled sets held in memory: uint8 [N, H, W] or [N, H, W, 3] images and int labels."""
+
+  def __init__(self, name: str, images, labels, class_names: tuple[str, ...], templates: tuple[str, ...]):
+    self._name, self._images, self._labels = name, images, labels
+    self.class_names, self.templates = class_names, templates
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image": self._images[index], "captions": [], "id": index, "label": int(self._labels[index])}
+
+  def annotations(self, index: int) -> dict:
+    return {"label": int(self._labels[index])}
+
+  def __repr__(self) -> str:
+    return f"ArraySource({self._name}, {len(self)} images)"
+
+
+def sklearn_digits() -> ArraySource:
+  """scikit-learn's 1,797 handwritten 8x8 digits (values 0..16), bright on black, for zero-shot and probes."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  digits = load_digits()
+  images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+  return ArraySource("sklearn_digits", images, digits.target, scenes_lib.DIGITS,
+                     ("a {}.", "the digit {}.", "a photo of the number {}.", "a handwritten {}."))
+
+
+def lfw_subset() -> ArraySource:
+  """scikit-image's lfw_subset: 100 face crops then 100 non-face crops, 25x25 grey."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+
+  images = np.round(skimage.data.lfw_subset() * 255).astype(np.uint8)
+  labels = np.repeat([0, 1], [100, len(images) - 100])
+  return ArraySource("lfw_subset", images, labels, ("face", "background"), ("a photo of a {}.", "a {}."))
+
+
+class EasyVqaSource:
+  """The easy-vqa package's shapes VQA set: 64x64 images, several single-word-answer questions each."""
+
+  def __init__(self, split: str):
+    import easy_vqa  # pylint: disable=g-import-not-at-top  (optional: pip install easy-vqa)
+
+    get_questions, get_paths = {"train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
+                                "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths)}[split]
+    paths = get_paths()
+    qa = {image_id: [] for image_id in paths}
+    for question, answer, image_id in zip(*get_questions()):
+      qa[image_id].append((question, answer))
+    self._ids = sorted(paths)
+    self._paths, self._qa = paths, qa
+    self.answers = tuple(easy_vqa.get_answers())
+
+  def __len__(self) -> int:
+    return len(self._ids)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image_path": self._paths[self._ids[index]], "captions": [], "id": index}
+
+  def annotations(self, index: int) -> dict:
+    return {"qa": list(self._qa[self._ids[index]])}
+
+  def __repr__(self) -> str:
+    return f"EasyVqaSource({len(self)} images)"
+
+
+# Evaluation sets that pip packages ship: available under any data config, by split name.
+OFFLINE_SPLITS = {
+    "sklearn_digits": sklearn_digits,
+    "lfw_subset": lfw_subset,
+    "easy_vqa_train": lambda: EasyVqaSource("train"),
+    "easy_vqa_test": lambda: EasyVqaSource("test"),
+}
+
+
 # ------------------------------------------------------------------------------------------------ dispatch
 
 
 def build_source(data_config, split: str) -> Source:
   """The configured dataset's `split` as a random-access source (see the module docstring for names)."""
+  if split in OFFLINE_SPLITS:
+    return OFFLINE_SPLITS[split]()
   name = data_config.name
   if name == "scenes":
     sc = data_config.scenes
