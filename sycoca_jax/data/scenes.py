@@ -69,6 +69,10 @@ FILL_WORDS = {True: ("solid", "filled"), False: ("outlined", "hollow")}
 GENERIC_NOUNS = ("object", "shape", "thing")
 GENERIC_PLURALS = {"object": "objects", "shape": "shapes", "thing": "things"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+CELL_NAMES = {
+    (0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "center", (1, 2): "right",
+    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
+}
 CELL_PHRASES = {
     (0, 0): ("in the top left",), (0, 1): ("at the top",), (0, 2): ("in the top right",),
     (1, 0): ("on the left",), (1, 1): ("in the center", "in the middle"), (1, 2): ("on the right",),
@@ -97,7 +101,7 @@ def vocabulary() -> list[str]:
   """Every word a caption, question or answer of the scenes can contain (for the word-level tokenizer)."""
   phrases = [*PREFIXES, *GENERIC_NOUNS, *GENERIC_PLURALS.values(), *NUMBER_WORDS, *VQA_ANSWERS,
              *SHAPE_PLURALS, *SHAPE_PLURALS.values(), *(f"{d}s digit number" for d in DIGITS),
-             "a an and there is are what color colour shape how many in the image ? , .", *_QUESTION_WORDS]
+             "a an and there is are what color shape how many in the image ? , .", *_QUESTION_WORDS]
   for table in (COLOUR_WORDS, SIZE_WORDS, FILL_WORDS, CELL_PHRASES, RELATION_WORDS):
     phrases += [p for options in table.values() for p in options]
   return sorted({w for p in phrases for w in p.replace("?", " ? ").replace(",", " , ").split()})
@@ -123,7 +127,7 @@ class SceneObject:
     return self.shape in DIGITS
 
   def as_dict(self) -> dict:
-    return dataclasses.asdict(self) | {"position": CELL_PHRASES[self.row, self.col][0].split(" ", 2)[-1]}
+    return dataclasses.asdict(self) | {"position": CELL_NAMES[self.row, self.col]}
 
 
 @dataclasses.dataclass(frozen=True)
