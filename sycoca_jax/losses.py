@@ -123,3 +123,83 @@ def masking_diagnostics(masks) -> dict[str, jax.Array]:
     diag["mask/mim_hidden_score"] = mean_of(hidden)
     diag["mask/mim_visible_score"] = mean_of(1.0 - hidden)
   return diag
+
+
+def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps: int = 1):
+  """grad_fn(params, batch, rng) -> (grads, aux), optionally over `accum_steps` micro-batches.
+
+  Accumulation keeps every objective exactly what it is on the whole global batch, contrastive negatives
+  included (the gradient-cache method): first the ITC embeddings of all micro-batches are computed without
+  gradient and d L_ITC / d embedding is taken on the full [B, B] similarity matrix; then each micro-batch
+  back-propagates those embedding gradients plus its share of the caption and TG-MIM sums. Costs one extra
+  forward pass of the two encoders; activation memory is that of one micro-batch.
+  """
+  loss_fn = make_loss_fn(model, loss_cfg)
+  if accum_steps == 1:
+    def grad_fn(params, batch, rng):
+      (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+      return grads, aux
+    return grad_fn
+
+  heads = enabled_heads(loss_cfg)
+
+  def split(x):
+    # Micro-batch a holds examples a, a + A, a + 2A, ...: with the batch split over devices in contiguous
+    # blocks, every micro-batch then spans every device (a plain reshape would put each on a few devices).
+    return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
+  def grad_fn(params, batch, rng):
+    micro = jax.tree.map(split, {"image": batch["image"], "text": batch["text"]})
+    rngs = jax.random.split(rng, accum_steps)
+    batch_size = batch["text"].shape[0]
+    num_tokens = jnp.maximum((batch["text"][:, 1:] != model.pad_id).sum(), 1).astype(jnp.float32)
+    apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
+
+    aux: dict[str, jax.Array] = {}
+    g_img = g_txt = jnp.zeros((accum_steps, batch_size // accum_steps, 1))
+    g_temp = jnp.zeros(())
+    if "itc" in heads:
+      img, txt = jax.lax.map(lambda mb: (apply(SyCoCa.encode_image, mb["image"])["embedding"],
+                                         apply(SyCoCa.encode_text, mb["text"])["embedding"]), micro)
+      temperature = apply(SyCoCa.temperature)
+      flat = lambda x: x.reshape(batch_size, -1)
+      itc, (g_img, g_txt, g_temp) = jax.value_and_grad(contrastive_loss, argnums=(0, 1, 2))(
+          flat(img), flat(txt), temperature)
+      g_img, g_txt = g_img.reshape(img.shape), g_txt.reshape(txt.shape)
+      aux["contrastive_loss"] = itc
+
+    def micro_grads(acc, xs):
+      mb, r, gi, gt = xs
+
+      def surrogate(p):
+        out = model.apply({"params": p}, mb["image"], mb["text"], rng=r, heads=heads)
+        total, parts = jnp.zeros(()), {}
+        if "itc" in heads:
+          total += loss_cfg.itc_weight * ((out["image_embedding"] * gi).sum() + (out["text_embedding"] * gt).sum()
+                                          + g_temp * out["logit_scale"] / accum_steps)
+        if "ic" in heads:
+          mean, count = caption_loss(out["caption_logits"], mb["text"], model.pad_id)
+          parts["caption_loss"] = mean * count / num_tokens
+          total += loss_cfg.ic_weight * parts["caption_loss"]
+        if "mim" in heads:
+          target = mim_targets(mb["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)
+          parts["mim_loss"] = mim_loss(out["mim_pred"], target, out["masks"].mim_mask, loss_cfg.mim_loss) / accum_steps
+          total += loss_cfg.mim_weight * parts["mim_loss"]
+        if "masks" in out:
+          parts.update({k: v / accum_steps for k, v in masking_diagnostics(out["masks"]).items()})
+        parts["temperature"] = out["logit_scale"] / accum_steps
+        return total, parts
+
+      grads, parts = jax.grad(surrogate, has_aux=True)(params)
+      return jax.tree.map(jnp.add, acc, grads), parts
+
+    grads, parts = jax.lax.scan(micro_grads, jax.tree.map(jnp.zeros_like, params), (micro, rngs, g_img, g_txt))
+    aux.update({k: v.sum() for k, v in parts.items()})
+    weights = {"contrastive_loss": loss_cfg.itc_weight, "caption_loss": loss_cfg.ic_weight,
+               "mim_loss": loss_cfg.mim_weight}
+    aux["loss"] = sum(weights[k] * aux[k] for k in weights if k in aux)
+    if "ic" in heads:
+      aux["caption_tokens"] = num_tokens
+    return grads, aux
+
+  return grad_fn

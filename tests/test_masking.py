@@ -77,7 +77,7 @@ def test_strategies_by_name():
 
 def test_masking_and_gather_stay_batch_sharded():
   """Under jit with the batch split over 8 devices, choosing and gathering patches moves no tokens."""
-  mesh = jax.make_mesh((8,), ("data",))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   spec = NamedSharding(mesh, P("data"))
   b, n, l, e = 16, 64, 8, 32
 

@@ -1,0 +1,149 @@
+"""Checkpoints: orbax for the train state, one JSON file per process for its input pipeline.
+
+Layout of a workdir:
+  checkpoints/<step>/state/...        params, optimizer state, step, rng (orbax, written asynchronously)
+  checkpoints/<step>/config.json      the run's config (process 0)
+  data_state/<step>/process_<i>.json  each process's input-pipeline state at that step
+
+Why this survives preemption and SIGKILL: orbax writes a step into a temporary folder and renames it only
+once complete, so `latest_step` only ever sees whole checkpoints; the pipeline files are written (and fsynced)
+before the orbax save of the same step starts, so a finished step always has its data state.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from sycoca_jax import optim
+
+
+class Checkpointer:
+  """Saves and restores (train state, input-pipeline state) pairs in `workdir`."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    self.workdir = os.path.abspath(workdir)
+    self.manager = ocp.CheckpointManager(
+        os.path.join(self.workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                             create=True),
+    )
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def _data_path(self, step: int, process: int) -> str:
+    return os.path.join(self.workdir, "data_state", str(step), f"process_{process}.json")
+
+  def save(self, step: int, state: Any, data_state: Optional[dict], config: ml_collections.ConfigDict,
+           *, force: bool = False) -> bool:
+    if data_state is not None:
+      path = self._data_path(step, jax.process_index())
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path + ".tmp", "w") as f:
+        json.dump(data_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(path + ".tmp", path)
+    saved = self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      config=ocp.args.JsonSave(config.to_dict())), force=force)
+    self._drop_stale_data_states()
+    return saved
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
+    """abstract_state: ShapeDtypeStructs with shardings, so arrays come back already laid out on the mesh."""
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    path = self._data_path(step, jax.process_index())
+    data_state = None
+    if os.path.exists(path):
+      with open(path) as f:
+        data_state = json.load(f)
+    return restored.state, data_state
+
+  def _drop_stale_data_states(self):
+    root = os.path.join(self.workdir, "data_state")
+    if jax.process_index() != 0 or not os.path.isdir(root):
+      return
+    kept = set(self.manager.all_steps())
+    latest_saved = max(kept) if kept else -1
+    for name in os.listdir(root):
+      # Keep states of kept steps and of steps newer than the last finished save (still in flight).
+      if name.isdigit() and int(name) not in kept and int(name) < latest_saved:
+        for f in os.listdir(os.path.join(root, name)):
+          os.remove(os.path.join(root, name, f))
+        os.rmdir(os.path.join(root, name))
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_config(directory: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint under {directory}/checkpoints.")
+  return ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+
+
+def load_params(directory: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, params, step) from a workdir's latest (or given) checkpoint, params as host-local arrays.
+
+  Used by evaluation, inference and `config.init_from`; the optimizer state is not read.
+  """
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint under {directory}/checkpoints.")
+  config = ml_collections.ConfigDict(
+      manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+  metadata = manager.item_metadata(step)["state"]
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_local_sharding()),
+                          metadata["params"])
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)))
+  return config, restored.state["params"], step
+
+
+def save_params(directory: str, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> None:
+  """Writes a params-only checkpoint that load_params and config.init_from read (e.g. imported weights)."""
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                             config=ocp.args.JsonSave(config.to_dict())), force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def init_from(params: Any, source_params: Any, towers: tuple[str, ...]) -> Any:
+  """params with the subtrees named in `towers` (top-level keys, e.g. 'image_encoder') taken from source."""
+  missing = [t for t in towers if t not in source_params]
+  if missing:
+    raise ValueError(f"config.init_from.towers: {missing} not in the source checkpoint "
+                     f"(it has {sorted(source_params)}).")
+  out = dict(params)
+  for tower in towers:
+    src, dst = source_params[tower], params[tower]
+    if jax.tree.structure(src) != jax.tree.structure(dst):
+      raise ValueError(f"config.init_from: tower {tower!r} has another structure in the source checkpoint.")
+    bad = [p for p, (a, b) in zip(jax.tree.leaves(optim.param_paths(dst)), zip(jax.tree.leaves(src),
+                                                                                jax.tree.leaves(dst)))
+           if a.shape != b.shape]
+    if bad:
+      raise ValueError(f"config.init_from: shapes differ for {tower}/{bad[0]} (and {len(bad) - 1} more).")
+    out[tower] = jax.tree.map(lambda a, b: jax.numpy.asarray(a, b.dtype), src, dst)
+  return out
+
+
+def _local_sharding():
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -1,0 +1,169 @@
+"""The run config: its defaults, one validation pass before anything compiles, and durations in any unit.
+
+A config file in configs/ starts from `default_config()` and overrides what it needs; `validate` then rejects
+unknown keys (with a "did you mean") and impossible values, naming the key, before any device work starts.
+"""
+
+import difflib
+from typing import Any, Optional
+
+import ml_collections
+
+from sycoca_jax import losses, optim
+from sycoca_jax.data import default_data_config
+from sycoca_jax.models import sycoca
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = sycoca.default_model_config()
+  c.loss = losses.default_loss_config()
+  c.optim = optim.default_optim_config()
+  c.data = default_data_config()
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.sharding_rules = ()          # ((pattern, 'fsdp' | 'replicate'), ...), first match wins; default 'fsdp'
+  c.global_batch_size = 2048
+  c.grad_accum_steps = 1         # micro-batches per step; contrastive negatives still span the global batch
+  # Duration: exactly one of total_steps / total_epochs / total_examples (epochs need config.num_train_examples).
+  c.total_steps = 0
+  c.total_epochs = 0.0
+  c.total_examples = 0
+  c.num_train_examples = 0
+  c.log_steps = 50               # scalar metrics (every log_steps steps and at the last step)
+  c.image_log_steps = 1000       # mask / reconstruction images; 0 = never
+  c.ckpt_steps = 1000            # checkpoint cadence (and always at the last step)
+  c.keep_ckpts = 3
+  c.async_checkpointing = True
+  c.max_bad_steps = 5            # stop after this many non-finite steps in a row (each is skipped)
+  c.init_from = ml_collections.ConfigDict(dict(workdir="", step=-1, towers=()))
+  c.evals = ml_collections.ConfigDict()   # name -> ConfigDict(type=..., log_steps=..., ...)
+  return c
+
+
+def _check_keys(config, reference, prefix="config"):
+  """Unknown keys -> ValueError with the closest known key. Free-form subtrees (evals) are not checked."""
+  for key in config.keys():
+    if key not in reference:
+      near = difflib.get_close_matches(key, list(reference.keys()), n=1)
+      hint = f" Did you mean {prefix}.{near[0]}?" if near else ""
+      raise ValueError(f"{prefix}.{key}: unknown config key.{hint}")
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict) and isinstance(value, ml_collections.ConfigDict):
+      if len(ref) or key != "evals":
+        _check_keys(value, ref, f"{prefix}.{key}")
+
+
+def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = None) -> None:
+  """Raises ValueError naming the offending key; called before any compilation."""
+  _check_keys(config, default_config())
+  sycoca.validate_model_config(config.model)
+  losses.enabled_heads(config.loss)
+
+  def fail(key, msg):
+    raise ValueError(f"config.{key}: {msg}")
+
+  if config.data.image_size != config.model.vision.image_size:
+    fail("data.image_size", f"{config.data.image_size} differs from model.vision.image_size="
+         f"{config.model.vision.image_size}.")
+  if config.data.max_len != config.model.text.context_length:
+    fail("data.max_len", f"{config.data.max_len} differs from model.text.context_length="
+         f"{config.model.text.context_length}.")
+  if config.global_batch_size <= 0:
+    fail("global_batch_size", "must be positive.")
+  if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:
+    fail("grad_accum_steps", f"{config.grad_accum_steps} must be >= 1 and divide global_batch_size="
+         f"{config.global_batch_size}.")
+  if device_count is not None:
+    micro = config.global_batch_size // config.grad_accum_steps
+    if micro % device_count:
+      fail("global_batch_size", f"{config.global_batch_size} (micro-batch {micro}) is not divisible by the "
+           f"{device_count} devices.")
+  set_durations = [k for k in ("total_steps", "total_epochs", "total_examples") if config[k]]
+  if len(set_durations) != 1:
+    fail("total_steps", f"set exactly one of total_steps / total_epochs / total_examples (got {set_durations}).")
+  if config.total_epochs and not config.num_train_examples:
+    fail("num_train_examples", "is needed to count config.total_epochs in steps.")
+  if config.max_bad_steps < 1:
+    fail("max_bad_steps", "must be >= 1.")
+  for name, ev in config.evals.items():
+    if "type" not in ev:
+      fail(f"evals.{name}.type", "missing: name the evaluator to run.")
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """The run's length in steps, from whichever unit the config gave."""
+  if config.total_steps:
+    return int(config.total_steps)
+  examples = config.total_examples or config.total_epochs * config.num_train_examples
+  return max(1, int(round(examples / config.global_batch_size)))
+
+
+def every(step: int, cadence: int, last_step: int) -> bool:
+  """True on multiples of `cadence` (> 0) and at the last step. Step numbers count finished updates."""
+  return step == last_step or (cadence > 0 and step % cadence == 0)
+
+
+def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config to a smoke run on the built-in scenes data: tiny towers, a few steps, CPU-sized batch."""
+  c = config
+  c.model.vision.update(image_size=32, patch_size=8, width=32, depth=2, heads=2, attn_pooler_queries=5)
+  c.model.text.update(vocab_size=min(c.model.text.vocab_size, 49408), context_length=16, width=32, depth=2, heads=2)
+  c.model.text_decoder.update(width=32, depth=1, heads=2)
+  c.model.image_decoder.update(width=32, depth=1, heads=2)
+  c.model.embed_dim = 32
+  data = default_data_config()
+  data.update(image_size=32, max_len=16, tokenizer="scenes_words")
+  c.data = data
+  c.model.text.vocab_size = _scenes_vocab_size()
+  c.mesh.update(data=-1, fsdp=1)
+  c.global_batch_size = 16
+  c.grad_accum_steps = 1
+  c.total_steps, c.total_epochs, c.total_examples = 10, 0.0, 0
+  c.log_steps, c.ckpt_steps, c.image_log_steps = 5, 10, 0
+  c.optim.warmup_steps = 2
+  for ev in c.evals.values():
+    ev.log_steps = 0
+  return c
+
+
+def _scenes_vocab_size() -> int:
+  from sycoca_jax.data import get_tokenizer  # pylint: disable=g-import-not-at-top
+  return get_tokenizer("scenes_words", max_len=16).vocab_size
+
+
+def parse_arg(arg: Optional[str]) -> dict[str, Any]:
+  """'variant=coca,runlocal' -> {'variant': 'coca', 'runlocal': True}."""
+  out: dict[str, Any] = {}
+  for token in filter(None, (arg or "").split(",")):
+    key, _, value = token.partition("=")
+    out[key.strip()] = value.strip() if value else True
+  return out
+
+
+# The paper's ablation rows (its Table of component contributions), as config edits.
+VARIANTS = {
+    "clip": dict(weights=(1.0, 0.0, 0.0), strategy="none", ic_ratio=0.0, mim_ratio=0.0),
+    "coca": dict(weights=(1.0, 2.0, 0.0), strategy="none", ic_ratio=0.0, mim_ratio=0.0),
+    "coca_am": dict(weights=(1.0, 2.0, 0.0), strategy="attentive", ic_ratio=0.5, mim_ratio=0.0),
+    "coca_mim_image_only": dict(weights=(1.0, 2.0, 1.0), strategy="attentive", ic_ratio=0.5, mim_ratio=0.5,
+                                cross_attention=False),
+    "coca_tgmim_random": dict(weights=(1.0, 2.0, 1.0), strategy="random", ic_ratio=0.5, mim_ratio=0.5),
+    "sycoca": dict(weights=(1.0, 2.0, 1.0), strategy="attentive", ic_ratio=0.5, mim_ratio=0.5),
+}
+
+
+def apply_variant(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Sets the objectives and masking of one ablation row (see VARIANTS)."""
+  if name not in VARIANTS:
+    raise ValueError(f"variant={name!r} is not one of {sorted(VARIANTS)}.")
+  v = VARIANTS[name]
+  config.loss.itc_weight, config.loss.ic_weight, config.loss.mim_weight = v["weights"]
+  config.model.masking.update(strategy=v["strategy"], ic_ratio=v["ic_ratio"], mim_ratio=v["mim_ratio"])
+  config.model.image_decoder.cross_attention = v.get("cross_attention", True)
+  return config
+
+
+def default_evals(every: int) -> ml_collections.ConfigDict:
+  """Evaluators run during training on the built-in data (empty if the evaluators package is incomplete)."""
+  return ml_collections.ConfigDict()

@@ -1,0 +1,37 @@
+"""Standalone evaluation of a checkpoint: `python main.py --config=... --workdir=DIR --mode=eval [--step=N]`.
+
+Runs every evaluator in config.evals on the workdir's latest (or given) checkpoint and writes the results to
+the same metric writers as training, at the checkpoint's step.
+"""
+
+from typing import Any, Optional
+
+import jax
+import ml_collections
+from absl import logging
+
+from sycoca_jax import checkpoint, config_lib, metrics
+from sycoca_jax.models import sycoca
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None
+                        ) -> dict[str, Any]:
+  config_lib.validate(config)
+  if not config.evals:
+    raise ValueError("config.evals is empty: nothing to evaluate.")
+  _, params, step = checkpoint.load_params(workdir, step)
+  model = sycoca.build_model(config.model)
+  from sycoca_jax import evaluators  # pylint: disable=g-import-not-at-top
+  writer = metrics.create_writer(workdir)
+  results: dict[str, Any] = {}
+  for name, ev in config.evals.items():
+    evaluator = evaluators.get_evaluator(ev.type)(model, config.model, ev, config.data)
+    out = evaluator.run(params)
+    logging.info("%s at step %d: %s", name, step, out)
+    results.update(out)
+  writer.write_scalars(step, results)
+  writer.flush()
+  if jax.process_index() == 0:
+    for k, v in sorted(results.items()):
+      print(f"{k:40s} {v:.4f}")
+  return results

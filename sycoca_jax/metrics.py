@@ -1,0 +1,71 @@
+"""Metric writers: TensorBoard event files and a JSON-lines file in the workdir; only process 0 writes.
+
+metrics.jsonl has one JSON object per write: {"step": k, "<name>": value, ...}, easy to read from scripts:
+  [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
+"""
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import metric_writers
+from clu.metric_writers import interface
+
+
+class JsonlWriter(interface.MetricWriter):
+  """Scalars (and texts) as JSON lines, appended and flushed at each write."""
+
+  def __init__(self, path: str):
+    self._file = open(path, "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    row = {"step": int(step)} | {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    self._file.write(json.dumps({"step": int(step)} | dict(texts)) + "\n")
+    self._file.flush()
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_hparams(self, hparams):
+    self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+    self._file.flush()
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard + JSON lines + the log on process 0; only the log on the others."""
+  if jax.process_index() != 0:
+    return metric_writers.create_default_writer(just_logging=True)
+  os.makedirs(workdir, exist_ok=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=True),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+  ])
+
+
+def read_jsonl(workdir: str) -> list[dict[str, Any]]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

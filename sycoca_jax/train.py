@@ -1,0 +1,235 @@
+"""SyCoCa pretraining: one linear story from config to checkpoints.
+
+  python main.py --config=configs/sycoca_tiny.py --workdir=/tmp/sycoca_tiny
+
+Sections, in order: setup -> input pipeline -> model, loss and optimizer -> sharded state (abstract first, then
+materialised already split over the mesh) -> resume or initialise -> the train step -> evaluators -> the loop.
+Fork this file rather than subclass it.
+"""
+
+import functools
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+
+from sycoca_jax import checkpoint as ckpt_lib
+from sycoca_jax import config_lib, losses, metrics, optim, sharding
+from sycoca_jax.data import CLIP_MEAN, CLIP_STD, build_train_iterator
+from sycoca_jax.models import sycoca
+from sycoca_jax.models.vit import patchify, unpatchify
+
+TOWER_OF_HEAD = {"itc": ("logit_scale",), "ic": ("text_decoder",), "mim": ("image_decoder",)}
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM once the current step is checkpointed."""
+
+
+class TooManyBadSteps(FloatingPointError):
+  pass
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
+  # ---------------------------------------------------------------------------------------------------- setup
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  num_steps = config_lib.total_steps(config)
+  writer = metrics.create_writer(workdir)
+  logging.info("Mesh %s over %d devices (%d processes); %d steps of %d examples.", dict(mesh.shape),
+               jax.device_count(), jax.process_count(), num_steps, config.global_batch_size)
+
+  # ---------------------------------------------------------------------------------------- input pipeline
+  train_iter = build_train_iterator(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
+
+  # ------------------------------------------------------------------------------- model, loss, optimizer
+  model = sycoca.build_model(config.model)
+  heads = losses.enabled_heads(config.loss)
+  grad_fn = losses.make_grad_fn(model, config.loss, config.grad_accum_steps)
+  # Towers no enabled objective uses get no update (and no weight decay): switching objectives between
+  # runs then never silently drifts them.
+  unused = [f"^{t}/" if t != "logit_scale" else "^logit_scale$"
+            for head, towers in TOWER_OF_HEAD.items() if head not in heads for t in towers]
+
+  def init_state(rng):
+    params = sycoca.init_params(model, rng)
+    tx = optim.make_optimizer(config.optim, params, num_steps, frozen=unused)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": rng, "bad_steps": jnp.zeros((), jnp.int32)}
+
+  # ------------------------------------------------------------------ sharded state: abstract, then real
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_state, rng)
+  state_sharding = sharding.param_shardings(abstract, mesh, config.sharding_rules)
+  tx = optim.make_optimizer(config.optim, abstract["params"], num_steps, frozen=unused)
+  lr_schedule = optim.schedule(config.optim, num_steps)
+
+  # ----------------------------------------------------------------------------- resume or initialise
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_ckpts,
+                                       async_save=config.async_checkpointing)
+  resume_step = checkpointer.latest_step()
+  if resume_step is not None:
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, state_sharding)
+    state, data_state = checkpointer.restore(resume_step, abstract_sharded)
+    if data_state is None:
+      raise FileNotFoundError(f"Checkpoint {resume_step} in {workdir} has no input-pipeline state for process "
+                              f"{jax.process_index()}; cannot resume exactly.")
+    train_iter.set_state(data_state)
+    logging.info("Resumed from step %d.", resume_step)
+  else:
+    # Created under jit with out_shardings: every array is born split over the mesh, never whole on one device.
+    state = jax.jit(init_state, out_shardings=state_sharding)(rng)
+    if config.init_from.workdir:
+      _, source, source_step = ckpt_lib.load_params(
+          config.init_from.workdir, None if config.init_from.step < 0 else config.init_from.step)
+      towers = tuple(config.init_from.towers) or tuple(source)
+      params = ckpt_lib.init_from(jax.device_get(state["params"]), source, towers)
+      state["params"] = jax.device_put(params, state_sharding["params"])
+      logging.info("Initialised %s from %s (step %d).", towers, config.init_from.workdir, source_step)
+
+  # --------------------------------------------------------------------------------------- train step
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+  def train_step(state, batch):
+    step_rng = jax.random.fold_in(state["rng"], state["step"])
+    grads, aux = grad_fn(state["params"], batch, step_rng)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    # A non-finite step is skipped whole: parameters and optimizer moments stay as they were.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad_steps = jnp.where(finite, 0, state["bad_steps"] + 1)
+    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"], "bad_steps": bad_steps}
+    aux = dict(aux, grad_norm=grad_norm, learning_rate=lr_schedule(state["step"]),
+               nonfinite=(~finite).astype(jnp.int32), bad_steps_in_a_row=bad_steps)
+    return new_state, aux
+
+  visualise = jax.jit(functools.partial(_visualise, model, heads))
+
+  # --------------------------------------------------------------------------------------- evaluators
+  evaluators = _build_evaluators(config, model)
+
+  # --------------------------------------------------------------------------------------------- loop
+  first_step = int(jax.device_get(state["step"]))
+  if first_step == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=config.log_steps)
+  preempted = _install_sigterm_handler()
+  pending: list[dict[str, jax.Array]] = []
+  nonfinite_total = 0
+  last_metrics: dict[str, Any] = {}
+  t_log, step_log = time.time(), first_step
+
+  def save(step, force=False):
+    checkpointer.save(step, state, train_iter.get_state(), config, force=force)
+
+  try:
+    for step in range(first_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        local = next(train_iter)
+        batch = sharding.global_batch({"image": local["image"], "text": local["text"]}, mesh)
+        state, aux = train_step(state, batch)
+      pending.append(aux)  # stays on device: fetching now would stall the dispatch of the next step
+      progress(step)
+
+      if config_lib.every(step, config.log_steps, num_steps):
+        fetched = jax.device_get(pending)
+        pending = []
+        nonfinite_total += sum(int(m["nonfinite"]) for m in fetched)
+        last = fetched[-1]
+        if int(last["bad_steps_in_a_row"]) >= config.max_bad_steps or any(
+            int(m["bad_steps_in_a_row"]) >= config.max_bad_steps for m in fetched):
+          raise TooManyBadSteps(
+              f"Loss or gradient was NaN/Inf for {config.max_bad_steps} steps in a row (up to step {step}); "
+              f"those updates were skipped. Lower optim.lr, raise optim.warmup_steps or check the data.")
+        elapsed = time.time() - t_log
+        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in last if k not in ("bad_steps_in_a_row",)}
+        scalars.update(learning_rate=float(last["learning_rate"]), nonfinite_total=nonfinite_total,
+                       examples_per_sec=(step - step_log) * config.global_batch_size / max(elapsed, 1e-9),
+                       eta_hours=(num_steps - step) * elapsed / max(step - step_log, 1) / 3600)
+        scalars.update({f"data/{k}": v for k, v in train_iter.stats.items()})
+        writer.write_scalars(step, scalars)
+        last_metrics = scalars
+        t_log, step_log = time.time(), step
+
+      if config.image_log_steps and config_lib.every(step, config.image_log_steps, num_steps):
+        writer.write_images(step, jax.device_get(visualise(state["params"], batch)))
+
+      for name, (evaluator, cadence) in evaluators.items():
+        if config_lib.every(step, cadence, num_steps) and cadence:
+          results = evaluator.run(state["params"])
+          writer.write_scalars(step, results)
+          last_metrics.update(results)
+
+      if config_lib.every(step, config.ckpt_steps, num_steps) or preempted():
+        save(step, force=preempted())
+      if preempted():
+        checkpointer.wait()
+        raise Preempted(f"SIGTERM: checkpointed step {step} in {workdir}; rerun the same command to resume.")
+  finally:
+    checkpointer.close()
+    writer.flush()
+  return last_metrics
+
+
+def _install_sigterm_handler():
+  """SIGTERM (how TPU / cluster schedulers preempt) sets a flag; the loop saves the current step and stops."""
+  flag = {"set": False}
+
+  def handler(signum, frame):
+    del signum, frame
+    flag["set"] = True
+
+  try:
+    signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread (e.g. a notebook's worker): no preemption handling
+    pass
+  return lambda: flag["set"]
+
+
+def _build_evaluators(config, model) -> dict[str, tuple[Any, int]]:
+  if not config.evals:
+    return {}
+  from sycoca_jax import evaluators  # pylint: disable=g-import-not-at-top
+  built = {}
+  for name, ev in config.evals.items():
+    cls = evaluators.get_evaluator(ev.type)
+    built[name] = (cls(model, config.model, ev, config.data), int(ev.get("log_steps", 0)))
+  return built
+
+
+def _visualise(model, heads, params, batch, count: int = 4) -> dict[str, jax.Array]:
+  """Images for TensorBoard: the input, IC's patches, TG-MIM's visible patches and its reconstruction."""
+  images, text = batch["image"][:count], batch["text"][:count]
+  if "mim" not in heads and not ("ic" in heads and model.ic_ratio > 0):
+    return {}
+  out = model.apply({"params": params}, images, text, heads=[h for h in heads if h != "itc"] or ["ic"])
+  masks = out["masks"]
+  p = model.image_encoder.patch_size
+  patches = patchify(images, p)
+  show = lambda x: jnp.clip(unpatchify(x, p) * jnp.asarray(CLIP_STD) + jnp.asarray(CLIP_MEAN), 0, 1)
+  result = {"input": show(patches)}
+  if masks.ic_keep is not None:
+    ic = jnp.zeros(patches.shape[:2]).at[jnp.arange(count)[:, None], masks.ic_keep].set(1.0)
+    result["ic_patches"] = show(patches * ic[..., None])
+  if "mim_pred" in out:
+    mean, std = patches.mean(-1, keepdims=True), patches.std(-1, keepdims=True)
+    recon = out["mim_pred"] * std + mean
+    hidden = masks.mim_mask[..., None]
+    result["mim_visible"] = show(patches * (1 - hidden))
+    result["mim_reconstruction"] = show(patches * (1 - hidden) + recon * hidden)
+  return result
