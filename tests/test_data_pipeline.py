@@ -80,17 +80,24 @@ def test_every_epoch_covers_the_data_once_in_a_new_order():
   assert not np.array_equal(ids[:40], ids[40:])
 
 
-def test_processes_read_disjoint_examples():
+def test_processes_read_disjoint_blocks_of_the_same_global_batches():
   cfg = _config()
-  ids = []
+  single = _take(data.build_train_iterator(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1), 5)
+  per_process = []
   for process_index in range(2):
     it = data.build_train_iterator(cfg, global_batch_size=8, seed=0, process_index=process_index,
                                    process_count=2)
-    batches = _take(it, 5)  # 5 x 4 = one epoch of this process's 20 examples
+    batches = _take(it, 5)  # 5 global batches of 8 = one epoch of the 40 examples
     assert all(b["image"].shape[0] == 4 for b in batches)
-    ids.append({int(i) for b in batches for i in b["example_id"]})
+    per_process.append(batches)
+  ids = [{int(i) for b in batches for i in b["example_id"]} for batches in per_process]
   assert not ids[0] & ids[1]
   assert ids[0] | ids[1] == set(range(40))
+  # Process p holds rows [4p, 4p + 4) of the global batch a single process would have built.
+  for step, whole in enumerate(single):
+    for key in ("image", "text", "example_id"):
+      joined = np.concatenate([per_process[0][step][key], per_process[1][step][key]])
+      np.testing.assert_array_equal(joined, whole[key])
   with pytest.raises(ValueError, match="divisible"):
     data.build_train_iterator(cfg, global_batch_size=7, seed=0, process_index=0, process_count=2)
 

@@ -2,13 +2,16 @@
 
 Training (`build_train_iterator`) is a grain dataset graph:
 
-  range(len(source))[process_index::process_count]   disjoint shard of record ids per process
-    .shuffle(seed).repeat()                           reshuffled every epoch
-    .map_with_index(make_example)                     read, decode, crop, normalise, pick + tokenise a caption
+  order = range(len(source)).shuffle(seed).repeat()   one global example order, reshuffled every epoch
+  range(...).map(k -> (g(k), order[g(k)]))            this process's block of every global batch
+    .map(make_example)                                read, decode, crop, normalise, pick + tokenise a caption
     .to_iter_dataset(threads)                         parallel reads, prefetch
     .filter(skip_counter)                             drops examples marked bad, counting them by reason
     .batch(global_batch_size // process_count)
 
+g(k) maps this process's k-th example to its position in the global stream: process p of P takes positions
+[p b, (p + 1) b) of each global batch of B = P b. So the global batch is the same whatever the number of
+processes (a run on 2 hosts sees exactly the batches of a run on 1), and processes read disjoint examples.
 Every random choice of an example (crop, flip, caption) comes from a generator seeded by (seed, epoch,
 record id), and the order by grain's index shuffle, so the stream is a pure function of the seed and the
 iterator state is a few integers: `it.get_state()` / `it.set_state(state)` resume exactly.
@@ -224,20 +227,20 @@ def swap_left_right(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ExampleMaker:
-  """Stream position and record id -> one training example, or {'skip': reason}."""
+  """(global stream position, record id) -> one training example, or {'skip': reason}."""
 
   source: sources_lib.Source
   tokenizer: tokenizers_lib.Tokenizer
   seed: int
-  shard_len: int
+  num_records: int
   image_size: int
   crop_scale: tuple[float, float]
   crop_ratio: tuple[float, float]
   flip: bool
 
-  def __call__(self, position: int, record_id: int) -> dict:
-    record_id = int(record_id)
-    epoch = position // self.shard_len
+  def __call__(self, item: tuple[int, int]) -> dict:
+    position, record_id = int(item[0]), int(item[1])
+    epoch = position // self.num_records
     rng = np.random.default_rng([self.seed, epoch, record_id])
     try:
       record = self.source[record_id]
@@ -327,18 +330,26 @@ def build_train_iterator(data_config, *, global_batch_size: int, seed: int, proc
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {process_count} processes.")
   source = sources_lib.build_source(data_config, data_config.get("split", "train"))
-  record_ids = grain.MapDataset.range(len(source))[process_index::process_count]
-  if len(record_ids) == 0:
-    raise ValueError(f"{source} has {len(source)} examples: too few for {process_count} processes.")
+  num_records = len(source)
+  if num_records == 0:
+    raise ValueError(f"{source} has no examples.")
+  local_batch = global_batch_size // process_count
+  order = grain.MapDataset.range(num_records).shuffle(seed=seed).repeat()
+
+  def this_process(k):
+    position = (k // local_batch) * global_batch_size + process_index * local_batch + k % local_batch
+    return position, order[position]
+
   make_example = ExampleMaker(
-      source=source, tokenizer=tokenizer_from_config(data_config), seed=seed, shard_len=len(record_ids),
+      source=source, tokenizer=tokenizer_from_config(data_config), seed=seed, num_records=num_records,
       image_size=data_config.image_size, crop_scale=tuple(data_config.crop_scale),
       crop_ratio=tuple(data_config.crop_ratio), flip=data_config.flip)
   counter = SkipCounter(data_config.max_consecutive_skips)
   read_options = grain.ReadOptions(num_threads=data_config.num_threads,
                                    prefetch_buffer_size=data_config.prefetch_buffer_size)
-  dataset = (record_ids.shuffle(seed=seed).repeat()
-             .map_with_index(make_example)
+  dataset = (grain.MapDataset.range(len(order) // process_count)
+             .map(this_process)
+             .map(make_example)
              .to_iter_dataset(read_options)
              .filter(counter)
              .batch(global_batch_size // process_count, drop_remainder=True))
