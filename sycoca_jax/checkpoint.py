@@ -100,8 +100,11 @@ def load_params(directory: str, step: Optional[int] = None) -> tuple[ml_collecti
 
   Used by evaluation, inference and `config.init_from`; the optimizer state is not read.
   """
+  # A fresh manager only reports an item's metadata when it knows the item's handler.
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                 "config": ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint under {directory}/checkpoints.")
