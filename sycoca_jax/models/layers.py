@@ -53,8 +53,11 @@ class Attention(nn.Module):
   """Multi-head attention with separate q/k/v projections and an optional decoding cache.
 
   Self-attention when `kv` is None, cross-attention otherwise (keys may have another width than queries).
-  With `decode=True` (self-attention only) keys and values are appended to a cache of the length the cache was
-  initialised with, one step at a time: the autoregressive sampler in sycoca_jax.decoding relies on it.
+  With `decode=True`, self-attention appends keys and values to a cache of the length the cache was initialised
+  with, one step at a time: the autoregressive sampler in sycoca_jax.decoding relies on it. Cross-attention
+  with `decode=True` projects its keys and values (the image tokens, fixed while sampling) once, on the call
+  that creates the cache, and reuses them: otherwise every sampling step would re-project all N image tokens
+  in every layer, which costs more than the rest of the step.
   """
 
   num_heads: int
@@ -63,12 +66,18 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, kv=None, mask=None, *, decode: bool = False):
     width = x.shape[-1]
+    cross = kv is not None
     kv = x if kv is None else kv
     dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
     split = lambda t: einops.rearrange(t, "b s (h d) -> b s h d", h=self.num_heads)
     q, k, v = split(dense("query")(x)), split(dense("key")(kv)), split(dense("value")(kv))
 
-    if decode:
+    if decode and cross:
+      # Once the cache exists the fresh projections above are unused, and jit drops them.
+      cached_k = self.variable("cache", "cached_key", lambda: k)
+      cached_v = self.variable("cache", "cached_value", lambda: v)
+      k, v = cached_k.value, cached_v.value
+    elif decode:
       # The cache is created by calling the model once with decode=True on a [B, max_len] input (the sampler
       # does this through `init`), and afterwards filled one position per call.
       is_initialized = self.has_variable("cache", "cached_key")
@@ -112,7 +121,7 @@ class Block(nn.Module):
     if self.cross:
       kv = norm("ln_1_kv")(kv)
     attn = Attention(self.num_heads, dtype=self.dtype, name="attn")
-    x = x + attn(norm("ln_1")(x), kv, mask, decode=decode and not self.cross)
+    x = x + attn(norm("ln_1")(x), kv, mask, decode=decode)
     return x + Mlp(self.mlp_ratio, self.act, dtype=self.dtype, name="mlp")(norm("ln_2")(x))
 
 
@@ -165,7 +174,7 @@ class _Layer(nn.Module):
               dtype=self.dtype)
     x = Block(**kw, name="self")(x, None, mask, decode=self.decode)
     if self.cross:
-      x = Block(**kw, cross=True, name="cross")(x, kv, kv_mask)
+      x = Block(**kw, cross=True, name="cross")(x, kv, kv_mask, decode=self.decode)
     return x, None
 
 

@@ -1,0 +1,31 @@
+"""One process of the two-process captioning evaluation test (tests/test_captioning.py starts two of these).
+
+  python -m tests.captioning_worker PROCESS_ID NUM_PROCESSES PORT OUT_JSON
+"""
+
+import json
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+
+import jax  # noqa: E402
+
+
+def main():
+  process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                             process_id=process_id)
+  from tests.test_captioning import build_evaluator  # pylint: disable=g-import-not-at-top
+
+  evaluator, params = build_evaluator()
+  metrics = evaluator.run(params)
+  with open(out, "w") as f:
+    json.dump({"metrics": metrics, "captions": evaluator.last_predictions, "devices": jax.device_count()}, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()
