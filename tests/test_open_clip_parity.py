@@ -241,11 +241,26 @@ def test_cli_writes_a_loadable_scanned_checkpoint(imported, tmp_path):
   assert config.model.to_dict() == expected
   assert config.data.max_len == config.model.text.context_length
   assert config.data.image_size == config.model.vision.image_size
-  stacked = params["text_encoder"]["transformer"]["layers"]["self"]["attn"]["query"]["kernel"]
-  assert stacked.shape[0] == config.model.text.depth
-  images, text = _inputs(config.model)
-  errors = _compare(_forward_fn(build_model(config.model)), params, imported["oc"], images, text)
-  assert max(errors.values()) < RTOL, errors
+  # The scanned tree is the unscanned one with each tower's layers stacked on a leading axis ...
+  for tower in ("image_encoder", "text_encoder", "text_decoder"):
+    stacked, unstacked = params[tower]["transformer"]["layers"], imported["params"][tower]["transformer"]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    assert depth == len(unstacked)
+    for i in range(depth):
+      for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked)),
+                      jax.tree.leaves(unstacked[f"layers_{i}"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    others = lambda t: {k: v for k, v in t.items() if k != "transformer"}
+    for a, b in zip(jax.tree.leaves(others(params[tower])), jax.tree.leaves(others(imported["params"][tower]))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(params["logit_scale"]) == float(imported["params"]["logit_scale"])
+  # ... and nn.scan reads slice i as layer i: the scanned text tower gives open_clip's text embeddings.
+  _, text = _inputs(config.model)
+  ours = jax.jit(lambda p, t: build_model(config.model).apply({"params": p}, t, method=SyCoCa.encode_text))(
+      params, jnp.asarray(text))["embedding"]
+  with torch.no_grad():
+    ref = imported["oc"].encode_text(torch.from_numpy(text).long())
+  assert _rel(ours, ref) < RTOL
 
 
 def test_released_configs_map():

@@ -24,6 +24,7 @@ OPEN_CLIP_LICENSE.txt); any other open_clip model-config JSON can be given by pa
 import argparse
 import ast
 import json
+import logging
 import os
 import re
 from typing import Any, Optional
@@ -144,10 +145,14 @@ def run_config_for(model_cfg: ml_collections.ConfigDict, oc: Optional[dict] = No
   config = config_lib.default_config()
   config.model = model_cfg
   config.data.update(image_size=model_cfg.vision.image_size, max_len=model_cfg.text.context_length)
-  if model_cfg.text.vocab_size == 49408:
+  hf_tokenizer = (oc or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+  if hf_tokenizer:
+    logging.warning("The model was trained with the Hugging Face tokenizer %r: set config.data.tokenizer / "
+                    "tokenizer_path to an equivalent one before using the text towers.", hf_tokenizer)
+  else:
+    # open_clip tokenizes every CoCa config without an HF tokenizer with CLIP's BPE, coca_base included (its
+    # 64,000-row embedding is larger than the 49,408 ids the BPE produces).
     config.data.tokenizer = "clip_bpe"
-  elif oc is not None and oc.get("text_cfg", {}).get("hf_tokenizer_name"):
-    config.data.tokenizer = "sentencepiece"  # the user points data.tokenizer_path at the model file
   return config
 
 
