@@ -56,6 +56,12 @@ class ImageSet:
     return ImageSet(name or self.name, self.labels[indices], self.class_names, self.templates,
                     raw=self.raw[indices], image_size=self.image_size)
 
+  def images(self, indices: np.ndarray) -> np.ndarray:
+    """Normalised float32 [n, S, S, 3] of the given examples (for training loops that sample rows)."""
+    if self.raw is not None:
+      return common.images_from_arrays(self.raw[np.asarray(indices)], self.image_size)
+    return np.stack([self.split.image(int(i)) for i in indices])
+
   def batches(self, global_batch_size: int,
               extras: Mapping[str, np.ndarray] | None = None) -> Iterator[dict[str, jax.Array]]:
     """Global batches {'image', 'index', 'mask', **extras}; extras are indexed by example."""

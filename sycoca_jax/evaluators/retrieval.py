@@ -51,13 +51,15 @@ from sycoca_jax.models.sycoca import SyCoCa
 
 # ------------------------------------------------------------------------------------------------ metrics
 
+MISS = np.iinfo(np.int64).max  # the rank of an image that has no caption to find
+
 
 def retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
                     chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
   """0-based ranks of the first correct answer: (i2t [N], t2i [M]).
 
   image_emb [N, E], text_emb [M, E] (similarity = dot product: pass normalised embeddings for cosine),
-  text_image int [M]: the image each caption describes. An image without captions gets rank N*M (a miss).
+  text_image int [M]: the image each caption describes. An image without captions gets rank MISS (a miss at every k).
   i2t rank of image i = number of *wrong* captions at least as similar as its best correct caption.
   t2i rank of caption j = number of wrong images at least as similar as its own image.
   Works in row chunks so COCO-sized galleries (5k x 25k) never build the whole similarity matrix at once.
@@ -72,7 +74,7 @@ def retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.
     correct = text_image[None, :] == np.arange(s, s + len(sim))[:, None]  # [n', M]
     best = np.where(correct, sim, -np.inf).max(axis=1)                    # [n']
     rank = ((sim >= best[:, None]) & ~correct).sum(axis=1)
-    i2t[s:s + chunk] = np.where(np.isfinite(best), rank, n * m)
+    i2t[s:s + chunk] = np.where(np.isfinite(best), rank, MISS)
   t2i = np.empty(m, np.int64)
   for s in range(0, m, chunk):
     sim = text_emb[s:s + chunk] @ image_emb.T                             # [m', N]

@@ -1,0 +1,69 @@
+"""Zero-shot classification: prompt ensembles and top-k on analytic embeddings, the offline sets, end to end."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from sycoca_jax.evaluators import datasets
+from sycoca_jax.evaluators import get_evaluator
+from sycoca_jax.evaluators import zeroshot
+from tests import eval_setup
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_perfect_embedding_gives_top1_one():
+  rng = np.random.default_rng(0)
+  c, t, e, n = 10, 3, 64, 500
+  directions = _unit(rng.normal(size=(c, e)))
+  # Each template's text embedding is the class direction plus template noise, at arbitrary scale.
+  prompts = (directions[:, None] + 0.2 * rng.normal(size=(c, t, e))) * rng.uniform(0.5, 3, size=(c, t, 1))
+  labels = rng.integers(0, c, n)
+  images = _unit(directions[labels] + 0.1 * rng.normal(size=(n, e)))
+  weights = zeroshot.class_embeddings(prompts)
+  np.testing.assert_allclose(np.linalg.norm(weights, axis=-1), 1.0, rtol=1e-5)
+  m = zeroshot.topk_accuracy(images @ weights.T, labels, ks=(1, 5))
+  assert m == {"top1": 1.0, "top5": 1.0}
+
+
+def test_random_embedding_is_at_chance():
+  rng = np.random.default_rng(1)
+  c, n = 10, 6000
+  weights = zeroshot.class_embeddings(rng.normal(size=(c, 4, 32)))
+  images = _unit(rng.normal(size=(n, 32)))
+  m = zeroshot.topk_accuracy(images @ weights.T, rng.integers(0, c, n), ks=(1, 5))
+  assert m["top1"] == pytest.approx(1 / c, abs=0.02)
+  assert m["top5"] == pytest.approx(5 / c, abs=0.03)
+
+
+def test_ensemble_averages_normalised_prompts_and_ties_count_against():
+  # Templates at very different scales weigh equally: the mean is taken after normalising each.
+  prompts = np.array([[[10.0, 0.0], [0.0, 0.1]]])
+  np.testing.assert_allclose(zeroshot.class_embeddings(prompts), [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+  assert zeroshot.topk_accuracy(np.zeros((4, 3)), np.array([0, 1, 2, 0]), ks=(1, 3)) == {"top1": 0.0, "top3": 1.0}
+
+
+def test_offline_sets_load():
+  digits = datasets.load("sklearn_digits", eval_setup.data_config())
+  assert len(digits) == 1797 and digits.num_classes == 10
+  batch = next(digits.batches(8))
+  assert batch["image"].shape == (8, 32, 32, 3)
+  # Dark ink on white: a digit image is mostly background, which normalises to the brightest values.
+  assert np.median(np.asarray(batch["image"])) > 1.5
+  faces = datasets.load("lfw_subset", eval_setup.data_config(), max_examples=20)
+  assert len(faces) == 20 and sorted(np.bincount(faces.labels)) == [10, 10]
+  with pytest.raises(ValueError, match="Unknown image set"):
+    datasets.load("imagenet", eval_setup.data_config())
+
+
+def test_zeroshot_evaluator_end_to_end():
+  model, cfg, params = eval_setup.tiny_model()
+  eval_config = ml_collections.ConfigDict(dict(
+      type="zeroshot", datasets=("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits"),
+      max_examples=16, batch_size=8))
+  metrics = get_evaluator("zeroshot")(model, cfg, eval_config, eval_setup.data_config()).run(params)
+  names = ("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits")
+  assert set(metrics) == {f"zeroshot/{n}_top{k}" for n in names for k in (1, 5)} | {"zeroshot/mean_top1"}
+  assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values()), metrics
