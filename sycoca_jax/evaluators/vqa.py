@@ -215,22 +215,24 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -
 class VqaClassifier:
   """Fine-tunes model + linear answer head and predicts answers; jitted functions are built once."""
 
-  def __init__(self, model: SyCoCa, cfg: ml_collections.ConfigDict, image_size: int):
+  def __init__(self, model: SyCoCa, cfg: ml_collections.ConfigDict, image_size: int, head_width: int = 0):
+    """head_width: answer columns of every head (at least each set's vocabulary size). Sets with fewer answers
+    leave the extra columns out of the softmax, so one compiled step and one predict serve every set."""
     if cfg.pool not in POOLS:
       raise ValueError(f"evals.<vqa>.pool={cfg.pool!r}: use one of {POOLS}.")
     if cfg.train not in TRAINABLE:
       raise ValueError(f"evals.<vqa>.train={cfg.train!r}: use one of {TRAINABLE}.")
-    self.model, self.cfg, self.image_size = model, cfg, image_size
+    self.model, self.cfg, self.image_size, self.head_width = model, cfg, image_size, head_width
     self.batch_size = common.round_batch_size(cfg.batch_size)
     pooled = functools.partial(_pooled, pool=cfg.pool)
 
-    def logits_fn(params, head, images, question):
+    def logits_fn(params, head, images, question, answer_bias):
       feats = model.apply({"params": params}, images, question, method=pooled)
-      return feats @ head["kernel"] + head["bias"]
+      return feats @ head["kernel"] + head["bias"] + answer_bias
 
     self._logits_fn = logits_fn
-    self._predict = jax.jit(lambda params, head, images, question: {
-        "answer": jnp.argmax(logits_fn(params, head, images, question), axis=-1)})
+    self._predict = jax.jit(lambda params, head, images, question, answer_bias: {
+        "answer": jnp.argmax(logits_fn(params, head, images, question, answer_bias), axis=-1)})
     self._steps: dict[int, tuple] = {}  # steps -> (optimizer, jitted step): compiled once, reused every run
     self._width = None
 
@@ -250,18 +252,23 @@ class VqaClassifier:
          "head": optax.adamw(lambda s: schedule(s) * cfg.head_lr_mult, weight_decay=0.0)},
         {"params": "model", "head": "head"})
 
-    def loss_fn(trainable, frozen, images, question, targets, mask):
+    def loss_fn(trainable, frozen, images, question, targets, mask, answer_bias):
       params = dict(frozen) | dict(trainable["params"])
-      logits = self._logits_fn(params, trainable["head"], images, question)
+      logits = self._logits_fn(params, trainable["head"], images, question, answer_bias)
       return soft_cross_entropy(logits, targets, mask)
 
     @jax.jit
-    def step(trainable, opt_state, frozen, images, question, targets, mask):
-      loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, question, targets, mask)
+    def step(trainable, opt_state, frozen, images, question, targets, mask, answer_bias):
+      loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, question, targets, mask, answer_bias)
       updates, opt_state = tx.update(grads, opt_state, trainable)
       return optax.apply_updates(trainable, updates), opt_state, loss
 
     return tx, step
+
+  @staticmethod
+  def answer_bias(num_answers: int, width: int) -> jax.Array:
+    """0 for the set's answers, -1e9 for the head's unused columns (out of softmax and argmax)."""
+    return jnp.where(jnp.arange(width) < num_answers, 0.0, -1e9).astype(jnp.float32)
 
   def width(self, params) -> int:
     if self._width is None:
@@ -275,8 +282,10 @@ class VqaClassifier:
   def finetune(self, params, data: VqaData, question_ids: np.ndarray, num_answers: int, steps: int,
                seed: int = 0):
     """Returns (params, head) after `steps` AdamW steps; every process draws the same batches (seed, step)."""
-    head = {"kernel": jnp.zeros((self.width(params), num_answers), jnp.float32),
-            "bias": jnp.zeros((num_answers,), jnp.float32)}
+    width = max(self.head_width, num_answers)
+    head = {"kernel": jnp.zeros((self.width(params), width), jnp.float32),
+            "bias": jnp.zeros((width,), jnp.float32)}
+    answer_bias = self.answer_bias(num_answers, width)
     trainable = self._trainable(params, head)
     frozen = {k: v for k, v in params.items() if k not in trainable["params"]}
     if steps not in self._steps:
@@ -291,25 +300,27 @@ class VqaClassifier:
                                                      replace=self.batch_size > len(data))
       local_rows = rows[pi * b:(pi + 1) * b]
       local = {"image": data.images(data.image_index[local_rows], self.image_size),
-               "question": question_ids[local_rows], "target": data.targets(local_rows, num_answers),
+               "question": question_ids[local_rows], "target": data.targets(local_rows, width),
                "mask": np.ones(b, np.float32)}
       batch = common.to_global(local)
       trainable, opt_state, loss = step(trainable, opt_state, frozen, batch["image"], batch["question"],
-                                        batch["target"], batch["mask"])
+                                        batch["target"], batch["mask"], answer_bias)
     if loss is not None and not np.isfinite(float(loss)):
       raise FloatingPointError(f"VQA fine-tuning loss became {float(loss)}; lower the learning rate.")
     return dict(frozen) | dict(trainable["params"]), trainable["head"]
 
-  def predict(self, params, head, data: VqaData, question_ids: np.ndarray) -> np.ndarray:
-    """Predicted answer index per question, int [Q]."""
+  def predict(self, params, head, data: VqaData, question_ids: np.ndarray, num_answers: int) -> np.ndarray:
+    """Predicted answer index per question, int [Q] (among the first num_answers columns of the head)."""
     size = self.image_size
+    answer_bias = self.answer_bias(num_answers, head["bias"].shape[-1])
 
     def transform(local):
       return {"image": data.images(local["image_index"], size), "question": local["question"]}
 
     batches = common.array_batches({"image_index": data.image_index, "question": question_ids}, self.batch_size,
                                    transform)
-    out = common.collect(lambda b: self._predict(params, head, b["image"], b["question"]), batches, len(data))
+    out = common.collect(lambda b: self._predict(params, head, b["image"], b["question"], answer_bias), batches,
+                         len(data))
     return out["answer"]
 
 
@@ -343,7 +354,6 @@ class Vqa:
     self.prefix = common.prefix(cfg, "vqa")
     data_config = common.eval_data_config(data_config, cfg)
     self.tokenizer = tokenizer_from_config(data_config)
-    self.classifier = VqaClassifier(model, cfg, data_config.image_size)
     self.sets = []  # (name, train, test, vocabulary)
     for name in cfg.datasets:
       if name == "scenes":
@@ -365,12 +375,14 @@ class Vqa:
       train, test = train.head(cfg.max_train_questions), test.head(cfg.max_test_questions)
       self.sets.append((name, train, self.tokenizer.encode(train.questions), test,
                         self.tokenizer.encode(test.questions), vocabulary))
+    self.classifier = VqaClassifier(model, cfg, data_config.image_size,
+                                    head_width=max(len(s[-1]) for s in self.sets))
 
   def run(self, params) -> dict[str, float]:
     out = {}
     for name, train, train_ids, test, test_ids, vocabulary in self.sets:
       tuned, head = self.classifier.finetune(params, train, train_ids, len(vocabulary), int(self.cfg.steps),
                                              self.cfg.seed)
-      predicted = self.classifier.predict(tuned, head, test, test_ids)
+      predicted = self.classifier.predict(tuned, head, test, test_ids, len(vocabulary))
       out[f"{self.prefix}/{name}_acc"] = vqa_accuracy(predicted, test)
     return out
