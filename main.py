@@ -46,7 +46,10 @@ def main(argv):
   logging.info("Process %d / %d, %d local devices of %d.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   if FLAGS.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train.Preempted as e:  # a clean exit: the scheduler restarts us and we resume
+      logging.warning("%s", e)
   else:
     evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
 

@@ -1,0 +1,191 @@
+"""The trainer end to end: equivalence across device and process layouts, kill / resume, preemption,
+non-finite steps, bad configs, a single compile, and exact gradient accumulation."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sycoca_jax import checkpoint, config_lib, losses, metrics, train
+from sycoca_jax.models import sycoca
+from tests.train_config import small_train_config
+
+WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _spawn(**spec):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(**spec):
+  proc = _spawn(**spec)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _losses(workdir):
+  rows = [r for r in metrics.read_jsonl(workdir) if "loss" in r]
+  return {r["step"]: r["loss"] for r in rows}
+
+
+def _params(workdir, step=None):
+  return checkpoint.load_params(workdir, step)[1]
+
+
+def _wait_for(predicate, proc, timeout=300):
+  t = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"worker exited early: {proc.stdout.read()[-3000:]}")
+    if time.time() - t > timeout:
+      raise TimeoutError
+    time.sleep(0.05)
+
+
+def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path):
+  """The global batch and the math do not depend on how the work is laid out."""
+  overrides = {"total_steps": 3}
+  _run(workdir=str(tmp_path / "one"), devices=1, overrides=overrides)
+  _run(workdir=str(tmp_path / "eight"), devices=8, overrides=overrides)
+  port = _free_port()
+  procs = [_spawn(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i, port=port,
+                  overrides=overrides) for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+  one, eight, two = (_losses(tmp_path / n) for n in ("one", "eight", "two"))
+  assert sorted(one) == [1, 2, 3]
+  for step in one:
+    np.testing.assert_allclose(eight[step], one[step], rtol=2e-5)
+    np.testing.assert_allclose(two[step], one[step], rtol=2e-5)
+  assert one[3] != one[1]  # the runs really trained
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
+  _run(workdir=str(tmp_path / "straight"), devices=2)
+  killed = tmp_path / "killed"
+  proc = _spawn(workdir=str(killed), devices=2, batch_delay=0.3)
+  _wait_for(lambda: os.path.isdir(killed / "checkpoints" / "2"), proc)
+  proc.send_signal(signal.SIGKILL)  # no chance to clean up
+  proc.wait()
+  assert checkpoint.Checkpointer(str(killed)).latest_step() < 6
+  _run(workdir=str(killed), devices=2)
+  want, got = _params(tmp_path / "straight", 6), _params(killed, 6)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The resumed run logged every step once, with the losses of the uninterrupted run.
+  straight = _losses(tmp_path / "straight")
+  resumed = _losses(killed)
+  for step in straight:
+    np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-6)
+
+
+def test_sigterm_checkpoints_the_current_step(tmp_path):
+  workdir = tmp_path / "term"
+  proc = _spawn(workdir=str(workdir), devices=1, batch_delay=0.3,
+                overrides={"total_steps": 1000, "ckpt_steps": 500})
+  _wait_for(lambda: os.path.exists(workdir / "metrics.jsonl") and max(_losses(workdir) or [0]) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "PREEMPTED" in out, out[-3000:]
+  step = checkpoint.Checkpointer(str(workdir)).latest_step()
+  assert step is not None and 3 <= step < 500  # not a cadence step: the step it was at
+  assert max(_losses(workdir)) == step
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+  workdir = tmp_path / "nan"
+  proc = _spawn(workdir=str(workdir), devices=1, nan_from_step=3,
+                overrides={"ckpt_steps": 1, "max_bad_steps": 3, "total_steps": 8})
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 3 and "3 steps in a row" in out, out[-3000:]
+  rows = {r["step"]: r for r in metrics.read_jsonl(workdir) if "loss" in r}
+  assert rows[2]["nonfinite"] == 0 and rows[3]["nonfinite"] == 1
+  before, after = _params(workdir, 2), _params(workdir, 4)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.lrr", 1.0, r"config.optim.lrr: unknown config key. Did you mean config.optim.lr\?"),
+    ("model.vision.image_size", 36, r"config.model.vision.image_size: 36 is not divisible by vision.patch_size"),
+    ("global_batch_size", 12, r"config.global_batch_size: 12 .* not divisible by the 8 devices"),
+    ("model.masking.mim_ratio", 1.0, r"config.model.masking.mim_ratio: 1.0 must be in \(0, 1\)"),
+    ("model.masking.ic_ratio", -0.5, r"config.model.masking.ic_ratio: -0.5 must be in \(0, 1\)"),
+])
+def test_bad_config_fails_before_compiling_and_names_the_key(tmp_path, key, value, message):
+  config = small_train_config()
+  config.unlock()
+  node = config
+  *path, last = key.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))
+  assert not os.path.exists(tmp_path / "bad")  # failed before touching anything
+
+
+def test_train_step_compiles_once(tmp_path, monkeypatch):
+  traces = []
+  make = losses.make_grad_fn
+
+  def counting(*args, **kwargs):
+    inner = make(*args, **kwargs)
+
+    def grad_fn(*a):
+      traces.append(1)
+      return inner(*a)
+
+    return grad_fn
+
+  monkeypatch.setattr(train.losses, "make_grad_fn", counting)
+  train.train_and_evaluate(small_train_config(total_steps=4, ckpt_steps=100), str(tmp_path / "once"))
+  assert len(traces) == 1
+  assert sorted(_losses(tmp_path / "once")) == [1, 2, 3, 4]
+
+
+def test_gradient_accumulation_is_exact():
+  """Micro-batching (with contrastive negatives from the whole batch) gives the full-batch gradient."""
+  config = small_train_config()
+  model = sycoca.build_model(config.model)
+  params = sycoca.init_params(model, jax.random.PRNGKey(0))
+  from sycoca_jax.data import build_train_iterator  # pylint: disable=g-import-not-at-top
+  local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
+  batch = {"image": local["image"], "text": local["text"]}
+  full, aux_full = jax.jit(losses.make_grad_fn(model, config.loss, 1))(params, batch, jax.random.PRNGKey(0))
+  acc, aux_acc = jax.jit(losses.make_grad_fn(model, config.loss, 4))(params, batch, jax.random.PRNGKey(0))
+  for k in ("loss", "contrastive_loss", "caption_loss", "mim_loss"):
+    np.testing.assert_allclose(aux_acc[k], aux_full[k], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(acc)):
+    np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-6)
+
+
+def test_durations_in_any_unit():
+  c = config_lib.default_config()
+  c.global_batch_size = 100
+  c.total_steps = 7
+  assert config_lib.total_steps(c) == 7
+  c.total_steps, c.total_examples = 0, 1000
+  assert config_lib.total_steps(c) == 10
+  c.total_examples, c.total_epochs, c.num_train_examples = 0, 2.0, 550
+  assert config_lib.total_steps(c) == 11
+  assert config_lib.every(10, 5, 12) and config_lib.every(12, 5, 12) and not config_lib.every(11, 5, 12)
