@@ -21,6 +21,10 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate at th
 flags.DEFINE_integer("step", None, "Checkpoint step for --mode=eval (default: latest).")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: when launched by a cluster "
                   "scheduler that JAX detects, e.g. on multi-host TPU or SLURM).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters JAX does not detect "
+                    "(e.g. launch/local_multiprocess.sh).")
+flags.DEFINE_integer("num_processes", None, "With --coordinator_address: how many processes.")
+flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,7 +42,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
 
-  if FLAGS.distributed or (FLAGS.distributed is None and _launched_by_cluster()):
+  if FLAGS.coordinator_address:
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.distributed or (FLAGS.distributed is None and _launched_by_cluster()):
     jax.distributed.initialize()
   # Import after the runtime is up: the data and model modules only read jax.process_index() at use.
   from sycoca_jax import evaluate, train  # pylint: disable=g-import-not-at-top

@@ -86,35 +86,31 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_config(directory: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint under {directory}/checkpoints.")
-  return ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(directory), "checkpoints"),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
 
 
 def load_params(directory: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any, int]:
-  """(config, params, step) from a workdir's latest (or given) checkpoint, params as host-local arrays.
+  """(config, params, step) from a workdir's latest (or given) checkpoint, params on this host's first device.
 
   Used by evaluation, inference and `config.init_from`; the optimizer state is not read.
   """
-  # A fresh manager only reports an item's metadata when it knows the item's handler.
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                 "config": ocp.JsonCheckpointHandler()})
+  manager = _read_only_manager(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"No checkpoint under {directory}/checkpoints.")
+    raise FileNotFoundError(f"No checkpoint under {os.path.join(directory, 'checkpoints')}.")
   config = ml_collections.ConfigDict(
       manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
   metadata = manager.item_metadata(step)["state"]
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_local_sharding()),
-                          metadata["params"])
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                     metadata["params"])}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
+  manager.close()
   return config, restored.state["params"], step
 
 
@@ -146,7 +142,3 @@ def init_from(params: Any, source_params: Any, towers: tuple[str, ...]) -> Any:
       raise ValueError(f"config.init_from: shapes differ for {tower}/{bad[0]} (and {len(bad) - 1} more).")
     out[tower] = jax.tree.map(lambda a, b: jax.numpy.asarray(a, b.dtype), src, dst)
   return out
-
-
-def _local_sharding():
-  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
