@@ -1,8 +1,12 @@
 """Zero-shot classification: prompt ensembles and top-k on analytic embeddings, the offline sets, end to end."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sycoca_jax.evaluators import datasets
 from sycoca_jax.evaluators import get_evaluator
@@ -63,7 +67,13 @@ def test_zeroshot_evaluator_end_to_end():
   eval_config = ml_collections.ConfigDict(dict(
       type="zeroshot", datasets=("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits"),
       max_examples=16, batch_size=8))
-  metrics = get_evaluator("zeroshot")(model, cfg, eval_config, eval_setup.data_config()).run(params)
+  evaluator = get_evaluator("zeroshot")(model, cfg, eval_config, eval_setup.data_config())
+  metrics = evaluator.run(params)
   names = ("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits")
   assert set(metrics) == {f"zeroshot/{n}_top{k}" for n in names for k in (1, 5)} | {"zeroshot/mean_top1"}
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values()), metrics
+  # Weights laid out on a trainer-style 2-D mesh in another device order: the eval batches follow that mesh
+  # (jit refuses arguments with different device assignments) and the answer does not change.
+  mesh = Mesh(np.asarray(jax.devices()[::-1]).reshape(4, 2), ("data", "fsdp"))
+  on_mesh = jax.device_put(params, NamedSharding(mesh, P()))
+  assert evaluator.run(on_mesh) == pytest.approx(metrics)

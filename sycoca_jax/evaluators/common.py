@@ -29,8 +29,17 @@ from sycoca_jax.data import pipeline
 from sycoca_jax.data import sources as sources_lib
 
 
-def data_sharding() -> NamedSharding:
-  """Batch axis split over every device of every process (a 1-D 'data' mesh)."""
+def data_sharding(params=None) -> NamedSharding:
+  """Batch axis split over every device of every process.
+
+  With `params` laid out on a mesh (as the trainer's are), the batch is split over all of that mesh's axes,
+  in its device order: jit refuses arguments whose device assignments differ, so eval batches must follow
+  the weights' mesh. Otherwise a 1-D 'data' mesh over all devices.
+  """
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size == jax.device_count():
+      return NamedSharding(sharding.mesh, P(tuple(sharding.mesh.axis_names)))
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
   return NamedSharding(mesh, P("data"))
 
@@ -55,13 +64,14 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int,
-                  transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
-                  ) -> Iterator[dict[str, jax.Array]]:
+                  transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+                  sharding: NamedSharding | None = None) -> Iterator[dict[str, jax.Array]]:
   """Global batches over in-memory arrays that every process holds whole (tokenised texts, small datasets).
 
   Batch k of process p holds rows k * B + p * b ... k * B + (p + 1) * b - 1 (the EvalSplit layout); rows past
   the end are zeros with index -1 and mask False. `transform` maps this process's rows before they become
   global (e.g. raw 8x8 digits -> normalised S x S images, so only small originals stay in memory).
+  `sharding`: of the batch axis (data_sharding(params) to follow the weights' mesh).
   """
   pc, pi = jax.process_count(), jax.process_index()
   if global_batch_size % jax.device_count():
@@ -69,7 +79,7 @@ def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int,
                      "devices; round it with round_batch_size.")
   n = len(next(iter(arrays.values())))
   b = global_batch_size // pc
-  sharding = data_sharding()
+  sharding = sharding or data_sharding()
   for start in range(0, max(n, 1), global_batch_size):
     rows = np.arange(start + pi * b, start + (pi + 1) * b)
     valid = rows < n
@@ -82,14 +92,6 @@ def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int,
       local = dict(transform(local))
     local["index"] = np.where(valid, rows, -1).astype(np.int32)
     local["mask"] = valid
-    yield to_global(local, sharding)
-
-
-def split_batches(split: pipeline.EvalSplit, global_batch_size: int,
-                  num_threads: int = 2) -> Iterator[dict[str, jax.Array]]:
-  """Global batches of an EvalSplit's images (decoded on demand; each process reads only its slice)."""
-  sharding = data_sharding()
-  for local in split.batches(global_batch_size, num_threads=num_threads):
     yield to_global(local, sharding)
 
 
@@ -121,8 +123,9 @@ class CachedSplitImages:
     if self.cache:
       self._local = kept
 
-  def iterate(self, extras: Mapping[str, np.ndarray] | None = None) -> Iterator[dict[str, jax.Array]]:
-    sharding = data_sharding()
+  def iterate(self, extras: Mapping[str, np.ndarray] | None = None,
+              sharding: NamedSharding | None = None) -> Iterator[dict[str, jax.Array]]:
+    sharding = sharding or data_sharding()
     for local in self._local_batches():
       local = dict(local)
       if extras:
@@ -241,11 +244,6 @@ def eval_data_config(data_config: ml_collections.ConfigDict,
 def prefix(eval_config: ml_collections.ConfigDict, default: str) -> str:
   """Metric-name prefix: eval_config.prefix if set (e.g. 'retrieval_coco'), else the evaluator's name."""
   return eval_config.get("prefix") or default
-
-
-def is_writer() -> bool:
-  """Only process 0 writes files and logs."""
-  return jax.process_index() == 0
 
 
 def base_run_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -62,13 +62,13 @@ class ImageSet:
       return common.images_from_arrays(self.raw[np.asarray(indices)], self.image_size)
     return np.stack([self.split.image(int(i)) for i in indices])
 
-  def batches(self, global_batch_size: int,
-              extras: Mapping[str, np.ndarray] | None = None) -> Iterator[dict[str, jax.Array]]:
+  def batches(self, global_batch_size: int, extras: Mapping[str, np.ndarray] | None = None,
+              sharding: jax.sharding.NamedSharding | None = None) -> Iterator[dict[str, jax.Array]]:
     """Global batches {'image', 'index', 'mask', **extras}; extras are indexed by example."""
     if self.split is not None:
       if global_batch_size not in self._cached:
         self._cached[global_batch_size] = common.CachedSplitImages(self.split, global_batch_size, self.cache)
-      yield from self._cached[global_batch_size].iterate(extras)
+      yield from self._cached[global_batch_size].iterate(extras, sharding)
       return
     arrays = {"raw": self.raw} | dict(extras or {})
     size = self.image_size
@@ -78,7 +78,7 @@ class ImageSet:
       local["image"] = common.images_from_arrays(local.pop("raw"), size)
       return local
 
-    yield from common.array_batches(arrays, global_batch_size, transform)
+    yield from common.array_batches(arrays, global_batch_size, transform, sharding)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

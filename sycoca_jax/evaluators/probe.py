@@ -167,11 +167,12 @@ class Finetuner:
     opt_state = self.tx.init(trainable)
     pc, pi = jax.process_count(), jax.process_index()
     b, n, loss = self.batch_size // pc, len(train_set), None
+    sharding = common.data_sharding(params)
     for k in range(self.steps):
       rows = np.random.default_rng([seed, k]).choice(n, size=self.batch_size, replace=self.batch_size > n)
       local_rows = rows[pi * b:(pi + 1) * b]
       batch = common.to_global({"image": train_set.images(local_rows), "label": train_set.labels[local_rows],
-                                "mask": np.ones(b, np.float32)})
+                                "mask": np.ones(b, np.float32)}, sharding)
       trainable, opt_state, loss = self._step(trainable, opt_state, params, batch["image"], batch["label"],
                                               batch["mask"])
     if loss is not None and not np.isfinite(float(loss)):
@@ -232,8 +233,8 @@ class Probe:
 
   def features(self, params, image_set: datasets_lib.ImageSet) -> tuple[np.ndarray, np.ndarray]:
     """(features [N', F], labels [N']) of the examples that could be read."""
-    out = common.collect(lambda b: {"f": self._feature_fn(params, b["image"])}, image_set.batches(self.batch_size),
-                         len(image_set))
+    batches = image_set.batches(self.batch_size, sharding=common.data_sharding(params))
+    out = common.collect(lambda b: {"f": self._feature_fn(params, b["image"])}, batches, len(image_set))
     return out["f"][out["valid"]], image_set.labels[out["valid"]]
 
   def run(self, params) -> dict[str, float]:

@@ -215,15 +215,16 @@ class Retrieval:
     self._text_fn = jax.jit(lambda params, text: model.apply({"params": params}, text, method=_text_pass))
 
   def run(self, params) -> dict[str, float]:
-    p = self.prefix
+    p, sharding = self.prefix, common.data_sharding(params)
     if self.fine_grained:
       image_out = common.collect(lambda b: self._image_fn(params, b["image"], b["fg_texts"]),
-                                 self.images.iterate({"fg_texts": self.fg_texts}), self.num_images)
+                                 self.images.iterate({"fg_texts": self.fg_texts}, sharding), self.num_images)
     else:
-      image_out = common.collect(lambda b: self._image_fn(params, b["image"]), self.images.iterate(),
+      image_out = common.collect(lambda b: self._image_fn(params, b["image"]), self.images.iterate(None, sharding),
                                  self.num_images)
     text_out = common.collect(lambda b: self._text_fn(params, b["text"]),
-                              common.array_batches({"text": self.text_ids}, self.batch_size), len(self.text_ids))
+                              common.array_batches({"text": self.text_ids}, self.batch_size, sharding=sharding),
+                              len(self.text_ids))
 
     # Images that could not be read leave the gallery, together with their captions.
     keep = image_out["valid"]

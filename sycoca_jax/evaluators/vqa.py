@@ -294,7 +294,7 @@ class VqaClassifier:
     opt_state = tx.init(trainable)
     pc, pi = jax.process_count(), jax.process_index()
     b = self.batch_size // pc
-    loss = None
+    loss, sharding = None, common.data_sharding(params)
     for k in range(steps):
       rows = np.random.default_rng([seed, k]).choice(len(data), size=self.batch_size,
                                                      replace=self.batch_size > len(data))
@@ -302,7 +302,7 @@ class VqaClassifier:
       local = {"image": data.images(data.image_index[local_rows], self.image_size),
                "question": question_ids[local_rows], "target": data.targets(local_rows, width),
                "mask": np.ones(b, np.float32)}
-      batch = common.to_global(local)
+      batch = common.to_global(local, sharding)
       trainable, opt_state, loss = step(trainable, opt_state, frozen, batch["image"], batch["question"],
                                         batch["target"], batch["mask"], answer_bias)
     if loss is not None and not np.isfinite(float(loss)):
@@ -318,7 +318,7 @@ class VqaClassifier:
       return {"image": data.images(local["image_index"], size), "question": local["question"]}
 
     batches = common.array_batches({"image_index": data.image_index, "question": question_ids}, self.batch_size,
-                                   transform)
+                                   transform, common.data_sharding(params))
     out = common.collect(lambda b: self._predict(params, head, b["image"], b["question"], answer_bias), batches,
                          len(data))
     return out["answer"]

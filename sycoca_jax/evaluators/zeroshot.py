@@ -93,16 +93,16 @@ class ZeroShot:
 
   def classifier(self, params, prompt_ids: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
     """[C, E] class embeddings from the prompts' token ids [C * T, L]."""
-    out = common.collect(lambda b: self._text_fn(params, b["text"]),
-                         common.array_batches({"text": prompt_ids}, self.batch_size), len(prompt_ids))
+    batches = common.array_batches({"text": prompt_ids}, self.batch_size, sharding=common.data_sharding(params))
+    out = common.collect(lambda b: self._text_fn(params, b["text"]), batches, len(prompt_ids))
     return class_embeddings(out["embedding"].reshape(num_classes, num_templates, -1))
 
   def run(self, params) -> dict[str, float]:
     out, top1 = {}, []
     for image_set, (prompt_ids, c, t) in zip(self.sets, self.prompts):
       weights = self.classifier(params, prompt_ids, c, t)
-      images = common.collect(lambda b: self._image_fn(params, b["image"]), image_set.batches(self.batch_size),
-                              len(image_set))
+      batches = image_set.batches(self.batch_size, sharding=common.data_sharding(params))
+      images = common.collect(lambda b: self._image_fn(params, b["image"]), batches, len(image_set))
       valid = images["valid"]
       logits = images["embedding"][valid] @ weights.T
       for key, value in topk_accuracy(logits, image_set.labels[valid], tuple(self.cfg.ks)).items():
