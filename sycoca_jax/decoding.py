@@ -292,8 +292,12 @@ def beam_search(decoder: Decoder, batch_size: int, *, bos_id: int, eos_id: int, 
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _model_geometry(model) -> int:
-  return model.text_encoder.context_length
+def _sampler(model, sampler, bos_id, eos_id, max_len, pad_id, sampler_kw):
+  max_len = max_len or model.text_encoder.context_length
+  pad_id = model.pad_id if pad_id is None else pad_id
+  sample = functools.partial(get_sampler(sampler), bos_id=bos_id, eos_id=eos_id, max_len=max_len, pad_id=pad_id,
+                             **sampler_kw)
+  return sample, max_len
 
 
 def build_captioner(model, *, sampler: str = "beam", bos_id: int, eos_id: int, max_len: int | None = None,
@@ -301,14 +305,12 @@ def build_captioner(model, *, sampler: str = "beam", bos_id: int, eos_id: int, m
   """A jitted fn(params, images [B, S, S, 3]) -> Decoded: encode every patch, then sample.
 
   The captioner sees all patches at inference (attentive masking is a training-time choice). max_len defaults
-  to the text tower's context_length; sampler_kw go to the sampler (min_len, beam_size, alpha).
+  to the text tower's context_length; sampler_kw go to the sampler (min_len, beam_size, alpha). Under a mesh,
+  pass images sharded over the batch axis: rows never mix, so the batch stays sharded through the loop.
   """
   from sycoca_jax.models.sycoca import SyCoCa  # pylint: disable=g-import-not-at-top
 
-  max_len = max_len or _model_geometry(model)
-  pad_id = model.pad_id if pad_id is None else pad_id
-  sample = functools.partial(get_sampler(sampler), bos_id=bos_id, eos_id=eos_id, max_len=max_len, pad_id=pad_id,
-                             **sampler_kw)
+  sample, max_len = _sampler(model, sampler, bos_id, eos_id, max_len, pad_id, sampler_kw)
 
   @jax.jit
   def caption(params, images):
@@ -321,10 +323,7 @@ def build_captioner(model, *, sampler: str = "beam", bos_id: int, eos_id: int, m
 def build_token_decoder(model, *, sampler: str = "beam", bos_id: int, eos_id: int, max_len: int | None = None,
                         pad_id: int | None = None, cache: bool = True, **sampler_kw) -> Callable[..., Decoded]:
   """As build_captioner, from image tokens: a jitted fn(params, image_tokens [B, N, D]) -> Decoded."""
-  max_len = max_len or _model_geometry(model)
-  pad_id = model.pad_id if pad_id is None else pad_id
-  sample = functools.partial(get_sampler(sampler), bos_id=bos_id, eos_id=eos_id, max_len=max_len, pad_id=pad_id,
-                             **sampler_kw)
+  sample, max_len = _sampler(model, sampler, bos_id, eos_id, max_len, pad_id, sampler_kw)
 
   @jax.jit
   def decode(params, image_tokens):

@@ -171,7 +171,7 @@ class Inference:
     similarity = np.sum(image_emb * text_emb, axis=-1)
     ll = self._chunks(lambda c, t: self._token_ll(self.params, c, t), x, ids)
     return {"similarity": similarity, "logit": similarity * float(self._temperature(self.params)),
-            "log_likelihood": ll["sum"], "mean_log_likelihood": ll["sum"] / np.maximum(ll["count"], 1)}
+            "log_likelihood": ll["sum"], "mean_log_likelihood": (ll["sum"] / np.maximum(ll["count"], 1)).astype(np.float32)}
 
 
 def load(workdir_or_checkpoint: str, step: int | None = None, **kw) -> Inference:

@@ -3,7 +3,6 @@
 import functools
 import itertools
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from sycoca_jax import decoding
 from sycoca_jax.models.sycoca import SyCoCa, build_model
+from sycoca_jax.tools.decode_benchmark import random_captioning_params as random_params
 from tests.conftest import tiny_model_config
 
 PAD, BOS, EOS = 0, 1, 2
@@ -143,36 +143,6 @@ def test_bad_lengths_are_refused():
 
 
 # ------------------------------------------------------------------------------------------------ the real model
-
-
-def random_params(model, seed: int = 0):
-  """Random weights for the captioning towers, without compiling `init` (which takes seconds on CPU).
-
-  Shapes come from an abstract init; values are numpy normals at roughly the scale the initialisers use
-  (norm scales near 1), so a few layers deep the logits are still spread out.
-  """
-  size, length = model.image_encoder.image_size, model.text_encoder.context_length
-
-  def captioning_towers(module, images, text):
-    return module.caption_logits(module.encode_image(images)["tokens"], text)
-
-  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, size, size, 3)),
-                                             jnp.ones((1, length), jnp.int32), method=captioning_towers))
-  rng = np.random.RandomState(seed)
-  flat = flax.traverse_util.flatten_dict(shapes["params"])
-  out = {}
-  for path, s in sorted(flat.items()):
-    x = np.asarray(rng.randn(*s.shape), np.float32)
-    if path[-1] == "scale":
-      x = 1.0 + 0.1 * x
-    elif path[-1] == "bias":
-      x = 0.02 * x
-    elif len(s.shape) >= 2 and path[-1] != "embedding":
-      x = x / np.sqrt(s.shape[0])
-    else:
-      x = 0.1 * x
-    out[path] = jnp.asarray(x)
-  return flax.traverse_util.unflatten_dict(out)
 
 
 @functools.lru_cache(maxsize=None)
