@@ -138,7 +138,9 @@ class SyCoCa(nn.Module):
         raise ValueError("The TG-MIM objective needs masking.mim_ratio > 0.")
       # Second, cheaper encoder pass over the visible patches only: hidden content cannot leak through
       # self-attention, as it could if the full pass's tokens were reused.
-      visible = self.image_encoder(images, masks.mim_keep)["tokens"]
+      visible = self.image_encoder(images, masks.mim_keep)
+      # One token per visible patch: with attentional pooling the `tokens` are query summaries, not patches.
+      visible = visible.get("patch_tokens", visible["tokens"])
       out["mim_pred"] = self.image_decoder(visible, masks.mim_restore, text_out["tokens"], text != self.pad_id)
     return out
 

@@ -51,7 +51,8 @@ class VisionTransformer(nn.Module):
 
   pool="tok": pooled = ln_post(x)[:, 0] @ proj, tokens = ln_post(x)[:, 1:] (one token per kept patch).
   pool="attn": open_clip's coca_ViT-* pooling: x = ln_post(attn_pool(x)); pooled = x[:, 0] @ proj,
-    tokens = x[:, 1:] (num_queries - 1 learned summaries, no longer one per patch).
+    tokens = x[:, 1:] (num_queries - 1 learned summaries, no longer one per patch), and patch_tokens: the
+    transformer's outputs for the kept patches, what the TG-MIM decoder rebuilds the image from.
   """
 
   image_size: int
@@ -97,8 +98,9 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """images [B, H, W, 3]; ids_keep [B, K] patch indices to encode (all N when None).
 
-    Returns pooled [B, E] (unnormalised), tokens [B, K or Q-1, D'] for the decoders, and, with pool="tok",
-    patch_embeddings [B, K, E]: each token projected into the joint space (what attentive masking scores).
+    Returns pooled [B, E] (unnormalised), tokens [B, K or Q-1, D'] for the captioner, and, with pool="tok",
+    patch_embeddings [B, K, E]: each token projected into the joint space (what attentive masking scores);
+    with pool="attn", patch_tokens [B, K, D] (with pool="tok" the tokens are the patch tokens).
     """
     x = self.conv1(patchify(images.astype(self.dtype), self.patch_size))
     x = x + self.positional_embedding[1:].astype(x.dtype)
@@ -108,8 +110,9 @@ class VisionTransformer(nn.Module):
     x = self.transformer(self.ln_pre(x))
 
     if self.pool == "attn":
+      patch_tokens = x[:, 1:]
       x = self.ln_post(self.attn_pool(x))
-      return {"pooled": x[:, 0] @ self.proj.astype(x.dtype), "tokens": x[:, 1:]}
+      return {"pooled": x[:, 0] @ self.proj.astype(x.dtype), "tokens": x[:, 1:], "patch_tokens": patch_tokens}
     x = self.ln_post(x)
     proj = self.proj.astype(x.dtype)
     return {"pooled": x[:, 0] @ proj, "tokens": x[:, 1:], "patch_embeddings": x[:, 1:] @ proj}
