@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from sycoca_jax.convert import open_clip as convert_lib  # noqa: E402
-from sycoca_jax.models.sycoca import SyCoCa, build_model  # noqa: E402
+from sycoca_jax.models.sycoca import SyCoCa, build_model, init_params  # noqa: E402
 
 RTOL = 1e-4
 SMALL_DECODER = {"image_decoder.width": 16, "image_decoder.depth": 1, "image_decoder.heads": 2}
@@ -271,6 +271,10 @@ def test_released_configs_map():
   assert (base.vision.pool, base.vision.heads, base.vision.patch_size, base.text.vocab_size) == ("tok", 12, 18, 64000)
   b32 = convert_lib.model_config_from_open_clip(convert_lib.load_open_clip_config("coca_ViT-B-32"))
   assert (b32.vision.pool, b32.vision.width, b32.text.width, b32.embed_dim) == ("attn", 768, 512, 512)
+  # Every head initialises (abstractly): with 255 pooled queries and 49 patches, the TG-MIM decoder must read
+  # per-patch tokens, not the pooler's.
+  shapes = jax.eval_shape(lambda: init_params(build_model(b32), jax.random.PRNGKey(0)))
+  assert shapes["image_decoder"]["embed"]["kernel"].shape[0] == b32.vision.width
 
 
 @pytest.mark.parametrize("section,key,value", [

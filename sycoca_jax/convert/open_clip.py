@@ -58,7 +58,7 @@ _UNSUPPORTED = {
     "text_cfg": dict(ls_init_value=None, no_causal_mask=False, proj_bias=False, proj_type="linear",
                      act_kwargs=None, norm_kwargs=None, block_type=None, qk_norm=False, scaled_cosine_attn=False,
                      scale_heads=False, scale_attn_inner=False, scale_attn=False, scale_fc=False,
-                     hf_model_name=None, correct_cls_mask=False),
+                     hf_model_name=None),
     "multimodal_cfg": dict(ls_init_value=None),
 }
 
@@ -88,7 +88,7 @@ def model_config_from_open_clip(oc: dict) -> ml_collections.ConfigDict:
   t = {**_TEXT_DEFAULTS, **oc.get("text_cfg", {})}
   m = {**_MULTIMODAL_DEFAULTS, **oc["multimodal_cfg"]}
   for section, options in _UNSUPPORTED.items():
-    given = {**{"vision_cfg": v, "text_cfg": t, "multimodal_cfg": m}[section]}
+    given = {"vision_cfg": v, "text_cfg": t, "multimodal_cfg": m}[section]
     for key, default in options.items():
       if given.get(key, default) != default:
         raise ValueError(f"open_clip {section}.{key}={given[key]!r} is not supported by the converter "
@@ -115,6 +115,8 @@ def model_config_from_open_clip(oc: dict) -> ml_collections.ConfigDict:
     image_size = image_size[0]
   patch_size = v["patch_size"]
   if isinstance(patch_size, (list, tuple)):
+    if len(set(patch_size)) != 1:
+      raise ValueError(f"open_clip vision_cfg.patch_size={patch_size}: only square patches are supported.")
     patch_size = patch_size[0]
 
   cfg = sycoca.default_model_config()
@@ -126,7 +128,9 @@ def model_config_from_open_clip(oc: dict) -> ml_collections.ConfigDict:
       pool="attn" if v["attentional_pool"] else "tok",
       attn_pooler_queries=v["attn_pooler_queries"], attn_pooler_heads=v["attn_pooler_heads"])
   cfg.text.update(vocab_size=t["vocab_size"], context_length=t["context_length"], width=t["width"],
-                  depth=t["layers"], heads=t["heads"], mlp_ratio=float(t["mlp_ratio"]), legacy_cls_mask=True)
+                  depth=t["layers"], heads=t["heads"], mlp_ratio=float(t["mlp_ratio"]),
+                  # Released CoCa weights were trained with the shifted mask (open_clip's default).
+                  legacy_cls_mask=not t.get("correct_cls_mask", False))
   cfg.pad_id = t["pad_id"]
   # open_clip builds its MultimodalTransformer without passing multimodal_cfg.mlp_ratio: it is always 4.
   cfg.text_decoder.update(width=m["width"], depth=m["layers"], heads=m["heads"], mlp_ratio=4.0)
@@ -313,8 +317,7 @@ def _init_image_decoder(model: sycoca.SyCoCa, seed: int) -> Any:
   """Fresh image-decoder params, initialised on its own (the inputs only need the shapes SyCoCa feeds it)."""
   enc, txt = model.image_encoder, model.text_encoder
   num_patches = enc.num_patches
-  token_width = enc.embed_dim if enc.pool == "attn" else enc.width
-  visible = jnp.zeros((1, num_patches // 2, token_width), jnp.float32)
+  visible = jnp.zeros((1, num_patches // 2, enc.width), jnp.float32)  # per-patch encoder tokens
   restore = jnp.arange(num_patches, dtype=jnp.int32)[None]
   text_tokens = jnp.zeros((1, txt.context_length, txt.width), jnp.float32)
   text_valid = jnp.ones((1, txt.context_length), bool)
