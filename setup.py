@@ -37,7 +37,7 @@ setuptools.setup(
     version="0.1.0",
     description="SyCoCa (Symmetrizing Contrastive Captioners) pretraining and evaluation in JAX/Flax.",
     packages=setuptools.find_packages(include=["sycoca_jax", "sycoca_jax.*"]),
-    package_data={"sycoca_jax": ["data/assets/*"]},
+    package_data={"sycoca_jax": ["data/assets/*", "convert/*.json", "convert/OPEN_CLIP_LICENSE.txt"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
