@@ -257,7 +257,8 @@ class Captioning:
       decoded = self._caption(params, batch["image"])
       return {"tokens": decoded.tokens, "log_probs": decoded.log_probs}
 
-    return common.collect(fn, self.images.iterate(), self.num_images)
+    # Batches follow the weights' mesh (the trainer's, during training): jit refuses mixed device assignments.
+    return common.collect(fn, self.images.iterate(sharding=common.data_sharding(params)), self.num_images)
 
   def score(self, captions: Sequence[str], valid: np.ndarray, log_probs: np.ndarray) -> dict[str, float]:
     """Metrics of generated captions (dataset order); rows with valid False are left out."""
