@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import periodic_actions
 
 from sycoca_jax import checkpoint as ckpt_lib
 from sycoca_jax import config_lib, losses, metrics, optim, sharding
@@ -126,8 +125,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first_step = int(jax.device_get(state["step"]))
   if first_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                             every_steps=config.log_steps)
   preempted = _install_sigterm_handler()
   pending: list[dict[str, jax.Array]] = []
   nonfinite_total = 0
@@ -144,7 +141,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = sharding.global_batch({"image": local["image"], "text": local["text"]}, mesh)
         state, aux = train_step(state, batch)
       pending.append(aux)  # stays on device: fetching now would stall the dispatch of the next step
-      progress(step)
 
       if config_lib.every(step, config.log_steps, num_steps):
         fetched = jax.device_get(pending)
@@ -156,13 +152,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise TooManyBadSteps(
               f"Loss or gradient was NaN/Inf for {config.max_bad_steps} steps in a row (up to step {step}); "
               f"those updates were skipped. Lower optim.lr, raise optim.warmup_steps or check the data.")
+        # Timed after the fetch, which waits for the steps to finish: dispatch is asynchronous.
         elapsed = time.time() - t_log
+        steps_per_sec = (step - step_log) / max(elapsed, 1e-9)
         scalars = {k: float(np.mean([m[k] for m in fetched])) for k in last if k not in ("bad_steps_in_a_row",)}
         scalars.update(learning_rate=float(last["learning_rate"]), nonfinite_total=nonfinite_total,
-                       examples_per_sec=(step - step_log) * config.global_batch_size / max(elapsed, 1e-9),
-                       eta_hours=(num_steps - step) * elapsed / max(step - step_log, 1) / 3600)
+                       steps_per_sec=steps_per_sec, examples_per_sec=steps_per_sec * config.global_batch_size,
+                       eta_minutes=(num_steps - step) / steps_per_sec / 60)
         scalars.update({f"data/{k}": v for k, v in train_iter.stats.items()})
         writer.write_scalars(step, scalars)
+        logging.info("Step %d/%d: loss %.4f, %.2f steps/s, ETA %.1f min.", step, num_steps, scalars["loss"],
+                     steps_per_sec, scalars["eta_minutes"])
         last_metrics = scalars
         t_log, step_log = time.time(), step
 
