@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EVALS = {
     "retrieval": dict(type="retrieval", max_examples=11, batch_size=4),
-    "zeroshot": dict(type="zeroshot", datasets=("scenes_shape", "sklearn_digits"), max_examples=13, batch_size=4),
+    "zeroshot": dict(type="zeroshot", datasets=("sklearn_digits",), max_examples=13, batch_size=4),
     "probe": dict(type="probe", datasets=("lfw_subset",), methods=("ridge",), max_examples=30, batch_size=4),
 }
 

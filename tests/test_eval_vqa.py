@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from sycoca_jax.data import get_tokenizer
+from sycoca_jax.data.scenes import VQA_ANSWERS
 from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import vqa
 from tests import eval_setup
@@ -81,38 +82,41 @@ def test_vqav2_json_loader(tmp_path):
     vqa.load_vqav2(str(tmp_path / "missing.json"), a, image_dir, "{image_id}.jpg")
 
 
-def test_head_learns_a_trivially_learnable_mapping():
-  # The answer is a function of the question alone; images are noise. The decoder's pooled question
-  # features differ per question, so the head must reach 100% on these questions.
-  model, cfg, params = eval_setup.tiny_model()
-  tokenizer = get_tokenizer("scenes_words", max_len=eval_setup.MAX_LEN)
+def _toy_questions():
+  """The answer is a function of the question alone; the images are noise."""
   questions = ["how many circles are there ?", "what color is the star ?", "is there a red square ?",
                "what is in the center ?"]
   rng = np.random.default_rng(0)
-  data = vqa.VqaData("toy", questions * 4, np.arange(16, dtype=np.int32),
+  return vqa.VqaData("toy", questions * 4, np.arange(16, dtype=np.int32),
                      answer_ids=np.tile(np.arange(4, dtype=np.int32), 4)[:, None],
                      answer_scores=np.ones((16, 1), np.float32),
                      raw_images=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
-  ids = tokenizer.encode(data.questions)
-  config = vqa.default_config()
-  config.update(batch_size=8, train="head", learning_rate=0.1, head_lr_mult=1.0, warmup_steps=0, pool="mean")
-  classifier = vqa.VqaClassifier(model, config, 32, head_width=6)  # 2 unused columns: never predicted
-  _, untrained = classifier.finetune(params, data, ids, 4, steps=0)
-  assert vqa.vqa_accuracy(classifier.predict(params, untrained, data, ids, 4), data) <= 0.25  # zero head: class 0
-  tuned, head = classifier.finetune(params, data, ids, 4, steps=25)
-  assert vqa.vqa_accuracy(classifier.predict(tuned, head, data, ids, 4), data) == 1.0
 
 
-def test_vqa_evaluator_end_to_end(tmp_path):
+def test_vqa_evaluator_end_to_end_and_learns_a_learnable_mapping(tmp_path):
   pytest.importorskip("easy_vqa")
   model, cfg, params = eval_setup.tiny_model()
   q, a, image_dir = _vqav2_fixture(tmp_path)
   eval_config = ml_collections.ConfigDict(dict(
       type="vqa", datasets=("scenes", "easy_vqa", "vqav2"), num_train=6, max_train_questions=24,
-      max_test_questions=8, batch_size=8, steps=2, train="decoder",
-      vqav2=dict(train_questions=q, train_annotations=a, train_image_dir=image_dir, test_questions=q,
-                 test_annotations=a, test_image_dir=image_dir)))
+      max_test_questions=8, batch_size=8, steps=2, train="decoder", learning_rate=1e-3, head_lr_mult=30.0,
+      warmup_steps=0, vqav2=dict(train_questions=q, train_annotations=a, train_image_dir=image_dir,
+                                 test_questions=q, test_annotations=a, test_image_dir=image_dir)))
   evaluator = get_evaluator("vqa")(model, cfg, eval_config, eval_setup.data_config())
   metrics = evaluator.run(params)
   assert set(metrics) == {"vqa/scenes_acc", "vqa/easy_vqa_acc", "vqa/vqav2_acc"}
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values()), metrics
+
+  # The same fine-tuning (same compiled step and head width, 4 answers used) must fit a mapping that is a
+  # function of the question: the decoder's pooled question features differ per question.
+  data = _toy_questions()
+  ids = get_tokenizer("scenes_words", max_len=eval_setup.MAX_LEN).encode(data.questions)
+  classifier = evaluator.classifier
+  _, untrained = classifier.finetune(params, data, ids, 4, steps=0)
+  assert vqa.vqa_accuracy(classifier.predict(params, untrained, data, ids, 4), data) <= 0.25  # zero head
+  before = np.asarray(params["text_decoder"]["ln_final"]["scale"]).copy()
+  tuned, head = classifier.finetune(params, data, ids, 4, steps=25)
+  assert vqa.vqa_accuracy(classifier.predict(tuned, head, data, ids, 4), data) == 1.0
+  # The head has the widest set's columns (scenes); the unused ones were never predicted (accuracy 1 above).
+  assert head["kernel"].shape[-1] == len(VQA_ANSWERS) > 4
+  np.testing.assert_array_equal(params["text_decoder"]["ln_final"]["scale"], before)  # weights were copied

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -279,3 +280,42 @@ def eval_run_config(config_file: str, arg: str | None, evals: Mapping[str, ml_co
   c = base_run_config(config_file, names[model], base_arg or None)
   c.evals = ml_collections.ConfigDict({k: ml_collections.ConfigDict(v) for k, v in evals.items()})
   return c, args
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+
+
+def finetune_optimizer(weight_decay: float, head_lr_mult: float) -> optax.GradientTransformation:
+  """AdamW over a {'head': ..., <others>: ...} tree, with the learning rate fed in at every step.
+
+  The head (a new linear layer) learns head_lr_mult times faster and without weight decay. The learning
+  rate is a hyperparameter of the optimizer state (optax.inject_hyperparams; set it with `set_learning_rate`)
+  rather than a schedule baked into the program, so one compiled step serves any number of steps.
+  """
+
+  def labels(tree):
+    return {k: jax.tree.map(lambda _: "head" if k == "head" else "body", v) for k, v in tree.items()}
+
+  def decay_mask(tree):
+    return {k: jax.tree.map(lambda _: k != "head", v) for k, v in tree.items()}
+
+  def make(learning_rate):
+    return optax.chain(
+        optax.scale_by_adam(),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.multi_transform({"head": optax.scale(head_lr_mult), "body": optax.identity()}, labels),
+        optax.scale_by_learning_rate(learning_rate))
+
+  return optax.inject_hyperparams(make)(learning_rate=0.0)
+
+
+def set_learning_rate(opt_state, learning_rate):
+  """The optimizer state of `finetune_optimizer` with its learning rate replaced (traceable)."""
+  return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": learning_rate})
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+  """Linear warmup from 0 to `peak` over min(warmup_steps, total - 1) steps, then cosine decay to 0."""
+  warmup = min(int(warmup_steps), max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+  return lambda step: float(schedule(step))

@@ -131,12 +131,8 @@ class Finetuner:
     self.model, self.cfg = model, cfg
     self.steps, self.batch_size = int(cfg.steps), common.round_batch_size(cfg.batch_size)
     self.feature_fn = functools.partial(image_features, features=features)
-    warmup = min(int(cfg.warmup_steps), max(self.steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(self.steps, warmup + 1))
-    self.tx = optax.multi_transform(
-        {"encoder": optax.adamw(schedule, weight_decay=cfg.weight_decay),
-         "head": optax.adamw(lambda s: schedule(s) * cfg.head_lr_mult, weight_decay=0.0)},
-        {"image_encoder": "encoder", "head": "head"})
+    self.schedule = common.warmup_cosine(cfg.learning_rate, cfg.warmup_steps, self.steps)
+    self.tx = common.finetune_optimizer(cfg.weight_decay, cfg.head_lr_mult)
 
     def loss_fn(trainable, params, images, labels, mask):
       full = dict(params) | {"image_encoder": trainable["image_encoder"]}
@@ -145,8 +141,9 @@ class Finetuner:
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       return jnp.sum(ce * mask) / jnp.maximum(mask.sum(), 1.0)
 
-    def step(trainable, opt_state, params, images, labels, mask):
+    def step(trainable, opt_state, params, images, labels, mask, learning_rate):
       loss, grads = jax.value_and_grad(loss_fn)(trainable, params, images, labels, mask)
+      opt_state = common.set_learning_rate(opt_state, learning_rate)
       updates, opt_state = self.tx.update(grads, opt_state, trainable)
       return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -174,7 +171,7 @@ class Finetuner:
       batch = common.to_global({"image": train_set.images(local_rows), "label": train_set.labels[local_rows],
                                 "mask": np.ones(b, np.float32)}, sharding)
       trainable, opt_state, loss = self._step(trainable, opt_state, params, batch["image"], batch["label"],
-                                              batch["mask"])
+                                              batch["mask"], np.float32(self.schedule(k)))
     if loss is not None and not np.isfinite(float(loss)):
       raise FloatingPointError(f"Fine-tuning loss became {float(loss)}; lower evals.<name>.finetune.learning_rate.")
     return dict(params) | {"image_encoder": trainable["image_encoder"]}, trainable["head"]

@@ -233,7 +233,9 @@ class VqaClassifier:
     self._logits_fn = logits_fn
     self._predict = jax.jit(lambda params, head, images, question, answer_bias: {
         "answer": jnp.argmax(logits_fn(params, head, images, question, answer_bias), axis=-1)})
-    self._steps: dict[int, tuple] = {}  # steps -> (optimizer, jitted step): compiled once, reused every run
+    # One optimizer and one compiled step for every run and set (the learning rate is an input).
+    self._tx = common.finetune_optimizer(cfg.weight_decay, cfg.head_lr_mult)
+    self._step = self._build_step()
     self._width = None
 
   def _trainable(self, params, head):
@@ -243,14 +245,8 @@ class VqaClassifier:
       return {"params": {"text_decoder": params["text_decoder"]}, "head": head}
     return {"params": {}, "head": head}
 
-  def _build_step(self, steps: int):
-    cfg = self.cfg
-    warmup = min(int(cfg.warmup_steps), max(steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(steps, warmup + 1))
-    tx = optax.multi_transform(
-        {"model": optax.adamw(schedule, weight_decay=cfg.weight_decay),
-         "head": optax.adamw(lambda s: schedule(s) * cfg.head_lr_mult, weight_decay=0.0)},
-        {"params": "model", "head": "head"})
+  def _build_step(self):
+    tx = self._tx
 
     def loss_fn(trainable, frozen, images, question, targets, mask, answer_bias):
       params = dict(frozen) | dict(trainable["params"])
@@ -258,12 +254,13 @@ class VqaClassifier:
       return soft_cross_entropy(logits, targets, mask)
 
     @jax.jit
-    def step(trainable, opt_state, frozen, images, question, targets, mask, answer_bias):
+    def step(trainable, opt_state, frozen, images, question, targets, mask, answer_bias, learning_rate):
       loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, question, targets, mask, answer_bias)
+      opt_state = common.set_learning_rate(opt_state, learning_rate)
       updates, opt_state = tx.update(grads, opt_state, trainable)
       return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return tx, step
+    return step
 
   @staticmethod
   def answer_bias(num_answers: int, width: int) -> jax.Array:
@@ -288,10 +285,8 @@ class VqaClassifier:
     answer_bias = self.answer_bias(num_answers, width)
     trainable = self._trainable(params, head)
     frozen = {k: v for k, v in params.items() if k not in trainable["params"]}
-    if steps not in self._steps:
-      self._steps[steps] = self._build_step(steps)
-    tx, step = self._steps[steps]
-    opt_state = tx.init(trainable)
+    schedule = common.warmup_cosine(self.cfg.learning_rate, self.cfg.warmup_steps, steps)
+    opt_state = self._tx.init(trainable)
     pc, pi = jax.process_count(), jax.process_index()
     b = self.batch_size // pc
     loss, sharding = None, common.data_sharding(params)
@@ -303,8 +298,8 @@ class VqaClassifier:
                "question": question_ids[local_rows], "target": data.targets(local_rows, width),
                "mask": np.ones(b, np.float32)}
       batch = common.to_global(local, sharding)
-      trainable, opt_state, loss = step(trainable, opt_state, frozen, batch["image"], batch["question"],
-                                        batch["target"], batch["mask"], answer_bias)
+      trainable, opt_state, loss = self._step(trainable, opt_state, frozen, batch["image"], batch["question"],
+                                              batch["target"], batch["mask"], answer_bias, np.float32(schedule(k)))
     if loss is not None and not np.isfinite(float(loss)):
       raise FloatingPointError(f"VQA fine-tuning loss became {float(loss)}; lower the learning rate.")
     return dict(frozen) | dict(trainable["params"]), trainable["head"]
