@@ -189,3 +189,21 @@ def test_durations_in_any_unit():
   c.total_examples, c.total_epochs, c.num_train_examples = 0, 2.0, 550
   assert config_lib.total_steps(c) == 11
   assert config_lib.every(10, 5, 12) and config_lib.every(12, 5, 12) and not config_lib.every(11, 5, 12)
+
+
+def test_init_from_another_run_with_a_frozen_tower(tmp_path):
+  """config.init_from copies the named towers; optim.freeze keeps one fixed while the rest trains."""
+  source = str(tmp_path / "source")
+  train.train_and_evaluate(small_train_config(total_steps=2, ckpt_steps=2), source)
+  target = str(tmp_path / "target")
+  config = small_train_config(total_steps=2, ckpt_steps=2)
+  config.init_from.workdir = source
+  config.init_from.towers = ("image_encoder", "text_encoder")
+  config.optim.freeze = (r"^image_encoder/",)
+  train.train_and_evaluate(config, target)
+  src, dst = _params(source), _params(target)
+  for a, b in zip(jax.tree.leaves(src["image_encoder"]), jax.tree.leaves(dst["image_encoder"])):
+    np.testing.assert_array_equal(a, b)  # copied, then frozen
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(src["text_encoder"]),
+                                                    jax.tree.leaves(dst["text_encoder"]))]
+  assert any(moved)  # copied, then trained on
