@@ -1,10 +1,6 @@
 """The captioning evaluator: COCO metrics as the toolkit computes them, scene-graph F1, one vs two processes."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
@@ -15,9 +11,8 @@ from sycoca_jax.data import get_tokenizer
 from sycoca_jax.evaluators import captioning
 from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.models.sycoca import build_model
+from tests import distributed
 from tests.conftest import tiny_model_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PREDICTIONS = {
     "a": "a red circle left of a blue star",
@@ -131,33 +126,18 @@ def build_evaluator(**overrides):
   return get_evaluator("captioning")(model, cfg, ev, data), random_params(model, seed=1)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def two_process_target() -> dict:
+  evaluator, params = build_evaluator()
+  return {"metrics": evaluator.run(params), "captions": evaluator.last_predictions}
 
 
 def test_evaluator_one_process_equals_two(tmp_path):
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
-  outs = [tmp_path / f"p{i}.json" for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.captioning_worker", str(i), "2", str(port), str(out)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i, out in enumerate(outs)]
-  try:
-    # The one-process run (this process, 8 devices) while the two workers run.
+  def one_process():  # this process, 8 devices, while the two one-device workers run
     evaluator, params = build_evaluator(predictions_path=str(tmp_path / "pred.json"))
-    single = evaluator.run(params)
-    captions = evaluator.last_predictions
-    for p in procs:
-      log = p.communicate(timeout=300)[0].decode()
-      assert p.returncode == 0, log[-3000:]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    return evaluator.run(params), evaluator.last_predictions
 
+  (single, captions), workers = distributed.run_on_processes(
+      "tests.test_captioning:two_process_target", tmp_path, while_waiting=one_process, timeout=300)
   keys = {f"captioning/{k}" for k in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "sg_precision",
                                       "sg_recall", "sg_f1", "mean_log_prob", "mean_length", "num_images")}
   assert set(single) == keys
@@ -166,8 +146,7 @@ def test_evaluator_one_process_equals_two(tmp_path):
   written = json.loads((tmp_path / "pred.json").read_text())
   assert [r["index"] for r in written] == list(range(10)) and written[3]["caption"] == captions[3]
   assert len(captions) == 10 and any(captions)
-  for out in outs:
-    got = json.loads(out.read_text())
+  for got in workers:
     assert got["devices"] == 2
     assert got["captions"] == captions
     assert set(got["metrics"]) == keys

@@ -4,17 +4,11 @@ Padding with masks keeps both processes stepping together; an odd number of exam
 batch, and the process-local slices of every batch are reassembled in dataset order.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import ml_collections
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import distributed
 
 EVALS = {
     "retrieval": dict(type="retrieval", max_examples=11, batch_size=4),
@@ -35,33 +29,17 @@ def run_all() -> dict[str, float]:
   return metrics
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def two_process_target() -> dict:
+  return {"metrics": run_all()}
 
 
 def test_two_processes_equal_one(tmp_path):
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
-  outs = [tmp_path / f"p{i}.json" for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.eval_worker", str(i), "2", str(port), str(out)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i, out in enumerate(outs)]
-  try:
-    single = run_all()  # this process: 8 devices, while the two workers run
-    for p in procs:
-      log = p.communicate(timeout=400)[0].decode()
-      assert p.returncode == 0, log[-3000:]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  # This process (8 devices) computes the reference while the two one-device workers run.
+  single, workers = distributed.run_on_processes("tests.test_eval_multiprocess:two_process_target", tmp_path,
+                                                 while_waiting=run_all)
   assert single["retrieval/num_images"] == 11
   assert all(np.isfinite(v) for v in single.values())
-  for out in outs:
-    got = json.loads(out.read_text())
+  for got in workers:
     assert got["devices"] == 2 and got["processes"] == 2
     assert set(got["metrics"]) == set(single)
     for k, v in single.items():

@@ -4,7 +4,6 @@ non-finite steps, bad configs, a single compile, and exact gradient accumulation
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from sycoca_jax import checkpoint, config_lib, losses, metrics, train
 from sycoca_jax.models import sycoca
+from tests import distributed
 from tests.train_config import small_train_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
@@ -33,12 +33,6 @@ def _run(**spec):
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
   return out
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _losses(workdir):
@@ -65,7 +59,7 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path):
   overrides = {"total_steps": 3}
   _run(workdir=str(tmp_path / "one"), devices=1, overrides=overrides)
   _run(workdir=str(tmp_path / "eight"), devices=8, overrides=overrides)
-  port = _free_port()
+  port = distributed.free_port()
   procs = [_spawn(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i, port=port,
                   overrides=overrides) for i in range(2)]
   for p in procs:
