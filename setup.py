@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",
     # clu's metric writers and tfds' TFRecord readers import TensorFlow; the CPU build is enough.
     "tensorflow-cpu>=2.16",
+    "tensorboard>=2.16",      # clu's writer uses its hparams plugin; recent TensorFlow no longer pulls it in
     "tensorflow-datasets>=4.9.6",
     "grain>=0.2.6",           # random-access, checkpointable input pipelines
     "array-record>=0.5",      # the on-disk format grain reads for web-scale image-text data

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sycoca_jax import optim
@@ -140,5 +141,5 @@ def init_from(params: Any, source_params: Any, towers: tuple[str, ...]) -> Any:
            if a.shape != b.shape]
     if bad:
       raise ValueError(f"config.init_from: shapes differ for {tower}/{bad[0]} (and {len(bad) - 1} more).")
-    out[tower] = jax.tree.map(lambda a, b: jax.numpy.asarray(a, b.dtype), src, dst)
+    out[tower] = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), src, dst)
   return out

@@ -91,7 +91,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       _, source, source_step = ckpt_lib.load_params(
           config.init_from.workdir, None if config.init_from.step < 0 else config.init_from.step)
       towers = tuple(config.init_from.towers) or tuple(source)
-      params = ckpt_lib.init_from(jax.device_get(state["params"]), source, towers)
+      # Every process read the same source weights, so placing them on the global mesh moves no data between
+      # hosts; the other towers keep their fresh, already sharded values.
+      params = ckpt_lib.init_from(state["params"], source, towers)
       state["params"] = jax.device_put(params, state_sharding["params"])
       logging.info("Initialised %s from %s (step %d).", towers, config.init_from.workdir, source_step)
 
