@@ -28,7 +28,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3", "pycocoevalcap>=1.2", "easy-vqa>=1.0"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "pycocoevalcap>=1.2", "easy-vqa>=1.0", "sentencepiece>=0.2"],
     # Only needed to import open_clip weights from .pt/.bin files and for the parity tests.
     "torch": ["torch>=2.4", "open-clip-torch>=2.26"],
 }

@@ -132,6 +132,19 @@ def _scenes_vocab_size() -> int:
   return get_tokenizer("scenes_words", max_len=16).vocab_size
 
 
+def set_by_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """config['a']['b']['c'] = value for key 'a.b.c'; an unknown key raises ValueError naming it."""
+  node = config
+  *path, last = key.split(".")
+  for p in path:
+    if p not in node:
+      raise ValueError(f"{key}: unknown config key {p!r}.")
+    node = node[p]
+  if last not in node:
+    raise ValueError(f"{key}: unknown config key {last!r}.")
+  node[last] = value
+
+
 def parse_arg(arg: Optional[str]) -> dict[str, Any]:
   """'variant=coca,runlocal' -> {'variant': 'coca', 'runlocal': True}."""
   out: dict[str, Any] = {}

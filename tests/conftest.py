@@ -8,6 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
+from sycoca_jax import config_lib  # noqa: E402
 from sycoca_jax.models.sycoca import default_model_config  # noqa: E402
 
 
@@ -20,11 +21,7 @@ def tiny_model_config(**overrides):
   c.text_decoder.update(width=32, depth=2, heads=4)
   c.image_decoder.update(width=16, depth=1, heads=2)
   for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+    config_lib.set_by_path(c, key, value)
   return c
 
 

@@ -76,7 +76,7 @@ def test_sentencepiece(tmp_path):
   corpus.write_text("\n".join(f"a red circle left of a blue star number {i}" for i in range(200)))
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "m"), vocab_size=40,
                                  pad_id=0, unk_id=1, bos_id=2, eos_id=3)
-  tok = tokenizers.get_tokenizer("sentencepiece", path=str(tmp_path / "m.model"), max_len=12)
+  tok = tokenizers.get_tokenizer("sentencepiece", path=str(tmp_path / "m.model"), max_len=32)
   ids = tok.encode(["a red circle"])
   assert ids[0, 0] == tok.bos_id == 2 and tok.eos_id in ids[0]
   assert tok.decode(ids) == ["a red circle"]

@@ -82,11 +82,28 @@ def _randomize(model, seed):
         p.copy_(noise * int(np.prod(p.shape[1:])) ** -0.5)
 
 
+_IMPORTED: dict = {}
+
+
+def _import(name, tmp_path_factory):
+  """(name, open_clip model, sycoca model, params, model config, config path, checkpoint paths), once per module."""
+  if name not in _IMPORTED:
+    _IMPORTED[name] = _build(name, tmp_path_factory.mktemp(name))
+  return _IMPORTED[name]
+
+
 @pytest.fixture(scope="module", params=sorted(GEOMETRIES))
 def imported(request, tmp_path_factory):
-  """(name, open_clip model, sycoca model, params, model config, config path, checkpoint paths)."""
-  name = request.param
-  tmp = tmp_path_factory.mktemp(name)
+  return _import(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def mixed_widths(tmp_path_factory):
+  """The geometry with unequal widths and head counts everywhere: enough for the slower single-geometry tests."""
+  return _import("mixed_widths", tmp_path_factory)
+
+
+def _build(name, tmp):
   config_path = tmp / f"tiny_coca_{name}.json"
   config_path.write_text(json.dumps({**GEOMETRIES[name], "custom_text": True}))
   open_clip.add_model_config(str(config_path))
@@ -214,9 +231,8 @@ def test_greedy_captions_match(imported):
 
 
 
-def test_kv_cached_greedy_matches_open_clip(imported):
-  if imported["name"] != "mixed_widths":
-    pytest.skip("the cached sampler compiles slowly; one geometry (unequal head counts everywhere) covers it")
+def test_kv_cached_greedy_matches_open_clip(mixed_widths):
+  imported = mixed_widths
   decoding = pytest.importorskip("sycoca_jax.decoding")
   cfg = imported["cfg"]
   images, _ = _inputs(cfg, seed=1)
@@ -227,9 +243,8 @@ def test_kv_cached_greedy_matches_open_clip(imported):
   np.testing.assert_array_equal(np.asarray(caption(imported["params"], jnp.asarray(images)).tokens), ref)
 
 
-def test_cli_writes_a_loadable_scanned_checkpoint(imported, tmp_path):
-  if imported["name"] != "mixed_widths":
-    pytest.skip("one geometry is enough for the command line and scan_layers")
+def test_cli_writes_a_loadable_scanned_checkpoint(mixed_widths, tmp_path):
+  imported = mixed_widths
   checkpoint = pytest.importorskip("sycoca_jax.checkpoint")
   out = tmp_path / "imported"
   convert_lib.main([f"--model-config={imported['config_path']}", f"--checkpoint={imported['paths']['pt']}",

@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+from sycoca_jax import config_lib
+
 _TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sycoca_tiny.py")
 
 
@@ -16,9 +18,5 @@ def small_train_config(**overrides):
   config.ckpt_steps = 2
   config.keep_ckpts = 10
   for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+    config_lib.set_by_path(config, key, value)
   return config

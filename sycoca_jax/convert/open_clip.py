@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sycoca_jax import config_lib
 from sycoca_jax.models import sycoca
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -144,8 +145,6 @@ def model_config_from_open_clip(oc: dict) -> ml_collections.ConfigDict:
 
 def run_config_for(model_cfg: ml_collections.ConfigDict, oc: Optional[dict] = None) -> ml_collections.ConfigDict:
   """A run config (config_lib.default_config layout) around an imported model: what load_params returns."""
-  from sycoca_jax import config_lib  # the trainer's config, imported only when writing a checkpoint
-
   config = config_lib.default_config()
   config.model = model_cfg
   config.data.update(image_size=model_cfg.vision.image_size, max_len=model_cfg.text.context_length)
@@ -354,13 +353,7 @@ def convert(model_config: str, checkpoint: str, *, scan_layers: bool = False, ov
   for key, value in (overrides or {}).items():
     if key.split(".")[0] not in _OVERRIDABLE:
       raise ValueError(f"override {key}: only {_OVERRIDABLE} can be set; the rest is fixed by the checkpoint.")
-    node = cfg
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    if last not in node:
-      raise ValueError(f"--override {key}: unknown model config key.")
-    node[last] = value
+    config_lib.set_by_path(cfg, key, value)
   sycoca.validate_model_config(cfg)
   return cfg, convert_state_dict(load_state_dict(checkpoint), cfg, seed=seed)
 
