@@ -126,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --------------------------------------------------------------------------------------------- loop
   first_step = int(jax.device_get(state["step"]))
   if first_step == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+    writer.write_hparams(_flatten(config.to_dict()))
   preempted = _install_sigterm_handler()
   pending: list[dict[str, jax.Array]] = []
   nonfinite_total = 0
@@ -186,6 +186,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     writer.flush()
   return last_metrics
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}, values as TensorBoard's hparams accept them."""
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+  return flat
 
 
 def _install_sigterm_handler():
