@@ -25,10 +25,14 @@ INSTALL_REQUIRES = [
     "scikit-image>=0.22",     # photos and textures shipped in the wheel, lfw_subset
     "safetensors>=0.4",       # reading open_clip checkpoints without pickle
     "absl-py>=2",
+    # The evaluators the default run reports: caption metrics (BLEU / METEOR / ROUGE-L / CIDEr-D) and an
+    # offline VQA set that ships inside its wheel.
+    "pycocoevalcap>=1.2",
+    "easy-vqa>=1.0",
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3", "pycocoevalcap>=1.2", "easy-vqa>=1.0", "sentencepiece>=0.2"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "sentencepiece>=0.2"],
     # Only needed to import open_clip weights from .pt/.bin files and for the parity tests.
     "torch": ["torch>=2.4", "open-clip-torch>=2.26"],
 }
