@@ -179,13 +179,16 @@ def apply_variant(config: ml_collections.ConfigDict, name: str) -> ml_collection
 
 def default_evals(every: int) -> ml_collections.ConfigDict:
   """The evaluators a pretraining run reports as it goes, on the built-in scenes (fast, no download):
-  retrieval with fine-grained negatives, zero-shot classification, and greedy captioning on 200 test scenes."""
-  from sycoca_jax.evaluators import captioning, retrieval, zeroshot  # pylint: disable=g-import-not-at-top
+  retrieval with fine-grained negatives, zero-shot classification, greedy captioning on 200 test scenes, and
+  mask quality (does attentive masking keep the caption's objects for IC?) on 200 test scenes."""
+  from sycoca_jax.evaluators import captioning, masking, retrieval, zeroshot  # pylint: disable=g-import-not-at-top
   evals = ml_collections.ConfigDict()
   evals.retrieval = retrieval.default_config()
   evals.zeroshot = zeroshot.default_config()
   evals.captioning = captioning.default_config()
   evals.captioning.update(sampler="greedy", max_examples=200, meteor=False)
+  evals.masking = masking.default_config()
+  evals.masking.update(max_examples=200)
   for ev in evals.values():
     ev.log_steps = every
     ev.data = ml_collections.ConfigDict(dict(name="scenes"))

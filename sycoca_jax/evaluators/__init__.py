@@ -14,7 +14,7 @@ import importlib
 
 _REGISTRY: dict = {}
 # Modules that register evaluators; imported on first lookup so `import sycoca_jax.evaluators` stays cheap.
-_MODULES = ("retrieval", "zeroshot", "probe", "vqa", "captioning")
+_MODULES = ("retrieval", "zeroshot", "probe", "vqa", "captioning", "masking")
 
 
 def register(name: str):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -47,6 +46,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sycoca_jax import decoding
+from sycoca_jax import paths
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.evaluators import common
@@ -173,6 +173,12 @@ def _matches(mention: tuple[str | None, str | None], obj: Mapping) -> bool:
   return (colour is None or obj["colour"] == colour) and (kind is None or obj["shape"] == kind)
 
 
+def mentioned_objects(caption: str, graph: Mapping) -> list[int]:
+  """Indices of the scene-graph objects the caption names: those that some mention of it matches."""
+  mentions = parse_mentions(caption)
+  return [k for k, obj in enumerate(graph["objects"]) if any(_matches(m, obj) for m in mentions)]
+
+
 def scene_graph_counts(caption: str, graph: Mapping) -> tuple[int, int, int, int]:
   """(correct mentions, mentions, objects recalled, objects) of one caption against its scene graph.
 
@@ -292,9 +298,8 @@ class Captioning:
     return {f"{self.prefix}/{k}": float(v) for k, v in zip(keys, values) if not np.isnan(v)}
 
   def _write(self, captions: Sequence[str], valid: np.ndarray) -> None:
-    path = self.cfg.predictions_path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = paths.resolve(self.cfg.predictions_path)  # a local file or a gs:// object
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"index": int(i), "caption": captions[i], "references": list(self.references[i])}
             for i in np.flatnonzero(valid)]
-    with open(path, "w") as f:
-      json.dump(rows, f, indent=1)
+    path.write_text(json.dumps(rows, indent=1))

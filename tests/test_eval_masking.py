@@ -1,0 +1,114 @@
+"""Mask quality: metrics on hand-made scores with a known answer, the scenes' named-object areas, end to end."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from sycoca_jax import masking as masking_lib
+from sycoca_jax.data import scenes as scenes_lib
+from sycoca_jax.evaluators import captioning
+from sycoca_jax.evaluators import get_evaluator
+from sycoca_jax.evaluators import masking
+from tests import eval_setup
+
+
+def _object_coverage(rng, pairs, num_patches, max_objects=12):
+  """Coverage [M, P]: a few patches per pair fully or partly covered, far fewer than half of them."""
+  coverage = np.zeros((pairs, num_patches), np.float32)
+  for m in range(pairs):
+    ids = rng.choice(num_patches, size=rng.integers(1, max_objects + 1), replace=False)
+    coverage[m, ids] = rng.uniform(0.1, 1.0, size=len(ids))
+  return coverage
+
+
+def test_scores_equal_to_the_object_mask_keep_every_object_patch():
+  rng = np.random.default_rng(0)
+  coverage = _object_coverage(rng, pairs=300, num_patches=64)
+  # The model's own cut (masks_from_scores), fed with scores that are the object mask itself.
+  masks = masking_lib.masks_from_scores(coverage, ic_ratio=0.5, mim_ratio=0.5)
+  m = masking.mask_quality(np.asarray(masks.ic_keep), coverage, mim_mask=np.asarray(masks.mim_mask))
+  assert m["ic_object_recall"] == 1.0
+  assert m["mim_object_hidden"] == 1.0  # at 50 / 50 TG-MIM hides exactly the IC set
+  assert m["ic_keep_fraction"] == 0.5
+  np.testing.assert_allclose(m["ic_object_precision"], np.mean(coverage.sum(-1) / 32), rtol=1e-6)
+  np.testing.assert_allclose(m["object_fraction"], coverage.mean(), rtol=1e-6)
+  # Scores that rank the objects last keep none of them.
+  masks = masking_lib.masks_from_scores(-coverage, ic_ratio=0.5, mim_ratio=0.5)
+  assert masking.mask_quality(np.asarray(masks.ic_keep), coverage)["ic_object_recall"] == 0.0
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_random_masking_keeps_the_ratio_of_the_objects(ratio):
+  rng = np.random.default_rng(1)
+  coverage = _object_coverage(rng, pairs=4000, num_patches=64)
+  strategy = masking_lib.get_strategy("random")
+  masks = strategy(jax.random.PRNGKey(0), patch_embeddings=np.zeros((4000, 64, 1)), token_embeddings=None,
+                   token_valid=None, ic_ratio=ratio, mim_ratio=ratio)
+  m = masking.mask_quality(np.asarray(masks.ic_keep), coverage, mim_mask=np.asarray(masks.mim_mask))
+  assert m["ic_keep_fraction"] == 1 - ratio
+  assert m["ic_object_recall"] == pytest.approx(1 - ratio, abs=0.02)
+  assert m["mim_object_hidden"] == pytest.approx(ratio, abs=0.02)
+  assert m["ic_object_precision"] == pytest.approx(m["object_fraction"], rel=0.05)
+
+
+def test_pairs_without_named_objects_and_invalid_pairs_are_left_out():
+  coverage = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+  keep = np.array([[0, 1], [0, 1], [0, 1]])
+  m = masking.mask_quality(keep, coverage)
+  assert m["num_pairs"] == 2 and m["ic_object_recall"] == 0.5
+  m = masking.mask_quality(keep, coverage, valid=np.array([True, True, False]))
+  assert m["num_pairs"] == 1 and m["ic_object_recall"] == 1.0
+
+
+def test_mentioned_objects_follow_the_caption():
+  graph = {"objects": [{"shape": "circle", "colour": "red"}, {"shape": "7", "colour": "blue"},
+                       {"shape": "circle", "colour": "green"}]}
+  assert captioning.mentioned_objects("a red circle left of a blue 7", graph) == [0, 1]
+  assert captioning.mentioned_objects("two circles", graph) == [0, 2]
+  assert captioning.mentioned_objects("four things", graph) == []
+
+
+def _evaluator(model, **overrides):
+  cfg = ml_collections.ConfigDict(dict(max_examples=24, batch_size=16) | overrides)
+  return get_evaluator("masking")(model, None, cfg, eval_setup.data_config())
+
+
+def test_named_object_areas_come_from_the_scene():
+  model, _, _ = eval_setup.tiny_model()
+  ev = _evaluator(model)
+  size, patch = ev.data_config.image_size, model.image_encoder.patch_size
+  source = scenes_lib.ScenesSource("test", image_size=size, patch_size=patch)
+  for i in range(5):
+    objects = source[i]["object_patches"].reshape(-1, (size // patch) ** 2)
+    np.testing.assert_allclose(ev.scene_coverage[i], np.clip(objects.sum(0), 0, 1), atol=1e-6)
+    assert np.all(ev.coverage[i] <= ev.scene_coverage[i][None] + 1e-6)
+  assert ev.texts.shape[:2] == ev.coverage.shape[:2] == (24, 5)
+  assert ev.pair_valid.mean() > 0.8  # most captions name an object
+
+
+def test_ratios_default_to_the_model_then_to_half():
+  model, _, _ = eval_setup.tiny_model()
+  cfg = masking.default_config()
+  assert masking.resolve_ratios(model.clone(masking="none", ic_ratio=0.0, mim_ratio=0.0), cfg) == (0.5, 0.5)
+  assert masking.resolve_ratios(model.clone(ic_ratio=0.25, mim_ratio=0.75), cfg) == (0.25, 0.75)
+  cfg.update(ic_ratio=0.3)
+  assert masking.resolve_ratios(model.clone(masking="none", ic_ratio=0.0, mim_ratio=0.0), cfg) == (0.3, 0.3)
+
+
+def test_evaluator_end_to_end_on_a_random_model():
+  model, _, params = eval_setup.tiny_model()
+  # A CoCa-like model (no masking of its own) is still ranked attentively; the baseline at the 0.5 default.
+  ev = _evaluator(model.clone(masking="none", ic_ratio=0.0, mim_ratio=0.0))
+  out = ev.run(params)
+  assert set(out) == {f"masking/{k}" for k in (
+      "ic_object_recall", "ic_object_recall_random", "ic_object_precision", "ic_object_precision_random",
+      "ic_scene_object_recall", "mim_object_hidden", "mim_object_hidden_random", "object_fraction",
+      "ic_keep_fraction", "num_pairs")}
+  assert out["masking/ic_keep_fraction"] == 0.5
+  assert out["masking/num_pairs"] == ev.pair_valid.sum()
+  for k, v in out.items():
+    if k != "masking/num_pairs":
+      assert 0.0 <= v <= 1.0, k
+  assert out["masking/ic_object_recall_random"] == pytest.approx(0.5, abs=0.15)
+  assert ev.run(params) == out  # the random baseline is the same draw every run
