@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -46,7 +47,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sycoca_jax import decoding
-from sycoca_jax import paths
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.evaluators import common
@@ -298,8 +298,9 @@ class Captioning:
     return {f"{self.prefix}/{k}": float(v) for k, v in zip(keys, values) if not np.isnan(v)}
 
   def _write(self, captions: Sequence[str], valid: np.ndarray) -> None:
-    path = paths.resolve(self.cfg.predictions_path)  # a local file or a gs:// object
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = self.cfg.predictions_path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     rows = [{"index": int(i), "caption": captions[i], "references": list(self.references[i])}
             for i in np.flatnonzero(valid)]
-    path.write_text(json.dumps(rows, indent=1))
+    with open(path, "w") as f:
+      json.dump(rows, f, indent=1)
