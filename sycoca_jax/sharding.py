@@ -5,7 +5,7 @@ state are also split). The batch is split over both; each parameter is split ove
 dimension that divides evenly, unless a rule says otherwise. With fsdp = 1 this is plain data parallelism.
 """
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -17,9 +17,12 @@ from sycoca_jax import optim
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
-  """cfg.data and cfg.fsdp are axis sizes; -1 takes every device the other axis leaves."""
-  n = jax.device_count()
+def make_mesh(cfg: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """cfg.data and cfg.fsdp are axis sizes; -1 takes every device the other axis leaves.
+
+  `devices` defaults to all of this job's devices; the AOT tool passes a TPU topology's (compile-only) devices.
+  """
+  n = len(devices) if devices is not None else jax.device_count()
   data, fsdp = cfg.data, cfg.fsdp
   if data == -1 and fsdp == -1:
     raise ValueError("config.mesh: at most one of mesh.data, mesh.fsdp may be -1.")
@@ -31,7 +34,7 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
     raise ValueError(f"config.mesh: mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} does not use all {n} devices.")
   # Auto axes: XLA's partitioner propagates shardings through the model (explicit-sharding mode would ask
   # every reshape in the towers to name its output sharding).
-  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

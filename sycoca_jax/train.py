@@ -2,15 +2,16 @@
 
   python main.py --config=configs/sycoca_tiny.py --workdir=/tmp/sycoca_tiny
 
-Sections, in order: setup -> input pipeline -> model, loss and optimizer -> sharded state (abstract first, then
-materialised already split over the mesh) -> resume or initialise -> the train step -> evaluators -> the loop.
+Sections, in order: setup -> input pipeline -> model, loss, optimizer and the train step (its state described
+abstractly, with shardings) -> resume or initialise (materialised already split over the mesh) -> evaluators ->
+the loop. `make_train_step`, below the loop, builds the step that tools/benchmark.py and tools/aot.py also run.
 Fork this file rather than subclass it.
 """
 
 import functools
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,44 +50,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------------------------------- input pipeline
   train_iter = build_train_iterator(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
 
-  # ------------------------------------------------------------------------------- model, loss, optimizer
+  # ---------------------------------------------- model, loss, optimizer, the train step and its sharded state
+  # One builder for this loop, the benchmark and the AOT tool: the state is only described (eval_shape), its
+  # shardings derived, and the step jitted with them; nothing is materialised yet.
   model = sycoca.build_model(config.model)
   heads = losses.enabled_heads(config.loss)
-  grad_fn = losses.make_grad_fn(model, config.loss, config.grad_accum_steps)
-  # Towers no enabled objective uses get no update (and no weight decay): switching objectives between
-  # runs then never silently drifts them.
-  unused = [f"^{t}/" if t != "logit_scale" else "^logit_scale$"
-            for head, towers in TOWER_OF_HEAD.items() if head not in heads for t in towers]
-
-  def init_state(rng):
-    params = sycoca.init_params(model, rng)
-    tx = optim.make_optimizer(config.optim, params, num_steps, frozen=unused)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": rng, "bad_steps": jnp.zeros((), jnp.int32)}
-
-  # ------------------------------------------------------------------ sharded state: abstract, then real
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_state, rng)
-  state_sharding = sharding.param_shardings(abstract, mesh, config.sharding_rules)
-  tx = optim.make_optimizer(config.optim, abstract["params"], num_steps, frozen=unused)
-  lr_schedule = optim.schedule(config.optim, num_steps)
+  train_step = make_train_step(config, model, mesh, num_steps)
+  visualise = jax.jit(functools.partial(_visualise, model, heads))
 
   # ----------------------------------------------------------------------------- resume or initialise
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_ckpts,
                                        async_save=config.async_checkpointing)
   resume_step = checkpointer.latest_step()
   if resume_step is not None:
-    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract, state_sharding)
-    state, data_state = checkpointer.restore(resume_step, abstract_sharded)
+    state, data_state = checkpointer.restore(resume_step, train_step.abstract_state)
     if data_state is None:
       raise FileNotFoundError(f"Checkpoint {resume_step} in {workdir} has no input-pipeline state for process "
                               f"{jax.process_index()}; cannot resume exactly.")
     train_iter.set_state(data_state)
     logging.info("Resumed from step %d.", resume_step)
   else:
-    # Created under jit with out_shardings: every array is born split over the mesh, never whole on one device.
-    state = jax.jit(init_state, out_shardings=state_sharding)(rng)
+    state = train_step.init(jax.random.PRNGKey(config.seed))
     if config.init_from.workdir:
       _, source, source_step = ckpt_lib.load_params(
           config.init_from.workdir, None if config.init_from.step < 0 else config.init_from.step)
@@ -94,31 +78,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Every process read the same source weights, so placing them on the global mesh moves no data between
       # hosts; the other towers keep their fresh, already sharded values.
       params = ckpt_lib.init_from(state["params"], source, towers)
-      state["params"] = jax.device_put(params, state_sharding["params"])
+      state["params"] = jax.device_put(params, train_step.state_sharding["params"])
       logging.info("Initialised %s from %s (step %d).", towers, config.init_from.workdir, source_step)
-
-  # --------------------------------------------------------------------------------------- train step
-  batch_sharding = sharding.batch_sharding(mesh)
-
-  @functools.partial(jax.jit, in_shardings=(state_sharding, batch_sharding),
-                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
-  def train_step(state, batch):
-    step_rng = jax.random.fold_in(state["rng"], state["step"])
-    grads, aux = grad_fn(state["params"], batch, step_rng)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # A non-finite step is skipped whole: parameters and optimizer moments stay as they were.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    bad_steps = jnp.where(finite, 0, state["bad_steps"] + 1)
-    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
-                 "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"], "bad_steps": bad_steps}
-    aux = dict(aux, grad_norm=grad_norm, learning_rate=lr_schedule(state["step"]),
-               nonfinite=(~finite).astype(jnp.int32), bad_steps_in_a_row=bad_steps)
-    return new_state, aux
-
-  visualise = jax.jit(functools.partial(_visualise, model, heads))
 
   # --------------------------------------------------------------------------------------- evaluators
   evaluators = _build_evaluators(config, model)
@@ -141,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         local = next(train_iter)
         batch = sharding.global_batch({"image": local["image"], "text": local["text"]}, mesh)
-        state, aux = train_step(state, batch)
+        state, aux = train_step.step(state, batch)
       pending.append(aux)  # stays on device: fetching now would stall the dispatch of the next step
 
       if config_lib.every(step, config.log_steps, num_steps):
@@ -186,6 +147,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     writer.flush()
   return last_metrics
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The train step: built once here for the loop above, tools/benchmark.py and tools/aot.py.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class TrainStep(NamedTuple):
+  """The jitted pieces of one training run on a mesh, and the shapes and shardings that feed them."""
+  init: Callable[[jax.Array], dict[str, Any]]   # rng -> state, every array born split over the mesh
+  step: Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]  # (state, batch) -> (state, aux); donates state
+  abstract_state: Any                           # ShapeDtypeStructs of the state, carrying their shardings
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]  # one global batch, likewise
+  state_sharding: Any
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mesh: jax.sharding.Mesh,
+                    num_steps: int) -> TrainStep:
+  """The train step for `config` on `mesh`, described abstractly: the caller decides what to materialise.
+
+  The trainer calls `init` (or restores a checkpoint into `abstract_state`) and runs `step`; the AOT tool lowers
+  `step` with `abstract_state` and `abstract_batch` for a TPU topology it does not have.
+  """
+  heads = losses.enabled_heads(config.loss)
+  grad_fn = losses.make_grad_fn(model, config.loss, config.grad_accum_steps)
+  # Towers no enabled objective uses get no update (and no weight decay): switching objectives between
+  # runs then never silently drifts them.
+  unused = [f"^{t}/" if t != "logit_scale" else "^logit_scale$"
+            for head, towers in TOWER_OF_HEAD.items() if head not in heads for t in towers]
+
+  def init_state(rng):
+    params = sycoca.init_params(model, rng)
+    tx = optim.make_optimizer(config.optim, params, num_steps, frozen=unused)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": rng, "bad_steps": jnp.zeros((), jnp.int32)}
+
+  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_sharding = sharding.param_shardings(abstract, mesh, config.sharding_rules)
+  batch_sharding = sharding.batch_sharding(mesh)
+  tx = optim.make_optimizer(config.optim, abstract["params"], num_steps, frozen=unused)
+  lr_schedule = optim.schedule(config.optim, num_steps)
+
+  @functools.partial(jax.jit, in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+  def train_step(state, batch):
+    step_rng = jax.random.fold_in(state["rng"], state["step"])
+    grads, aux = grad_fn(state["params"], batch, step_rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    # A non-finite step is skipped whole: parameters and optimizer moments stay as they were.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad_steps = jnp.where(finite, 0, state["bad_steps"] + 1)
+    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"], "bad_steps": bad_steps}
+    aux = dict(aux, grad_norm=grad_norm, learning_rate=lr_schedule(state["step"]),
+               nonfinite=(~finite).astype(jnp.int32), bad_steps_in_a_row=bad_steps)
+    return new_state, aux
+
+  b, s, l = config.global_batch_size, config.model.vision.image_size, config.model.text.context_length
+  return TrainStep(
+      # Created under jit with out_shardings: every array is born split over the mesh, never whole on one device.
+      init=jax.jit(init_state, out_shardings=state_sharding),
+      step=train_step,
+      abstract_state=jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                  abstract, state_sharding),
+      abstract_batch={"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=batch_sharding),
+                      "text": jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=batch_sharding)},
+      state_sharding=state_sharding,
+      batch_sharding=batch_sharding,
+  )
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
