@@ -1,9 +1,11 @@
-"""Training pipeline: batch contract, determinism, exact resume, process sharding, eval batches."""
+"""Training pipeline: batch contract, determinism, exact resume, process sharding, worker processes, eval batches."""
 
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sycoca_jax import data
 from sycoca_jax.data import pipeline
@@ -14,6 +16,12 @@ def _config(**overrides):
   cfg = data.default_data_config()
   cfg.num_threads = 1
   cfg.scenes.num_train = 40  # small, so that a few batches cross epoch boundaries
+  cfg.update(overrides)
+  return cfg
+
+
+def _with(cfg, **overrides):
+  cfg = cfg.copy_and_resolve_references()
   cfg.update(overrides)
   return cfg
 
@@ -100,6 +108,68 @@ def test_processes_read_disjoint_blocks_of_the_same_global_batches():
       np.testing.assert_array_equal(joined, whole[key])
   with pytest.raises(ValueError, match="divisible"):
     data.build_train_iterator(cfg, global_batch_size=7, seed=0, process_index=0, process_count=2)
+
+
+def _coco_with_bad_files(directory, num_images=10):
+  """A COCO captions file over small PNGs of distinct colours, two of them corrupt and one missing."""
+  images, annotations = [], []
+  for i in range(num_images):
+    name = f"{i}.png"
+    if i == 3:
+      (directory / name).write_bytes(b"not a png")
+    elif i != 7:  # 7 is missing
+      buffer = io.BytesIO()
+      Image.new("RGB", (20, 16), (20 * i, 255 - 20 * i, 99)).save(buffer, "PNG")
+      (directory / name).write_bytes(buffer.getvalue() if i != 5 else buffer.getvalue()[:40])  # 5: truncated
+    images.append({"id": i, "file_name": name})
+    annotations += [{"image_id": i, "id": 10 * i + k, "caption": f"picture {i} caption {k}"} for k in range(3)]
+  (directory / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+  return _config(name="coco_json", path=str(directory / "captions.json"), image_dir=str(directory), image_size=16,
+                 tokenizer="clip_bpe", max_len=12, flip=True)
+
+
+def test_worker_processes_give_the_same_stream_skip_counts_and_exact_resume(tmp_path):
+  """Decoding in 2 worker processes changes nothing: batches, skip counts, states; and resume stays exact."""
+  cfg = _coco_with_bad_files(tmp_path)
+
+  def make(num_workers):
+    return data.build_train_iterator(_with(cfg, num_workers=num_workers), global_batch_size=4, seed=0,
+                                     process_index=0, process_count=1)
+
+  in_process = make(0)
+  want = _take(in_process, 6)  # 24 kept of 7 good per epoch: crosses three epoch boundaries
+  want_state = in_process.get_state()
+  assert want_state["skipped"]["corrupt_image"] >= 6 and want_state["skipped"]["missing_file"] >= 3  # 3 epochs +
+
+  uninterrupted = make(2)
+  got = _take(uninterrupted, 2)
+  state = json.loads(json.dumps(uninterrupted.get_state()))  # states go into checkpoints as JSON
+  got += _take(uninterrupted, 4)
+  _assert_same_batches(got, want)
+  assert uninterrupted.get_state() == want_state and uninterrupted.stats == in_process.stats
+  uninterrupted.close()
+
+  resumed = make(2)
+  resumed.set_state(state)
+  _assert_same_batches(_take(resumed, 4), want[2:])
+  assert resumed.get_state() == want_state
+  resumed.close()
+  # The state does not name the workers: a checkpoint written with 2 resumes without any.
+  elsewhere = make(0)
+  elsewhere.set_state(state)
+  _assert_same_batches(_take(elsewhere, 4), want[2:])
+
+
+def test_automatic_worker_count():
+  cfg = _config()
+  assert cfg.num_workers == -1 and pipeline.resolve_num_workers(cfg) == 0  # the scenes decode in-process
+  cfg.update(name="webdataset_array_record")
+  assert pipeline.resolve_num_workers(cfg) == max(1, pipeline.available_cores() - 1)
+  cfg.num_workers = 3
+  assert pipeline.resolve_num_workers(cfg) == 3
+  cfg.num_workers = -2
+  with pytest.raises(ValueError, match="num_workers"):
+    pipeline.resolve_num_workers(cfg)
 
 
 def test_flip_mirrors_image_and_swaps_left_right():

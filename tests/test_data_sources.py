@@ -105,8 +105,9 @@ def coco_dir(tmp_path):
 
 def _coco_config(directory, **overrides):
   cfg = data.default_data_config()
+  # num_workers=0: decode in this process, as worker start-up costs seconds; test_data_pipeline covers workers.
   cfg.update({"name": "coco_json", "path": str(directory / "captions.json"), "image_dir": str(directory),
-              "tokenizer": "clip_bpe", "max_len": 16, "image_size": 32, "num_threads": 1,
+              "tokenizer": "clip_bpe", "max_len": 16, "image_size": 32, "num_threads": 1, "num_workers": 0,
               "crop_scale": (1.0, 1.0), "crop_ratio": (0.5, 2.0)} | overrides)
   return cfg
 
@@ -210,7 +211,7 @@ def test_tfds_source_reads_captions_and_labels(monkeypatch):
 
   monkeypatch.setattr(tfds, "data_source", fake_data_source)
   cfg = data.default_data_config()
-  cfg.update(name="tfds", tfds_name="coco_captions", image_size=16, num_threads=1)
+  cfg.update(name="tfds", tfds_name="coco_captions", image_size=16, num_threads=1, num_workers=0)
   test = data.load_eval_split(cfg, "test")
   assert test.captions[2] == [f"cap 2 {j}" for j in range(5)] and test.labels is None
   batch = next(data.build_train_iterator(cfg, global_batch_size=3, seed=0, process_index=0, process_count=1))
@@ -260,7 +261,8 @@ def test_webdataset_to_array_record_to_batches(tmp_path):
 
   cfg = data.default_data_config()
   cfg.update(name="webdataset_array_record", path=str(out / "*.array_record"), tokenizer="clip_bpe",
-             max_len=16, image_size=24, num_threads=1, crop_scale=(1.0, 1.0), crop_ratio=(0.5, 2.0))
+             max_len=16, image_size=24, num_threads=1, num_workers=0, crop_scale=(1.0, 1.0),
+             crop_ratio=(0.5, 2.0))
   it = data.build_train_iterator(cfg, global_batch_size=5, seed=0, process_index=0, process_count=1)
   batches = [next(it), next(it)]
   assert it.stats == {"skipped": 2, "skipped/corrupt_image": 2}

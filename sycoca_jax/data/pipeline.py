@@ -3,9 +3,10 @@
 Training (`build_train_iterator`) is a grain dataset graph:
 
   order = range(len(source)).shuffle(seed).repeat()   one global example order, reshuffled every epoch
-  range(...).map(k -> (g(k), order[g(k)]))            this process's block of every global batch
+  range(start, ...).map(k -> (g(k), order[g(k)]))     this process's block of every global batch
     .map(make_example)                                read, decode, crop, normalise, pick + tokenise a caption
     .to_iter_dataset(threads)                         parallel reads, prefetch
+    .mp_prefetch(workers)                             the above in worker processes, element k in worker k % W
     .filter(skip_counter)                             drops examples marked bad, counting them by reason
     .batch(global_batch_size // process_count)
 
@@ -15,6 +16,14 @@ processes (a run on 2 hosts sees exactly the batches of a run on 1), and process
 Every random choice of an example (crop, flip, caption) comes from a generator seeded by (seed, epoch,
 record id), and the order by grain's index shuffle, so the stream is a pure function of the seed and the
 iterator state is a few integers: `it.get_state()` / `it.set_state(state)` resume exactly.
+
+Decoding runs in `data_config.num_workers` worker processes (grain's mp_prefetch): a JPEG decode, a bicubic
+resize and a BPE tokenisation hold the interpreter for much of their time, so threads alone do not scale past
+a core or two, and a pod host has to feed its chips about 900 examples/s at 288 px (README, "Input
+pipeline"). Worker w computes elements w, w + W, w + 2W, ... and the main process takes them in turn, so the
+stream is the same for any number of workers, 0 included. The filter and the batching run in the main
+process, in stream order: the skip counts are exact, and the state is the count of examples consumed, which
+does not depend on W either (a checkpoint written with 8 workers resumes with 2).
 
 The batch contract (this process's slice of the global batch; b = global_batch_size / process_count):
   'image'       float32 [b, S, S, 3], normalised with CLIP's mean / std
@@ -35,12 +44,17 @@ import dataclasses
 import functools
 import io
 import math
+import multiprocessing
+import os
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing import connection as mp_connection
 
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from sycoca_jax.data import sources as sources_lib
@@ -69,8 +83,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     crop_scale      random resized crop: range of the crop's area as a fraction of the image's
     crop_ratio      random resized crop: range of the crop's aspect ratio
     flip            random horizontal flip; swaps the words left/right in the caption. Off by default
-    num_threads     grain read threads per process
-    prefetch_buffer_size  examples read ahead
+    num_workers     processes that read and decode (grain's mp_prefetch). -1: automatic, one per core this
+                    process may run on but one (left to the training loop) for real data, and 0 for the
+                    built-in scenes (see `resolve_num_workers`); 0: decode in this process, with threads
+    num_threads     grain read threads per process (in each worker when there are workers)
+    prefetch_buffer_size  examples read ahead, shared out among the workers
     max_consecutive_skips fail (naming the last reason) after this many unusable examples in a row
     scenes          num_train (0: unbounded), num_captions, min_objects, max_objects
     path            webdataset_array_record: glob of .array_record files; coco_json: the annotation JSON
@@ -90,6 +107,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "crop_scale": (0.9, 1.0),  # open_clip's default for CLIP training
       "crop_ratio": (3 / 4, 4 / 3),
       "flip": False,  # captions say left and right
+      "num_workers": -1,
       "num_threads": 2,
       "prefetch_buffer_size": 64,
       "max_consecutive_skips": 1000,
@@ -264,16 +282,19 @@ class ExampleMaker:
 class SkipCounter:
   """grain filter predicate that drops examples marked {'skip': reason} and counts them by reason.
 
-  grain runs filters in the consuming thread, in stream order, so the counts are exact and belong to the
-  iterator state.
+  grain runs filters in the consuming process and thread, after the workers, in stream order, so the counts
+  are exact and belong to the iterator state. `seen` counts every element the filter was given, kept or not:
+  between batches that is how far this iterator has read the stream.
   """
 
   def __init__(self, max_consecutive: int):
     self.counts = collections.Counter()
+    self.seen = 0
     self.max_consecutive = max_consecutive
     self._consecutive = 0
 
   def __call__(self, element: dict) -> bool:
+    self.seen += 1
     reason = element.get("skip")
     if reason is None:
       self._consecutive = 0
@@ -287,16 +308,25 @@ class SkipCounter:
 
 
 class TrainIterator:
-  """Per-process batches with exact resume: get_state() / set_state(state) (a JSON-serialisable dict)."""
+  """Per-process batches with exact resume: get_state() / set_state(state) (a JSON-serialisable dict).
 
-  def __init__(self, dataset: grain.IterDataset, counter: SkipCounter):
-    self._iterator = iter(dataset)
-    self._counter = counter
+  The state is {'pipeline': {'next_index': k}, 'skipped': {reason: count}}: k examples of this process's
+  stream have been read (kept or skipped). set_state rebuilds the grain graph from example k rather than
+  restoring grain's own iterator state, which would name each worker's position and so tie a checkpoint to
+  the worker count. Worker processes start at the first `next`, so building then restoring starts them once.
+  """
+
+  def __init__(self, build: Callable[[int], grain.IterDataset], counter: SkipCounter):
+    self._build, self._counter = build, counter
+    self._start = 0  # stream index the current grain iterator began at
+    self._iterator = None
 
   def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = iter(self._build(self._start))
     return next(self._iterator)
 
   @property
@@ -306,11 +336,21 @@ class TrainIterator:
         f"skipped/{reason}": n for reason, n in sorted(self._counter.counts.items())}
 
   def get_state(self) -> dict:
-    return {"pipeline": self._iterator.get_state(), "skipped": dict(self._counter.counts)}
+    return {"pipeline": {"next_index": self._start + self._counter.seen}, "skipped": dict(self._counter.counts)}
 
   def set_state(self, state: dict) -> None:
-    self._iterator.set_state(state["pipeline"])
+    self.close()
+    self._start = int(state["pipeline"]["next_index"])
+    self._counter.seen = 0
     self._counter.counts = collections.Counter(state["skipped"])
+
+  def close(self) -> None:
+    """Stops the worker processes now (garbage collection would too, later); the next `next` restarts them."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._start += self._counter.seen
+      self._counter.seen = 0
+      self._iterator = None
 
 
 def _process_layout(process_index, process_count) -> tuple[int, int]:
@@ -321,6 +361,50 @@ def _process_layout(process_index, process_count) -> tuple[int, int]:
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
   return process_index, process_count
+
+
+def available_cores() -> int:
+  """Cores this process may run on: its CPU affinity (taskset, SLURM, containers' cpusets), else all."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def resolve_num_workers(data_config) -> int:
+  """data_config.num_workers, with -1 (automatic) made concrete.
+
+  Real data: one worker per available core but one, which the training loop keeps (batch assembly, the
+  transfer to the devices, dispatch); with several training processes on one host (one per GPU), give each
+  its cores (`srun --cpus-per-task`) or set num_workers. The built-in scenes: 0, since at 64 px one process
+  renders several times what the tiny model trains on (README, "Input pipeline"), and each worker costs seconds
+  of start-up (a fresh interpreter importing grain and JAX), again at every resume, on the CPU the model needs.
+  """
+  num_workers = data_config.get("num_workers", -1)
+  if num_workers < -1:
+    raise ValueError(f"data_config.num_workers={num_workers}: use -1 (automatic), 0 (no workers) or a count.")
+  if num_workers >= 0:
+    return num_workers
+  if data_config.name == "scenes":
+    return 0
+  return max(1, available_cores() - 1)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Worker start-up: end this process when its parent ends, however it ends.
+
+  grain stops its workers when the iterator is closed or collected, or when the interpreter exits normally. A
+  parent killed outright (SIGKILL, the OOM killer) does neither, and the workers would be left running.
+  """
+  del worker_index, worker_count
+  parent = multiprocessing.parent_process()
+  if parent is None:
+    return
+
+  def watch():
+    mp_connection.wait([parent.sentinel])
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def build_train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int | None = None,
@@ -345,15 +429,28 @@ def build_train_iterator(data_config, *, global_batch_size: int, seed: int, proc
       image_size=data_config.image_size, crop_scale=tuple(data_config.crop_scale),
       crop_ratio=tuple(data_config.crop_ratio), flip=data_config.flip)
   counter = SkipCounter(data_config.max_consecutive_skips)
+  num_workers = resolve_num_workers(data_config)
+  # Each worker reads ahead its share of the buffer, enough to keep its threads busy.
+  per_process_buffer = -(-data_config.prefetch_buffer_size // max(1, num_workers))
   read_options = grain.ReadOptions(num_threads=data_config.num_threads,
-                                   prefetch_buffer_size=data_config.prefetch_buffer_size)
-  dataset = (grain.MapDataset.range(len(order) // process_count)
-             .map(this_process)
-             .map(make_example)
-             .to_iter_dataset(read_options)
-             .filter(counter)
-             .batch(global_batch_size // process_count, drop_remainder=True))
-  return TrainIterator(dataset, counter)
+                                   prefetch_buffer_size=max(data_config.num_threads, per_process_buffer))
+  if num_workers and not flags.FLAGS.is_parsed():
+    # grain reads its absl flags when it starts workers; outside an absl app (pytest, a notebook) nothing has
+    # parsed them, and reading them would raise: take their defaults.
+    flags.FLAGS.mark_as_parsed()
+
+  def build(start: int) -> grain.IterDataset:
+    dataset = (grain.MapDataset.range(start, len(order) // process_count)
+               .map(this_process)
+               .map(make_example)
+               .to_iter_dataset(read_options))
+    if num_workers:
+      # Two finished examples queued per worker smooth out the slow ones (a large JPEG) without holding much.
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+                                    worker_init_fn=_exit_with_parent)
+    return dataset.filter(counter).batch(local_batch, drop_remainder=True)
+
+  return TrainIterator(build, counter)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
