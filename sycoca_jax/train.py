@@ -204,7 +204,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
     bad_steps = jnp.where(finite, 0, state["bad_steps"] + 1)
     new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
                  "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"], "bad_steps": bad_steps}
-    aux = dict(aux, grad_norm=grad_norm, learning_rate=lr_schedule(state["step"]),
+    # The rate this update used comes from the optimizer's own count, which skipped steps do not advance.
+    aux = dict(aux, grad_norm=grad_norm, learning_rate=lr_schedule(_schedule_count(state["opt_state"])),
                nonfinite=(~finite).astype(jnp.int32), bad_steps_in_a_row=bad_steps)
     return new_state, aux
 
@@ -220,6 +221,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
       state_sharding=state_sharding,
       batch_sharding=batch_sharding,
   )
+
+
+def _schedule_count(opt_state: Any) -> jax.Array:
+  """The update count optax's learning-rate schedule reads (its ScaleByScheduleState), wherever it sits."""
+  return optax.tree_utils.tree_get(
+      opt_state, "count", filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from sycoca_jax import checkpoint, config_lib, losses, metrics, train
+from sycoca_jax import checkpoint, config_lib, losses, metrics, optim, sharding, train
 from sycoca_jax.models import sycoca
 from tests import distributed
 from tests.train_config import small_train_config
@@ -74,14 +74,15 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path):
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
-  _run(workdir=str(tmp_path / "straight"), devices=2)
+  _run(workdir=str(tmp_path / "straight"), devices=2)  # the scenes decode in-process by default
   killed = tmp_path / "killed"
-  proc = _spawn(workdir=str(killed), devices=2, batch_delay=0.3)
+  workers = {"data.num_workers": 2}  # the killed and resumed runs decode in 2 input worker processes
+  proc = _spawn(workdir=str(killed), devices=2, batch_delay=0.3, overrides=workers)
   _wait_for(lambda: os.path.isdir(killed / "checkpoints" / "2"), proc)
   proc.send_signal(signal.SIGKILL)  # no chance to clean up
   proc.wait()
   assert checkpoint.Checkpointer(str(killed)).latest_step() < 6
-  _run(workdir=str(killed), devices=2)
+  _run(workdir=str(killed), devices=2, overrides=workers)
   want, got = _params(tmp_path / "straight", 6), _params(killed, 6)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -153,6 +154,27 @@ def test_train_step_compiles_once(tmp_path, monkeypatch):
   train.train_and_evaluate(small_train_config(total_steps=4, ckpt_steps=100), str(tmp_path / "once"))
   assert len(traces) == 1
   assert sorted(_losses(tmp_path / "once")) == [1, 2, 3, 4]
+
+
+def test_logged_learning_rate_is_the_one_the_optimizer_used():
+  """A skipped (non-finite) step does not advance the optimizer, so the rate logged after it must not run ahead."""
+  config = small_train_config()  # 2 warm-up steps: the rate differs at each of the first steps
+  num_steps = config_lib.total_steps(config)
+  mesh = sharding.make_mesh(config.mesh)
+  step = train.make_train_step(config, sycoca.build_model(config.model), mesh, num_steps)
+  state = step.init(jax.random.PRNGKey(0))
+  from sycoca_jax.data import build_train_iterator  # pylint: disable=g-import-not-at-top
+  local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
+  good = {"image": local["image"], "text": local["text"]}
+  bad = dict(good, image=np.full_like(good["image"], np.nan))
+  logged = []
+  for batch in (good, bad, good):
+    state, aux = step.step(state, sharding.global_batch(batch, mesh))
+    logged.append(float(aux["learning_rate"]))
+  schedule = optim.schedule(config.optim, num_steps)
+  # Updates 1 and 3 ran with the optimizer's counts 0 and 1; step 2 was skipped.
+  np.testing.assert_allclose(logged, [schedule(0), schedule(1), schedule(1)])
+  assert schedule(1) != schedule(2)
 
 
 def test_gradient_accumulation_is_exact():
