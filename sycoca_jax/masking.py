@@ -16,6 +16,7 @@ their values) and returns a `Masks`.
 """
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import jax
@@ -47,8 +48,12 @@ jax.tree_util.register_dataclass(
 
 
 def num_hidden(num_patches: int, ratio: float) -> int:
-  """Patches a head drops at `ratio`: floor(ratio * N), a compile-time constant."""
-  return int(ratio * num_patches)
+  """Patches a head drops at `ratio`: floor(ratio * N), a compile-time constant.
+
+  The product is rounded up by 1e-6 before the floor: ratios are decimal fractions that binary floats hold only
+  approximately (0.29 * 100 is 28.999999999999996), and a bare int() would drop one patch fewer than asked.
+  """
+  return math.floor(ratio * num_patches + 1e-6)
 
 
 def patch_scores(patch_embeddings: jax.Array, token_embeddings: jax.Array, token_valid: jax.Array) -> jax.Array:
