@@ -7,6 +7,9 @@ INSTALL_REQUIRES = [
     "flax>=0.10,<0.13",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
+    "etils[epath]>=1.7",      # workdir paths, local or gs:// (sycoca_jax.paths); orbax reads them the same way
+    # orbax asks Cloud Storage whether a gs:// checkpoint bucket has a hierarchical namespace before listing it.
+    "google-cloud-storage>=2.14",
     "ml-collections>=1.0",
     "einops>=0.8",
     "clu>=0.0.12",

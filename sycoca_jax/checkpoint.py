@@ -8,27 +8,31 @@ Layout of a workdir:
 Why this survives preemption and SIGKILL: orbax writes a step into a temporary folder and renames it only
 once complete, so `latest_step` only ever sees whole checkpoints; the pipeline files are written (and fsynced)
 before the orbax save of the same step starts, so a finished step always has its data state.
+
+The workdir may be a local folder or a gs:// URL: every path goes through sycoca_jax.paths (etils.epath), so
+on a pod all hosts write their pieces into the one bucket. On Cloud Storage orbax marks finished steps with a
+commit file instead of renaming folders, which `latest_step` honours the same way.
 """
 
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from sycoca_jax import optim
+from sycoca_jax import optim, paths
 
 
 class Checkpointer:
   """Saves and restores (train state, input-pipeline state) pairs in `workdir`."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)
+  def __init__(self, workdir: epath.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
+    self.workdir = paths.resolve(workdir)
     self.manager = ocp.CheckpointManager(
-        os.path.join(self.workdir, "checkpoints"),
+        self.workdir / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                              create=True),
     )
@@ -36,19 +40,15 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def _data_path(self, step: int, process: int) -> str:
-    return os.path.join(self.workdir, "data_state", str(step), f"process_{process}.json")
+  def _data_path(self, step: int, process: int) -> epath.Path:
+    return self.workdir / "data_state" / str(step) / f"process_{process}.json"
 
   def save(self, step: int, state: Any, data_state: Optional[dict], config: ml_collections.ConfigDict,
            *, force: bool = False) -> bool:
     if data_state is not None:
       path = self._data_path(step, jax.process_index())
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + ".tmp", "w") as f:
-        json.dump(data_state, f)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(path + ".tmp", path)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      paths.write_atomic(path, json.dumps(data_state))
     saved = self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       config=ocp.args.JsonSave(config.to_dict())), force=force)
@@ -60,24 +60,20 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     path = self._data_path(step, jax.process_index())
-    data_state = None
-    if os.path.exists(path):
-      with open(path) as f:
-        data_state = json.load(f)
+    data_state = json.loads(path.read_text()) if path.exists() else None
     return restored.state, data_state
 
   def _drop_stale_data_states(self):
-    root = os.path.join(self.workdir, "data_state")
-    if jax.process_index() != 0 or not os.path.isdir(root):
+    root = self.workdir / "data_state"
+    if jax.process_index() != 0 or not root.is_dir():
       return
     kept = set(self.manager.all_steps())
     latest_saved = max(kept) if kept else -1
-    for name in os.listdir(root):
+    for step_dir in root.iterdir():
       # Keep states of kept steps and of steps newer than the last finished save (still in flight).
+      name = step_dir.name
       if name.isdigit() and int(name) not in kept and int(name) < latest_saved:
-        for f in os.listdir(os.path.join(root, name)):
-          os.remove(os.path.join(root, name, f))
-        os.rmdir(os.path.join(root, name))
+        step_dir.rmtree(missing_ok=True)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -87,14 +83,14 @@ class Checkpointer:
     self.manager.close()
 
 
-def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+def _read_only_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(directory), "checkpoints"),
+      paths.resolve(directory) / "checkpoints",
       item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
 
 
-def load_params(directory: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any, int]:
+def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, params, step) from a workdir's latest (or given) checkpoint, params on this host's first device.
 
   Used by evaluation, inference and `config.init_from`; the optimizer state is not read.
@@ -102,7 +98,7 @@ def load_params(directory: str, step: Optional[int] = None) -> tuple[ml_collecti
   manager = _read_only_manager(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"No checkpoint under {os.path.join(directory, 'checkpoints')}.")
+    raise FileNotFoundError(f"No checkpoint under {paths.resolve(directory) / 'checkpoints'}.")
   config = ml_collections.ConfigDict(
       manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
   metadata = manager.item_metadata(step)["state"]
@@ -115,9 +111,9 @@ def load_params(directory: str, step: Optional[int] = None) -> tuple[ml_collecti
   return config, restored.state["params"], step
 
 
-def save_params(directory: str, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> None:
+def save_params(directory: epath.PathLike, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> None:
   """Writes a params-only checkpoint that load_params and config.init_from read (e.g. imported weights)."""
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"),
+  manager = ocp.CheckpointManager(paths.resolve(directory) / "checkpoints",
                                   options=ocp.CheckpointManagerOptions(create=True))
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
                                              config=ocp.args.JsonSave(config.to_dict())), force=True)

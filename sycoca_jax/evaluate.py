@@ -9,17 +9,22 @@ from typing import Any, Optional
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
-from sycoca_jax import checkpoint, config_lib, metrics
+from sycoca_jax import checkpoint, config_lib, metrics, sharding
 from sycoca_jax.models import sycoca
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: Optional[int] = None
                         ) -> dict[str, Any]:
   config_lib.validate(config)
   if not config.evals:
     raise ValueError("config.evals is empty: nothing to evaluate.")
   _, params, step = checkpoint.load_params(workdir, step)
+  # load_params leaves the weights on this host's first device, while the evaluators split their batches over
+  # the weights' mesh (or every device): jit refuses the mix, so lay the weights out as the trainer does.
+  mesh = sharding.make_mesh(config.mesh)
+  params = jax.device_put(params, sharding.param_shardings({"params": params}, mesh, config.sharding_rules)["params"])
   model = sycoca.build_model(config.model)
   from sycoca_jax import evaluators  # pylint: disable=g-import-not-at-top
   writer = metrics.create_writer(workdir)

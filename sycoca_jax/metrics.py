@@ -1,24 +1,29 @@
 """Metric writers: TensorBoard event files and a JSON-lines file in the workdir; only process 0 writes.
 
 metrics.jsonl has one JSON object per write: {"step": k, "<name>": value, ...}, easy to read from scripts:
-  [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
+  metrics.read_jsonl(workdir)       # or [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")] locally
+
+The workdir may be a gs:// URL (sycoca_jax.paths): metrics.jsonl goes through etils.epath, the TensorBoard
+writer through TensorFlow's file system, which speaks gs:// itself.
 """
 
 import json
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
+from etils import epath
+
+from sycoca_jax import paths
 
 
 class JsonlWriter(interface.MetricWriter):
-  """Scalars (and texts) as JSON lines, appended and flushed at each write."""
+  """Scalars (and texts) as JSON lines, appended and flushed at each write (a local file or a gs:// object)."""
 
-  def __init__(self, path: str):
-    self._file = open(path, "a")
+  def __init__(self, path: epath.PathLike):
+    self._file = paths.resolve(path).open("a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {"step": int(step)} | {k: float(np.asarray(v)) for k, v in scalars.items()}
@@ -55,17 +60,18 @@ class JsonlWriter(interface.MetricWriter):
     self._file.close()
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+def create_writer(workdir: epath.PathLike) -> metric_writers.MetricWriter:
   """TensorBoard + JSON lines + the log on process 0; only the log on the others."""
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(just_logging=True)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=True),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+      metric_writers.create_default_writer(str(workdir), asynchronous=True),
+      JsonlWriter(workdir / "metrics.jsonl"),
   ])
 
 
-def read_jsonl(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(workdir: epath.PathLike) -> list[dict[str, Any]]:
+  text = (paths.resolve(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sycoca_jax import config_lib
+from sycoca_jax import config_lib, paths
 from sycoca_jax.models import sycoca
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -381,7 +381,7 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser.add_argument("--model-config", required=True,
                       help=f"one of {', '.join(KNOWN_CONFIGS)}, or the path of an open_clip model-config JSON")
   parser.add_argument("--checkpoint", required=True, help="open_clip state dict: .safetensors, .pt or .bin")
-  parser.add_argument("--out", required=True, help="directory to write the sycoca_jax checkpoint into")
+  parser.add_argument("--out", required=True, help="directory or gs:// URL to write the sycoca_jax checkpoint to")
   parser.add_argument("--scan-layers", action="store_true", help="stack layers for model.scan_layers=True")
   parser.add_argument("--override", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                       help="model-config override, e.g. image_decoder.depth=4 (repeatable)")
@@ -393,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         overrides=dict(args.override), seed=args.seed)
   save(args.out, params, cfg, oc)
   count = sum(x.size for x in jax.tree.leaves(params))
-  print(f"Wrote {count / 1e6:.1f}M parameters to {os.path.abspath(args.out)} "
+  print(f"Wrote {count / 1e6:.1f}M parameters to {paths.resolve(args.out)} "
         f"(load with sycoca_jax.checkpoint.load_params).")
 
 

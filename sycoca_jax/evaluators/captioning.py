@@ -24,7 +24,8 @@ Config (config.evals.<name>, type='captioning'):
   meteor          compute METEOR if Java is present
   scene_graph     compute the scene-graph F1 on the built-in scenes
   cache_images    keep decoded images in host memory between runs
-  predictions_path  if set, process 0 writes the generated captions there as JSON after each run
+  predictions_path  if set (a local path or a gs:// URL), process 0 writes the generated captions there as
+                    JSON after each run
   prefix          metric-name prefix (default 'captioning'), e.g. 'captioning_coco'
 
 Multi-process: every process decodes its slice of each padded global batch (common.py), the tokens are
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -47,6 +47,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sycoca_jax import decoding
+from sycoca_jax import paths
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.evaluators import common
@@ -298,9 +299,8 @@ class Captioning:
     return {f"{self.prefix}/{k}": float(v) for k, v in zip(keys, values) if not np.isnan(v)}
 
   def _write(self, captions: Sequence[str], valid: np.ndarray) -> None:
-    path = self.cfg.predictions_path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = paths.resolve(self.cfg.predictions_path)  # a local file or a gs:// object
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"index": int(i), "caption": captions[i], "references": list(self.references[i])}
             for i in np.flatnonzero(valid)]
-    with open(path, "w") as f:
-      json.dump(rows, f, indent=1)
+    path.write_text(json.dumps(rows, indent=1))
