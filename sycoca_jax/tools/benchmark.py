@@ -4,12 +4,11 @@ r"""Train-step benchmark: compile time, step time, throughput, FLOPs, MFU and pe
   python -m sycoca_jax.tools.benchmark --config=configs/sycoca_base.py --config.global_batch_size=64 \
       --peak_tflops=989   # a given peak (e.g. H100 bf16 dense); default: measured with a large matmul
 
-Runs the real jitted, sharded train step of sycoca_jax.train on synthetic batches (the input pipeline is
-benchmarked separately by sycoca_jax.tools.data_benchmark). FLOPs come from XLA's cost analysis of the
-compiled step; MFU = FLOPs per step / step time / peak. Works unchanged on CPU, GPU and TPU.
+Runs the train step that training runs (built by sycoca_jax.train.make_train_step) on synthetic batches (the
+input pipeline is benchmarked separately by sycoca_jax.tools.data_benchmark). FLOPs come from XLA's cost
+analysis of the compiled step; MFU = FLOPs per step / step time / peak. Works unchanged on CPU, GPU and TPU.
 """
 
-import functools
 import resource
 import time
 
@@ -19,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sycoca_jax import config_lib, losses, optim, sharding
+from sycoca_jax import config_lib, sharding, train
 from sycoca_jax.models import sycoca
 
 FLAGS = flags.FLAGS
@@ -57,25 +56,8 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict[str, float]:
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   model = sycoca.build_model(config.model)
-  num_steps = config_lib.total_steps(config)
-  grad_fn = losses.make_grad_fn(model, config.loss, config.grad_accum_steps)
-
-  def init_state(rng):
-    params = sycoca.init_params(model, rng)
-    tx = optim.make_optimizer(config.optim, params, num_steps)
-    return {"params": params, "opt_state": tx.init(params)}
-
-  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  state_sharding = sharding.param_shardings(abstract, mesh, config.sharding_rules)
-  tx = optim.make_optimizer(config.optim, abstract["params"], num_steps)
-  state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(0))
-
-  @functools.partial(jax.jit, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
-  def train_step(state, batch):
-    grads, aux = grad_fn(state["params"], batch, jax.random.PRNGKey(0))
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"params": jax.tree.map(jnp.add, state["params"], updates), "opt_state": opt_state}, aux["loss"]
+  train_step = train.make_train_step(config, model, mesh, config_lib.total_steps(config))
+  state = train_step.init(jax.random.PRNGKey(config.seed))
 
   b, s, l = config.global_batch_size, config.model.vision.image_size, config.model.text.context_length
   rng = np.random.RandomState(0)
@@ -85,20 +67,20 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict[str, float]:
   batch = sharding.global_batch({"image": rng.randn(b, s, s, 3).astype(np.float32), "text": text}, mesh)
 
   t = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  compiled = train_step.step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
   for _ in range(2):
-    state, loss = compiled(state, batch)
-  loss.block_until_ready()
+    state, aux = compiled(state, batch)
+  aux["loss"].block_until_ready()
   times = []
   for _ in range(steps):
     t = time.perf_counter()
-    state, loss = compiled(state, batch)
-    loss.block_until_ready()
+    state, aux = compiled(state, batch)
+    aux["loss"].block_until_ready()
     times.append(time.perf_counter() - t)
 
   step_s = float(np.median(times))
@@ -113,7 +95,7 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict[str, float]:
       "step_ms_median": step_s * 1e3, "step_ms_p90": float(np.percentile(times, 90)) * 1e3,
       "examples_per_s": b / step_s, "gflops_per_step": flops / 1e9, "achieved_tflops": flops / step_s / 1e12,
       "peak_tflops": peak / 1e12, "peak_source": peak_src, "mfu_percent": 100 * flops / step_s / peak,
-      "peak_memory_gib": mem / 2 ** 30, "memory_source": mem_src, "loss": float(loss),
+      "peak_memory_gib": mem / 2 ** 30, "memory_source": mem_src, "loss": float(aux["loss"]),
   }
 
 
