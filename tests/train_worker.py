@@ -3,40 +3,24 @@
   python tests/train_worker.py '{"workdir": ..., "devices": 2, "process_id": 0, "num_processes": 2,
                                  "port": 12345, "overrides": {"total_steps": 6}, "batch_delay": 0.2,
                                  "nan_from_step": 0}'
+
+Everything runs under `if __name__ == "__main__"`: input worker processes (data.num_workers > 0) are started
+with multiprocessing's spawn, which imports this file again in each of them.
 """
 
 import json
 import os
 import sys
+import time
 
-spec = json.loads(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec.get('devices', 1)}"
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-if spec.get("num_processes", 1) > 1:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"localhost:{spec['port']}", num_processes=spec["num_processes"],
-                             process_id=spec["process_id"])
-
-from sycoca_jax import train  # noqa: E402
-from tests.train_config import small_train_config  # noqa: E402
-
-config = small_train_config(**spec.get("overrides", {}))
-build = train.build_train_iterator
+import numpy as np
 
 
 class _Wrapped:
   """The real iterator, optionally slowed down (so a test can interrupt mid-run) or poisoned with NaNs."""
 
-  def __init__(self, it):
-    self.it, self.count = it, 0
+  def __init__(self, it, spec):
+    self.it, self.spec, self.count = it, spec, 0
 
   def __iter__(self):
     return self
@@ -44,8 +28,8 @@ class _Wrapped:
   def __next__(self):
     batch = next(self.it)
     self.count += 1
-    time.sleep(spec.get("batch_delay", 0.0))
-    if spec.get("nan_from_step") and self.count >= spec["nan_from_step"]:
+    time.sleep(self.spec.get("batch_delay", 0.0))
+    if self.spec.get("nan_from_step") and self.count >= self.spec["nan_from_step"]:
       batch = dict(batch, image=np.full_like(batch["image"], np.nan))
     return batch
 
@@ -53,11 +37,33 @@ class _Wrapped:
     return getattr(self.it, name)
 
 
-train.build_train_iterator = lambda *a, **k: _Wrapped(build(*a, **k))
-try:
-  train.train_and_evaluate(config, spec["workdir"])
-except train.Preempted as e:
-  print("PREEMPTED", e, flush=True)
-except train.TooManyBadSteps as e:
-  print("TOO_MANY_BAD_STEPS", e, flush=True)
-  sys.exit(3)
+def main(spec):
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec.get('devices', 1)}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if spec.get("num_processes", 1) > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{spec['port']}",
+                               num_processes=spec["num_processes"], process_id=spec["process_id"])
+
+  from sycoca_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.train_config import small_train_config  # pylint: disable=g-import-not-at-top
+
+  config = small_train_config(**spec.get("overrides", {}))
+  build = train.build_train_iterator
+  train.build_train_iterator = lambda *a, **k: _Wrapped(build(*a, **k), spec)
+  try:
+    train.train_and_evaluate(config, spec["workdir"])
+  except train.Preempted as e:
+    print("PREEMPTED", e, flush=True)
+  except train.TooManyBadSteps as e:
+    print("TOO_MANY_BAD_STEPS", e, flush=True)
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  main(json.loads(sys.argv[1]))
