@@ -1,21 +1,27 @@
-"""The optimizer: AdamW with regex weight-decay / freeze rules, warmup + cosine schedule, gradient clipping.
+"""The optimizer: AdamW with regex weight-decay / freeze rules, warmup + cosine schedule, gradient clipping, and
+parameters kept inside bounds after every update (the temperature's [0, log 100], as open_clip).
 
 Rules are ordered (pattern, value) lists over '/'-joined parameter paths such as
 'image_encoder/transformer/layers_3/self/attn/query/kernel'; the first pattern that matches wins.
 """
 
+import math
 import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 
+def _join(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
 def param_paths(params: Any) -> Any:
   """A pytree of the same structure holding each leaf's '/'-joined path."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _join(path), params)
 
 
 def match_rules(params: Any, rules: Sequence[tuple[str, Any]], default: Any) -> Any:
@@ -39,6 +45,10 @@ def default_optim_config() -> ml_collections.ConfigDict:
       no_decay=(r"/bias$", r"/scale$", r"embedding", r"class_embedding$", r"cls_emb$", r"mask_token$",
                 r"attn_pool/query$", r"logit_scale$"),
       freeze=(),  # patterns of parameters that stay fixed, e.g. ('^image_encoder/',) for a locked image tower
+      # (pattern, low, high): after every update a matching parameter is clipped into [low, high]. open_clip
+      # clamps the log-temperature to [0, log 100] after each step: the forward pass uses exp(logit_scale)
+      # unclamped, so a temperature at the cap still has a gradient and can come back down.
+      param_bounds=((r"^logit_scale$", 0.0, math.log(100.0)),),
   ))
 
 
@@ -49,14 +59,43 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule
       end_value=cfg.lr * cfg.end_lr_fraction)
 
 
+def clip_params(bounds: Sequence[tuple[str, float, float]]) -> optax.GradientTransformation:
+  """Rewrites the update u of each parameter p whose path matches a (pattern, low, high) rule into
+  clip(p + u, low, high) - p, so that applying it lands the parameter inside [low, high]; other leaves pass.
+
+  The last transformation of the chain: the train step's optax.apply_updates then does the clamp that open_clip
+  does in place after optimizer.step(), with no change to the step itself. Paths are read from the params the
+  update is given, so it also works inside optax.multi_transform, where frozen leaves are masked out.
+  """
+  rules = [(re.compile(pattern), float(low), float(high)) for pattern, low, high in bounds]
+
+  def update_fn(updates, state, params=None):
+    if not rules:
+      return updates, state
+    if params is None:
+      raise ValueError("clip_params needs the parameters: call tx.update(grads, state, params).")
+
+    def clip(path, u, p):
+      name = _join(path)
+      for pattern, low, high in rules:
+        if pattern.search(name):
+          return (jnp.clip(p + u, low, high) - p).astype(u.dtype)
+      return u
+
+    return jax.tree_util.tree_map_with_path(clip, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int,
                    frozen: Sequence[str] = ()) -> optax.GradientTransformation:
-  """AdamW over trainable leaves; leaves matching cfg.freeze or `frozen` get no update (and no state)."""
+  """AdamW over trainable leaves, then cfg.param_bounds; leaves matching cfg.freeze or `frozen` get no update
+  (and no state), whatever their bounds."""
   decay_mask = match_rules(params, [(p, False) for p in cfg.no_decay], default=True)
   adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
-  tx = optax.chain(*chain, adamw)
+  tx = optax.chain(*chain, adamw, clip_params(cfg.param_bounds))
   freeze = tuple(cfg.freeze) + tuple(frozen)
   if not freeze:
     return tx

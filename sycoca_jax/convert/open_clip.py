@@ -49,7 +49,7 @@ _MULTIMODAL_DEFAULTS = dict(width=512, heads=8, layers=12)
 
 # open_clip options whose non-default values change the network in ways sycoca_jax does not express.
 # Model-config keys an import may set (the rest is determined by the open_clip config).
-_OVERRIDABLE = ("image_decoder", "masking", "remat", "dtype", "init_logit_scale", "max_logit_scale")
+_OVERRIDABLE = ("image_decoder", "masking", "remat", "dtype", "init_logit_scale")
 
 _UNSUPPORTED = {
     "vision_cfg": dict(ls_init_value=None, no_ln_pre=False, pos_embed_type="learnable", final_ln_after_pool=False,

@@ -40,7 +40,6 @@ class SyCoCa(nn.Module):
   mim_ratio: float = 0.5
   ic_reencode: bool = False
   init_logit_scale: float = math.log(1 / 0.07)
-  max_logit_scale: float = math.log(100.0)
   pad_id: int = 0
 
   def setup(self):
@@ -49,8 +48,9 @@ class SyCoCa(nn.Module):
   # -- Pieces, each usable on its own through `model.apply(params, ..., method=...)`. --------------------------
 
   def temperature(self) -> jax.Array:
-    """exp(logit_scale), clamped at exp(max_logit_scale) (no gradient beyond the clamp, as open_clip's)."""
-    return jnp.exp(jnp.minimum(self.logit_scale, self.max_logit_scale))
+    """exp(logit_scale), unclamped: the optimizer keeps logit_scale in [0, log 100] (optim.param_bounds), as
+    open_clip clamps it after each step. A clamp here would zero its gradient past the cap for good."""
+    return jnp.exp(self.logit_scale)
 
   def encode_image(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """images [B, H, W, 3] -> {'embedding' [B, E] (L2-normalised), 'tokens', 'patch_embeddings', 'pooled'}."""
@@ -98,7 +98,7 @@ class SyCoCa(nn.Module):
                heads: Sequence[str] = HEADS) -> dict[str, Any]:
     """images [B, H, W, 3] (normalised), text [B, L] -> named outputs.
 
-    Always: image_embedding, text_embedding [B, E], logit_scale (the temperature, exp'd and clamped).
+    Always: image_embedding, text_embedding [B, E], logit_scale (the temperature, exp(logit_scale)).
     'ic' in heads: caption_logits [B, L - 1, V].   'mim' in heads: mim_pred [B, N, P].
     When masking runs: masks (a masking.Masks: the chosen index sets, for losses and visualisation).
     `rng` feeds the `random` strategy; the others are deterministic.
@@ -160,8 +160,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       remat=False,
       scan_layers=False,
       pad_id=0,
-      init_logit_scale=math.log(1 / 0.07),
-      max_logit_scale=math.log(100.0),
+      init_logit_scale=math.log(1 / 0.07),   # its bounds, [0, log 100], are the optimizer's (optim.param_bounds)
       vision=dict(image_size=288, patch_size=18, width=768, depth=12, heads=12, mlp_ratio=4.0,
                   pool="tok", attn_pooler_queries=256, attn_pooler_heads=8),
       text=dict(vocab_size=49408, context_length=76, width=768, depth=12, heads=12, mlp_ratio=4.0,
@@ -226,7 +225,6 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
       mim_ratio=cfg.masking.mim_ratio,
       ic_reencode=cfg.masking.ic_reencode,
       init_logit_scale=cfg.init_logit_scale,
-      max_logit_scale=cfg.max_logit_scale,
       pad_id=cfg.pad_id,
   )
 

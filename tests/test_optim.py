@@ -1,0 +1,73 @@
+"""The optimizer: the temperature's bounds are kept by the update, not by the forward pass (as open_clip)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sycoca_jax import optim
+from sycoca_jax.losses import contrastive_loss
+from sycoca_jax.models.sycoca import SyCoCa, build_model
+from tests.conftest import tiny_model_config
+
+CAP = math.log(100.0)
+
+
+def _optimizer(**overrides):
+  cfg = optim.default_optim_config()
+  cfg.update(lr=1.0, warmup_steps=0, grad_clip_norm=0.0, weight_decay=0.0, **overrides)
+  return cfg
+
+
+def _step(cfg, params, grads, frozen=()):
+  tx = optim.make_optimizer(cfg, params, total_steps=10, frozen=frozen)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return optax.apply_updates(params, updates)
+
+
+def test_temperature_has_a_gradient_past_the_cap():
+  """A logit scale above log 100 must still feel the loss: clamping in the forward pass would zero it for good."""
+  model = build_model(tiny_model_config())
+  rng = np.random.RandomState(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  image, text = (jnp.asarray(unit(rng.randn(4, 8)).astype(np.float32)) for _ in range(2))
+
+  def loss(logit_scale):
+    temperature = model.apply({"params": {"logit_scale": logit_scale}}, method=SyCoCa.temperature)
+    return contrastive_loss(image, text, temperature)
+
+  for value in (CAP + 0.5, CAP - 0.5):
+    np.testing.assert_allclose(model.apply({"params": {"logit_scale": jnp.float32(value)}},
+                                           method=SyCoCa.temperature), math.exp(value), rtol=1e-6)
+    assert abs(float(jax.grad(loss)(jnp.float32(value)))) > 1e-3
+
+
+@pytest.mark.parametrize("start,grad,expected", [
+    (CAP - 0.01, -1.0, CAP),   # the step would overshoot the cap: it lands on it
+    (CAP + 0.5, 0.0, CAP),     # already past (e.g. imported weights): brought back on the first update
+    (0.05, 1.0, 0.0),          # the lower bound, 0 (temperature 1)
+    (2.0, 1.0, 1.0),           # inside the bounds: AdamW's step of lr = 1, untouched
+])
+def test_update_lands_logit_scale_inside_its_bounds(start, grad, expected):
+  params = {"logit_scale": jnp.float32(start), "w": jnp.ones(3)}
+  grads = {"logit_scale": jnp.float32(grad), "w": jnp.full(3, 0.5)}
+  new = _step(_optimizer(), params, grads)
+  np.testing.assert_allclose(new["logit_scale"], expected, atol=1e-5)
+  unbounded = _step(_optimizer(param_bounds=()), params, grads)
+  np.testing.assert_array_equal(new["w"], unbounded["w"])  # other leaves: the plain AdamW update
+  assert not np.allclose(new["w"], params["w"])
+
+
+def test_bounds_inside_a_frozen_split():
+  """With frozen towers the update goes through optax.multi_transform; the bounds still apply to trainable leaves,
+  and a frozen logit scale stays exactly where it is, even out of bounds."""
+  params = {"logit_scale": jnp.float32(CAP + 0.5), "w": jnp.ones(3)}
+  grads = {"logit_scale": jnp.float32(-1.0), "w": jnp.full(3, 0.5)}
+  new = _step(_optimizer(), params, grads, frozen=("^w$",))
+  np.testing.assert_allclose(new["logit_scale"], CAP, atol=1e-6)
+  np.testing.assert_array_equal(new["w"], params["w"])
+  new = _step(_optimizer(), params, grads, frozen=("^logit_scale$",))
+  np.testing.assert_array_equal(new["logit_scale"], params["logit_scale"])
