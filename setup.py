@@ -35,7 +35,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3", "sentencepiece>=0.2"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "sentencepiece>=0.2", "matplotlib>=3.8"],
+    # The ablation study's chart (python -m sycoca_jax.tools.ablation); without it only the tables are written.
+    "ablation": ["matplotlib>=3.8"],
     # Only needed to import open_clip weights from .pt/.bin files and for the parity tests.
     "torch": ["torch>=2.4", "open-clip-torch>=2.26"],
 }

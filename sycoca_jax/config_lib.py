@@ -63,6 +63,9 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   def fail(key, msg):
     raise ValueError(f"config.{key}: {msg}")
 
+  if config.loss.mim_weight > 0 and config.model.masking.mim_ratio <= 0:
+    fail("loss.mim_weight", f"{config.loss.mim_weight} switches TG-MIM on, but model.masking.mim_ratio="
+         f"{config.model.masking.mim_ratio} hides no patch for it to rebuild.")
   if config.data.image_size != config.model.vision.image_size:
     fail("data.image_size", f"{config.data.image_size} differs from model.vision.image_size="
          f"{config.model.vision.image_size}.")

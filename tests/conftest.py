@@ -28,3 +28,8 @@ def tiny_model_config(**overrides):
 @pytest.fixture
 def tiny_config():
   return tiny_model_config
+
+
+def pytest_configure(config):
+  # Subprocess tests that train for real; `-m "not slow"` keeps the inner loop short.
+  config.addinivalue_line("markers", "slow: spawns training subprocesses (tens of seconds or more).")

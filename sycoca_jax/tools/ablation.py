@@ -1,0 +1,507 @@
+r"""The paper's ablation at small scale: train each (variant, seed), evaluate its final checkpoint, tabulate.
+
+  python -m sycoca_jax.tools.ablation --config=configs/sycoca_tiny.py \
+      --variants=clip,coca,coca_am,coca_mim_image_only,coca_tgmim_random,sycoca --seeds=0,1,2 --workdir=DIR
+  python -m sycoca_jax.tools.ablation ... --variants=sycoca --sweep=model.masking.mim_ratio=0.25,0.5,0.75  (Table 6)
+  python -m sycoca_jax.tools.ablation ... --variants=sycoca --sweep=loss.mim_weight=0.1,0.5,1,2            (Table 7)
+  python -m sycoca_jax.tools.ablation ... --overrides=total_steps=500,log_steps=100   (any --config.KEY=VALUE)
+  python -m sycoca_jax.tools.ablation --workdir=DIR --table_only                       (rebuild the outputs)
+
+Every run is the config file loaded as main.py loads it (ml_collections config_flags), with `variant=NAME`
+added to its argument, `seed` set, then the sweep value and the overrides applied as --config.KEY=VALUE would
+be. Each run trains with the trainer main.py calls (sycoca_jax.train), in a child process by default (memory
+and compile caches go away with it), in DIR/<variant>[_<key><value>]_seed<k>/, and is then evaluated on its
+final checkpoint with the run's own evaluators (config.evals: on the built-in scenes, retrieval with
+fine-grained negatives, zero-shot, greedy captioning and mask quality) plus, with --extra_evals, those of
+another eval config (e.g. configs/eval_all.py). Evaluators the trainer already ran at the last step are read
+back from the run's metrics.jsonl rather than run twice.
+
+Resumable: a run with a final checkpoint and DIR/<run>/final_eval.json is skipped; an interrupted one resumes
+from its latest checkpoint (the trainer does that); a run dir trained with a different config is refused
+rather than mixed in. Runs go seed-major (every variant's seed 0 first, then seed 1, ...), so an interrupted
+study has the widest comparison finished. After every run DIR/ablation.json, DIR/ablation.md (mean +- std
+over seeds) and DIR/ablation.png are rewritten from every finished run found in DIR.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+import logging as logging_std
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from absl import app, flags, logging
+from etils import epath
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from sycoca_jax import config_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "Config file with optional ':args', as for main.py; `variant=` is added.")
+flags.DEFINE_string("workdir", None, "Study folder: one sub-folder per run, plus ablation.{json,md,png}.")
+flags.DEFINE_list("variants", list(config_lib.VARIANTS), f"Rows to train, of {sorted(config_lib.VARIANTS)}.")
+flags.DEFINE_list("seeds", ["0"], "config.seed of each repeat (init, data order, masking draws).")
+flags.DEFINE_string("sweep", "", "KEY=V1,V2,...: one dotted config key swept over values, on top of each variant.")
+flags.DEFINE_multi_string("overrides", [], "KEY=VALUE[,KEY=VALUE...] applied to every run, as --config.KEY=VALUE "
+                          "would be (e.g. total_steps=500). A tuple value keeps its commas: data.crop_scale=(0.8,1).")
+flags.DEFINE_string("extra_evals", "", "An eval config file (e.g. configs/eval_all.py) whose evaluators also run "
+                    "on each final checkpoint; its `runlocal` follows --config's.")
+flags.DEFINE_bool("table_only", False, "Only rebuild ablation.json / .md / .png from the finished runs in workdir.")
+flags.DEFINE_bool("subprocess", True, "Train each run in a child process (false: all in this process).")
+flags.DEFINE_bool("child", False, "Internal: this process is one run of a study; its parent writes the tables.")
+flags.mark_flags_as_required(["workdir"])
+
+FINAL_EVAL = "final_eval.json"
+RUN_CONFIG = "run.json"
+# Keys that change what a run logs or keeps, not what it learns: a run dir may be resumed with other values.
+_BOOKKEEPING = ("evals", "log_steps", "image_log_steps", "ckpt_steps", "keep_ckpts", "async_checkpointing")
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  variant: str
+  seed: int
+  sweep_key: str
+  sweep_value: str  # '' without a sweep
+  config: ml_collections.ConfigDict
+
+  @property
+  def num_steps(self) -> int:
+    return config_lib.total_steps(self.config)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`path[:arg]` loaded exactly as main.py's --config flag loads it, with --config.KEY=VALUE overrides."""
+  argv = ["ablation", f"--config={spec}", *(f"--config.{o}" for o in overrides)]
+  holder = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=holder, lock_config=True, sys_argv=argv)
+  holder(argv)
+  return holder.config
+
+
+def with_variant(spec: str, variant: str) -> str:
+  """'configs/x.py:runlocal' + 'coca' -> 'configs/x.py:runlocal,variant=coca' (a given variant= is replaced)."""
+  path, _, arg = spec.partition(":")
+  args = config_lib.parse_arg(arg)
+  args["variant"] = variant
+  return path + ":" + ",".join(k if v is True else f"{k}={v}" for k, v in args.items())
+
+
+def split_overrides(values: Sequence[str]) -> list[str]:
+  """['a=1,b.c=(1,2)', 'd=x'] -> ['a=1', 'b.c=(1,2)', 'd=x']: a comma inside brackets or before a token without
+  '=' continues the value."""
+  out: list[str] = []
+  for value in values:
+    for token in value.split(","):
+      open_brackets = out and sum(out[-1].count(a) - out[-1].count(b) for a, b in ("()", "[]")) > 0
+      if out and (open_brackets or (token and "=" not in token)):
+        out[-1] += "," + token
+      elif token:
+        out.append(token)
+  return out
+
+
+def parse_sweep(sweep: str) -> tuple[str, list[str]]:
+  """'loss.mim_weight=0.1,0.5' -> ('loss.mim_weight', ['0.1', '0.5']); '' -> ('', [''])."""
+  if not sweep:
+    return "", [""]
+  key, sep, values = sweep.partition("=")
+  values = [v.strip() for v in values.split(",") if v.strip()]
+  if not sep or not key or not values:
+    raise ValueError(f"--sweep={sweep!r}: use KEY=V1,V2,... (e.g. loss.mim_weight=0.1,0.5,1,2).")
+  return key.strip(), values
+
+
+def run_name(variant: str, seed: int, sweep_key: str = "", sweep_value: str = "") -> str:
+  sweep = f"_{sweep_key.rsplit('.', 1)[-1]}{re.sub(r'[^A-Za-z0-9.+-]', '_', sweep_value)}" if sweep_key else ""
+  return f"{variant}{sweep}_seed{seed}"
+
+
+def plan(spec: str, variants: Sequence[str], seeds: Sequence[int], sweep: str = "",
+         overrides: Sequence[str] = ()) -> list[Run]:
+  """Every run, seed-major: all variants (and sweep values) of seed 0 before any of seed 1.
+
+  overrides: 'KEY=VALUE[,KEY=VALUE...]' strings (split_overrides).
+  Each config is loaded and validated here, so a bad variant, sweep key or override fails before any training.
+  """
+  unknown = [v for v in variants if v not in config_lib.VARIANTS]
+  if unknown:
+    raise ValueError(f"--variants: {unknown} not among {sorted(config_lib.VARIANTS)}.")
+  sweep_key, sweep_values = parse_sweep(sweep)
+  overrides = split_overrides(overrides)
+  runs = []
+  for seed in seeds:
+    for value in sweep_values:
+      for variant in variants:
+        extra = [f"seed={seed}"] + ([f"{sweep_key}={value}"] if sweep_key else []) + list(overrides)
+        config = load_config(with_variant(spec, variant), extra)
+        try:
+          config_lib.validate(config)
+        except ValueError as e:
+          raise ValueError(f"Run {run_name(variant, seed, sweep_key, value)}: {e}") from e
+        runs.append(Run(run_name(variant, seed, sweep_key, value), variant, int(seed), sweep_key, value, config))
+  return runs
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def _read_json(path: epath.Path) -> Optional[dict]:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _no_nan(obj: Any) -> Any:
+  """NaN -> None everywhere, so the files are standard JSON."""
+  if isinstance(obj, dict):
+    return {k: _no_nan(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_no_nan(v) for v in obj]
+  return None if isinstance(obj, float) and math.isnan(obj) else obj
+
+
+def _write_json(path: epath.Path, obj: Any) -> None:
+  """Whole or not at all: a temporary file, then a rename (a reader never sees half a file)."""
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(_no_nan(obj), indent=1, sort_keys=True))
+  tmp.replace(path)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def training_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a run learns from, as flat JSON values (bookkeeping keys left out)."""
+  tree = {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
+  return json.loads(json.dumps(_flat(tree), default=str))
+
+
+def is_finished(run_dir: epath.Path, num_steps: int) -> bool:
+  result = _read_json(run_dir / FINAL_EVAL)
+  return (result is not None and result.get("step") == num_steps
+          and (run_dir / "checkpoints" / str(num_steps)).exists())
+
+
+def _check_same_config(run_dir: epath.Path, run: Run, spec: str) -> None:
+  """Records the run's config at its first start; refuses to continue a dir trained with another one."""
+  wanted = training_config(run.config)
+  recorded = _read_json(run_dir / RUN_CONFIG)
+  if recorded is None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / RUN_CONFIG, {"config_spec": spec, "variant": run.variant, "seed": run.seed,
+                                       "sweep_key": run.sweep_key, "sweep_value": run.sweep_value,
+                                       "training_config": wanted})
+    return
+  diff = sorted(k for k in set(wanted) | set(recorded["training_config"])
+                if wanted.get(k) != recorded["training_config"].get(k))
+  if diff:
+    shown = ", ".join(f"{k}: {recorded['training_config'].get(k)!r} -> {wanted.get(k)!r}" for k in diff[:5])
+    raise ValueError(f"{run_dir} was trained with another config ({shown}{', ...' if len(diff) > 5 else ''}). "
+                     "Use a new --workdir, or delete that run to retrain it.")
+
+
+def _eval_prefix(ev: ml_collections.ConfigDict) -> str:
+  return ev.get("prefix") or ev.type
+
+
+def final_evals(run: Run, extra_evals: str, spec: str) -> ml_collections.ConfigDict:
+  """The run's evaluators plus those of --extra_evals (renamed where a same-named one differs)."""
+  evals = ml_collections.ConfigDict(copy.deepcopy(run.config.evals.to_dict()))
+  if not extra_evals:
+    return evals
+  runlocal = config_lib.parse_arg(spec.partition(":")[2]).get("runlocal")
+  extra = load_config(extra_evals + (":runlocal" if runlocal else "")).evals
+  for name, ev in extra.items():
+    ev = ml_collections.ConfigDict(copy.deepcopy(ev.to_dict()))
+    mine = evals.get(name)
+    same = lambda a, b: {k: v for k, v in a.to_dict().items() if k != "log_steps"} == \
+        {k: v for k, v in b.to_dict().items() if k != "log_steps"}
+    if mine is not None and same(mine, ev):
+      continue  # the run's own evaluator, with the same settings
+    if mine is not None or any(_eval_prefix(e) == _eval_prefix(ev) for e in evals.values()):
+      ev.prefix = f"{_eval_prefix(ev)}_extra"
+      name = f"{name}_extra"
+    evals[name] = ev
+  return evals
+
+
+def train_and_evaluate_run(run: Run, workdir: str, spec: str, extra_evals: str = "") -> dict[str, Any]:
+  """Trains one run to its last step (resuming), evaluates the final checkpoint, writes final_eval.json."""
+  # Imported here: the parent process of a study only plans, spawns and tabulates.
+  from sycoca_jax import evaluate, losses, metrics, train  # pylint: disable=g-import-not-at-top
+
+  run_dir = epath.Path(workdir) / run.name
+  _check_same_config(run_dir, run, spec)
+  num_steps = run.num_steps
+  t0 = time.time()
+  train.train_and_evaluate(run.config, os.fspath(run_dir))
+  train_seconds = time.time() - t0
+
+  evals = final_evals(run, extra_evals, spec)
+  # Evaluators the trainer ran at the last step: their results are in metrics.jsonl already.
+  last = {}
+  for row in metrics.read_jsonl(os.fspath(run_dir)):
+    if row.get("step") == num_steps:
+      last.update({k: v for k, v in row.items() if k != "step"})
+  done = {_eval_prefix(ev) for ev in evals.values() if any(k.startswith(_eval_prefix(ev) + "/") for k in last)}
+  todo = {name: ev for name, ev in evals.items() if _eval_prefix(ev) not in done}
+  results = {k: v for k, v in last.items() if k.split("/")[0] in done}
+  t0 = time.time()
+  if todo:
+    config = copy.deepcopy(run.config)
+    with config.unlocked():
+      config.evals = ml_collections.ConfigDict(todo)
+    results.update(evaluate.evaluate_checkpoint(config, os.fspath(run_dir), num_steps))
+  eval_seconds = time.time() - t0
+  result = {"name": run.name, "variant": run.variant, "seed": run.seed, "sweep_key": run.sweep_key,
+            "sweep_value": run.sweep_value, "step": num_steps, "heads": list(losses.enabled_heads(run.config.loss)),
+            "metrics": {k: float(v) for k, v in sorted(results.items())}, "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds, "evaluated": sorted(todo), "reused_from_training": sorted(done)}
+  _write_json(run_dir / FINAL_EVAL, result)
+  logging.info("%s: evaluated in %.1f s (%s; reused from training: %s).", run.name, eval_seconds,
+               ", ".join(sorted(todo)) or "nothing", ", ".join(sorted(done)) or "nothing")
+  return result
+
+
+def _child_command(run: Run) -> list[str]:
+  cmd = [sys.executable, "-m", "sycoca_jax.tools.ablation", f"--config={FLAGS.config}", f"--workdir={FLAGS.workdir}",
+         f"--variants={run.variant}", f"--seeds={run.seed}", "--nosubprocess", "--child"]
+  if run.sweep_key:
+    cmd.append(f"--sweep={run.sweep_key}={run.sweep_value}")
+  cmd += [f"--overrides={o}" for o in FLAGS.overrides]
+  if FLAGS.extra_evals:
+    cmd.append(f"--extra_evals={FLAGS.extra_evals}")
+  return cmd
+
+
+def _run_child(run: Run, run_dir: epath.Path) -> int:
+  """Trains and evaluates `run` in a child process; its log goes to <run>/log.txt (local workdirs)."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  log = open(os.fspath(run_dir / "log.txt"), "a") if not re.match(r"^\w+://", os.fspath(run_dir)) else None
+  child = subprocess.Popen(_child_command(run), stdout=log, stderr=subprocess.STDOUT if log else None)
+  try:
+    return child.wait()
+  except KeyboardInterrupt:
+    child.send_signal(signal.SIGTERM)  # the trainer checkpoints the current step and stops
+    child.wait()
+    raise
+  finally:
+    if log:
+      log.close()
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+# (column, metric, objective the metric needs): shown as percentages, mean +- std over seeds.
+TABLES = {
+    "Retrieval, zero-shot, captioning": [
+        ("i2t R@1", "retrieval/i2t_r1", None), ("t2i R@1", "retrieval/t2i_r1", None),
+        ("mTR", "retrieval/mTR", None), ("mIR", "retrieval/mIR", None),
+        ("zs colour", "zeroshot/scenes_colour_top1", None), ("zs shape", "zeroshot/scenes_shape_top1", None),
+        ("zs digit", "zeroshot/scenes_digit_top1", None),
+        ("CIDEr", "captioning/cider", "ic"), ("SG F1", "captioning/sg_f1", "ic"),
+    ],
+    "Fine-grained negatives and mask quality": [
+        ("attr ITC", "retrieval/fg_attribute_itc", None), ("count ITC", "retrieval/fg_count_itc", None),
+        ("object ITC", "retrieval/fg_object_itc", None), ("relation ITC", "retrieval/fg_relation_itc", None),
+        ("attr LL", "retrieval/fg_attribute_loglik", "ic"), ("count LL", "retrieval/fg_count_loglik", "ic"),
+        ("object LL", "retrieval/fg_object_loglik", "ic"), ("relation LL", "retrieval/fg_relation_loglik", "ic"),
+        ("IC obj. recall", "masking/ic_object_recall", None),
+        ("random", "masking/ic_object_recall_random", None),
+    ],
+}
+CHART = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/fg_object_itc", "retrieval/fg_relation_itc",
+         "zeroshot/scenes_shape_top1", "captioning/cider", "captioning/sg_f1", "masking/ic_object_recall"]
+# Chance level (%) drawn as a dashed line: a pair of captions, 8 shapes, 10 digits.
+_CHANCE = {"retrieval/fg_object_itc": 50.0, "retrieval/fg_relation_itc": 50.0, "zeroshot/scenes_shape_top1": 12.5}
+_TITLES = {metric: column for rows in TABLES.values() for column, metric, _ in rows}
+_NEEDS = {metric: needs for rows in TABLES.values() for _, metric, needs in rows}
+
+
+def finished_runs(workdir: str) -> list[dict]:
+  """Every final_eval.json under workdir, in table order (variants as in VARIANTS, sweep values, seeds)."""
+  runs = [json.loads(p.read_text()) for p in epath.Path(workdir).glob(f"*/{FINAL_EVAL}")]
+  order = {v: i for i, v in enumerate(config_lib.VARIANTS)}
+  return sorted(runs, key=lambda r: (order.get(r["variant"], len(order)), r["sweep_key"], _num(r["sweep_value"]),
+                                     r["seed"]))
+
+
+def _num(value: str) -> tuple:
+  try:
+    return (0, float(value), "")
+  except ValueError:
+    return (1, 0.0, value)
+
+
+def summarise(runs: Sequence[dict]) -> list[dict]:
+  """One group per (variant, sweep value): seeds, and mean / std (ddof 1; NaN for one seed) of every metric."""
+  groups: dict[tuple, list[dict]] = collections.OrderedDict()
+  for r in runs:
+    groups.setdefault((r["variant"], r["sweep_key"], r["sweep_value"], r["step"]), []).append(r)
+  out = []
+  for (variant, key, value, step), members in groups.items():
+    label = variant + (f" {key.rsplit('.', 1)[-1]}={value}" if key else "")
+    names = sorted({k for m in members for k in m["metrics"]})
+    mean, std = {}, {}
+    for k in names:
+      values = np.asarray([m["metrics"][k] for m in members if m["metrics"].get(k) is not None], np.float64)
+      mean[k] = float(np.mean(values)) if len(values) else float("nan")
+      std[k] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+    out.append({"label": label, "variant": variant, "sweep_key": key, "sweep_value": value, "step": step,
+                "seeds": sorted(m["seed"] for m in members), "heads": members[0]["heads"], "mean": mean, "std": std})
+  return out
+
+
+def _cell(group: dict, metric: str, needs: Optional[str]) -> str:
+  if needs and needs not in group["heads"] or metric not in group["mean"]:
+    return "–"
+  mean, std = 100 * group["mean"][metric], 100 * group["std"][metric]
+  return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def markdown(groups: Sequence[dict]) -> str:
+  """The Markdown tables: one row per group, cells 'mean ± std' in percent (CIDEr x 100)."""
+  lines = ["<!-- Written by sycoca_jax.tools.ablation; rebuilt after every finished run. -->", ""]
+  steps = sorted({g["step"] for g in groups})
+  lines.append(f"Mean ± std over seeds (sample std; one seed: mean only), in percent; CIDEr-D x 100. "
+               f"Steps: {', '.join(map(str, steps)) or '-'}. '–': the run has no captioner (no IC objective).")
+  for title, columns in TABLES.items():
+    lines += ["", f"### {title}", "", "| run | seeds | " + " | ".join(c for c, _, _ in columns) + " |",
+              "|---|---|" + "---:|" * len(columns)]
+    for g in groups:
+      cells = [_cell(g, metric, needs) for _, metric, needs in columns]
+      lines.append(f"| {g['label']} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def chart(groups: Sequence[dict], path: epath.Path) -> bool:
+  """Bar charts (mean, std error bars) of the CHART metrics; mask quality with its random baseline hatched.
+
+  Returns False (and writes nothing) when matplotlib is missing: pip install 'sycoca_jax[ablation]'.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("matplotlib is not installed (pip install 'sycoca_jax[ablation]'): no %s.", path)
+    return False
+  labels = [g["label"] for g in groups]
+  x = np.arange(len(groups))
+  cols = 4
+  rows = -(-len(CHART) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+  for ax, metric in zip(axes.flat, CHART):
+    def values(m):
+      mean = [100 * g["mean"].get(m, np.nan) if not (_NEEDS.get(m) and _NEEDS[m] not in g["heads"]) else np.nan
+              for g in groups]
+      std = [100 * g["std"].get(m, np.nan) for g in groups]
+      return np.asarray(mean), np.nan_to_num(np.asarray(std))
+    mean, std = values(metric)
+    if metric == "masking/ic_object_recall":
+      base, base_std = values("masking/ic_object_recall_random")
+      ax.bar(x - 0.2, mean, 0.4, yerr=std, capsize=3, label="attentive")
+      ax.bar(x + 0.2, base, 0.4, yerr=base_std, capsize=3, hatch="//", fill=False, label="random")
+      ax.legend(fontsize=7)
+    else:
+      ax.bar(x, mean, 0.6, yerr=std, capsize=3, color=[f"C{i % 10}" for i in range(len(groups))])
+    if metric in _CHANCE:
+      ax.axhline(_CHANCE[metric], color="grey", linestyle="--", linewidth=1)
+    ax.set_title(_TITLES.get(metric, metric), fontsize=9)
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+  for ax in list(axes.flat)[len(CHART):]:
+    ax.axis("off")
+  fig.suptitle("Ablation: mean ± std over seeds (%)", fontsize=10)
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
+  plt.close(fig)
+  return True
+
+
+def write_outputs(workdir: str, planned: Sequence[Run] = (), failed: Sequence[str] = ()) -> dict:
+  """DIR/ablation.json, ablation.md and ablation.png from every finished run in DIR."""
+  runs = finished_runs(workdir)
+  groups = summarise(runs)
+  done = {r["name"] for r in runs}
+  summary = {"runs": runs, "groups": groups, "pending": [r.name for r in planned if r.name not in done],
+             "failed": list(failed), "columns": {t: [[c, m] for c, m, _ in cols] for t, cols in TABLES.items()}}
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  _write_json(root / "ablation.json", summary)
+  (root / "ablation.md").write_text(markdown(groups))
+  chart(groups, root / "ablation.png")
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+class _QuietLibraries(logging_std.Filter):
+  """As main.py's: orbax, grain and etils log every file they touch at INFO."""
+
+  def filter(self, record):
+    noisy = ("/orbax/", "/grain/", "/etils/")
+    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  workdir = FLAGS.workdir
+  if FLAGS.table_only:
+    planned = plan(FLAGS.config, FLAGS.variants, [int(s) for s in FLAGS.seeds], FLAGS.sweep,
+                   FLAGS.overrides) if FLAGS.config else []
+    summary = write_outputs(workdir, planned)
+    print(f"{len(summary['runs'])} finished runs -> {workdir}/ablation.{{json,md,png}}")
+    return
+  if not FLAGS.config:
+    raise app.UsageError("--config is required (except with --table_only).")
+  runs = plan(FLAGS.config, FLAGS.variants, [int(s) for s in FLAGS.seeds], FLAGS.sweep, FLAGS.overrides)
+  failed = []
+  if not FLAGS.child:
+    write_outputs(workdir, runs, failed)  # what an earlier, interrupted study finished
+  for i, run in enumerate(runs, 1):
+    run_dir = epath.Path(workdir) / run.name
+    if is_finished(run_dir, run.num_steps):
+      print(f"[{i}/{len(runs)}] {run.name}: finished already, skipped.", flush=True)
+      continue
+    print(f"[{i}/{len(runs)}] {run.name}: training {run.num_steps} steps ...", flush=True)
+    t0 = time.time()
+    if FLAGS.subprocess:
+      rc = _run_child(run, run_dir)
+    else:
+      train_and_evaluate_run(run, workdir, FLAGS.config, FLAGS.extra_evals)
+      rc = 0
+    if rc != 0 or not is_finished(run_dir, run.num_steps):
+      failed.append(run.name)
+      print(f"[{i}/{len(runs)}] {run.name}: FAILED (exit {rc}); see {run_dir}/log.txt.", flush=True)
+    else:
+      print(f"[{i}/{len(runs)}] {run.name}: done in {time.time() - t0:.0f} s.", flush=True)
+    if not FLAGS.child:  # partial results on disk after every run
+      write_outputs(workdir, runs, failed)
+  if failed:
+    raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}.")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,135 @@
+"""The ablation tool: its plan, its tables from finished runs, and a two-run study that a rerun skips."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from etils import epath
+
+from sycoca_jax.tools import ablation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "sycoca_tiny.py")
+
+
+def test_overrides_split_on_commas_that_start_a_new_key():
+  assert ablation.split_overrides(["total_steps=5,optim.lr=1e-3", "data.crop_scale=(0.8,1.0)"]) == [
+      "total_steps=5", "optim.lr=1e-3", "data.crop_scale=(0.8,1.0)"]
+  assert ablation.split_overrides(["evals.zeroshot.datasets=[a,b],seed=3"]) == ["evals.zeroshot.datasets=[a,b]",
+                                                                                 "seed=3"]
+
+
+def test_sweep_and_run_names():
+  assert ablation.parse_sweep("loss.mim_weight=0.1, 0.5,1") == ("loss.mim_weight", ["0.1", "0.5", "1"])
+  assert ablation.parse_sweep("") == ("", [""])
+  with pytest.raises(ValueError, match="KEY=V1,V2"):
+    ablation.parse_sweep("loss.mim_weight")
+  assert ablation.run_name("sycoca", 2) == "sycoca_seed2"
+  assert ablation.run_name("sycoca", 0, "model.masking.mim_ratio", "0.25") == "sycoca_mim_ratio0.25_seed0"
+  assert ablation.with_variant("configs/x.py:runlocal,variant=clip", "coca") == "configs/x.py:runlocal,variant=coca"
+  assert ablation.with_variant("configs/x.py", "coca") == "configs/x.py:variant=coca"
+
+
+def test_plan_is_seed_major_with_variant_sweep_and_overrides():
+  runs = ablation.plan(f"{TINY}:runlocal", ["coca_tgmim_random", "sycoca"], [0, 1],
+                       "model.masking.mim_ratio=0.25,0.75", ["total_steps=3,optim.lr=0.002"])
+  assert [r.name for r in runs[:4]] == ["coca_tgmim_random_mim_ratio0.25_seed0", "sycoca_mim_ratio0.25_seed0",
+                                        "coca_tgmim_random_mim_ratio0.75_seed0", "sycoca_mim_ratio0.75_seed0"]
+  assert [r.seed for r in runs] == [0] * 4 + [1] * 4
+  for r in runs:
+    c = r.config
+    assert (c.seed, c.total_steps, c.optim.lr) == (r.seed, 3, 0.002)
+    assert c.model.masking.mim_ratio == float(r.sweep_value)
+    assert c.model.masking.strategy == ("random" if r.variant == "coca_tgmim_random" else "attentive")
+    assert c.model.vision.image_size == 32  # runlocal kept
+
+
+def test_plan_fails_before_training_on_bad_rows():
+  with pytest.raises(ValueError, match="not among"):
+    ablation.plan(TINY, ["cocaa"], [0])
+  with pytest.raises(AttributeError, match="total_stepz"):
+    ablation.plan(TINY, ["coca"], [0], overrides=["total_stepz=3"])
+  # TG-MIM weight swept onto a row that hides no patch: refused here, not after a compile in a child.
+  with pytest.raises(ValueError, match="clip_mim_weight0.5_seed0: config.loss.mim_weight"):
+    ablation.plan(TINY, ["clip"], [0], "loss.mim_weight=0.5")
+
+
+def _fake_run(workdir, variant, seed, metrics, heads=("itc", "ic")):
+  run_dir = epath.Path(workdir) / ablation.run_name(variant, seed)
+  run_dir.mkdir(parents=True)
+  (run_dir / ablation.FINAL_EVAL).write_text(json.dumps(dict(
+      name=run_dir.name, variant=variant, seed=seed, sweep_key="", sweep_value="", step=10, heads=list(heads),
+      metrics=metrics)))
+
+
+def test_tables_and_chart_from_finished_runs(tmp_path):
+  for seed, r1 in enumerate((0.2, 0.4)):
+    _fake_run(tmp_path, "sycoca", seed, {"retrieval/i2t_r1": r1, "captioning/cider": 0.5,
+                                         "masking/ic_object_recall": 0.7, "masking/ic_object_recall_random": 0.5})
+  _fake_run(tmp_path, "clip", 0, {"retrieval/i2t_r1": 0.1, "captioning/cider": 0.01}, heads=("itc",))
+  summary = ablation.write_outputs(str(tmp_path))
+  assert [g["label"] for g in summary["groups"]] == ["clip", "sycoca"]  # the order of config_lib.VARIANTS
+  sycoca = summary["groups"][1]
+  assert sycoca["seeds"] == [0, 1]
+  np.testing.assert_allclose(sycoca["mean"]["retrieval/i2t_r1"], 0.3)
+  np.testing.assert_allclose(sycoca["std"]["retrieval/i2t_r1"], np.std([0.2, 0.4], ddof=1))
+  table = (tmp_path / "ablation.md").read_text()
+  assert "| sycoca | 2 | 30.0 ± 14.1 |" in table
+  clip_rows = [line for line in table.splitlines() if line.startswith("| clip |")]
+  assert len(clip_rows) == 2 and "| 10.0 |" in clip_rows[0]
+  assert "| – | – |" in clip_rows[0]  # CIDEr and SG F1: CLIP has no captioner
+  stored = json.loads((tmp_path / "ablation.json").read_text())  # standard JSON: one seed's std is null
+  assert stored["groups"][0]["std"]["retrieval/i2t_r1"] is None
+  assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_dir_trained_with_another_config_is_refused(tmp_path):
+  run, = ablation.plan(f"{TINY}:runlocal", ["coca"], [0])
+  ablation._check_same_config(epath.Path(tmp_path) / run.name, run, TINY)
+  ablation._check_same_config(epath.Path(tmp_path) / run.name, run, TINY)  # same config: fine
+  run.config.evals.retrieval.max_examples = 7  # bookkeeping: fine
+  ablation._check_same_config(epath.Path(tmp_path) / run.name, run, TINY)
+  other, = ablation.plan(f"{TINY}:runlocal", ["coca"], [0], overrides=["optim.lr=0.5"])
+  with pytest.raises(ValueError, match=r"another config \(optim.lr: 0.001 -> 0.5\)"):
+    ablation._check_same_config(epath.Path(tmp_path) / run.name, other, TINY)
+
+
+# Two variants, one seed, two steps each, evaluators on a few examples: the whole study path in children.
+_SMALL_EVALS = ("total_steps=2,evals.retrieval.max_examples=16,evals.zeroshot.max_examples=8,"
+                "evals.captioning.max_examples=8,evals.masking.max_examples=8")
+
+
+def _study(workdir):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device per child: compiles faster than eight fake ones
+  cmd = [sys.executable, "-m", "sycoca_jax.tools.ablation", f"--config={TINY}:runlocal", "--variants=clip,coca",
+         "--seeds=0", f"--overrides={_SMALL_EVALS}", f"--workdir={workdir}"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+@pytest.mark.slow
+def test_study_trains_evaluates_tabulates_and_skips_finished_runs(tmp_path):
+  log = _study(tmp_path)
+  assert "clip_seed0: done" in log and "coca_seed0: done" in log
+  summary = json.loads((tmp_path / "ablation.json").read_text())
+  assert [g["label"] for g in summary["groups"]] == ["clip", "coca"] and summary["pending"] == []
+  for g in summary["groups"]:
+    for key in ("retrieval/i2t_r1", "retrieval/fg_object_itc", "zeroshot/scenes_shape_top1", "captioning/cider",
+                "masking/ic_object_recall", "masking/ic_object_recall_random"):
+      assert key in g["mean"], (g["label"], key)
+  table = (tmp_path / "ablation.md").read_text()
+  assert "| clip | 1 |" in table and "| coca | 1 |" in table
+  assert (tmp_path / "ablation.png").stat().st_size > 0
+  finals = {name: (tmp_path / name / "final_eval.json").read_text() for name in ("clip_seed0", "coca_seed0")}
+  checkpoint = tmp_path / "coca_seed0" / "checkpoints" / "2"
+  mtime = checkpoint.stat().st_mtime_ns
+
+  log = _study(tmp_path)
+  assert "clip_seed0: finished already, skipped" in log and "coca_seed0: finished already, skipped" in log
+  assert checkpoint.stat().st_mtime_ns == mtime
+  assert {name: (tmp_path / name / "final_eval.json").read_text() for name in finals} == finals
