@@ -175,7 +175,7 @@ class Inference:
 
 
 def load(workdir_or_checkpoint: str, step: int | None = None, **kw) -> Inference:
-  """An Inference for a training workdir's latest checkpoint (or `step`); kw go to Inference()."""
+  """An Inference for a training workdir's (a folder or gs:// URL) latest checkpoint (or `step`); kw to Inference()."""
   from sycoca_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
   config, params, *_ = checkpoint.load_params(workdir_or_checkpoint, step)

@@ -20,6 +20,7 @@ import http.server
 import json
 import os
 import re
+import stat
 import threading
 import urllib.parse
 
@@ -64,11 +65,12 @@ class _FakeBucketServer(http.server.ThreadingHTTPServer):
     return os.path.join(self.root, bucket, *name.split("/"))
 
   def generation(self, bucket: str, name: str) -> int | None:
+    """The object's generation; None when there is no such object."""
     try:
       st = os.stat(self.file(bucket, name))
     except (FileNotFoundError, NotADirectoryError):
       return None
-    if not os.path.isfile(self.file(bucket, name)):
+    if not stat.S_ISREG(st.st_mode):
       return None
     key, fingerprint = f"{bucket}/{name}", (st.st_ino, st.st_size, st.st_mtime_ns)
     known = self.generations.get(key)
@@ -108,8 +110,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.send_header(key, value)
     self.send_header("Content-Length", str(len(body)))
     self.end_headers()
-    if self.command != "HEAD":
-      self.wfile.write(body)
+    self.wfile.write(body)
 
   def _body(self) -> bytes:
     if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -133,7 +134,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     return (upload, bucket, objects, urllib.parse.unquote(name) if name is not None else None, query)
 
   def _preconditions(self, query: dict, generation: int | None) -> int | None:
-    """The HTTP status a failed ifGeneration(Not)Match gives, or None."""
+    """The status a read with a failed ifGeneration(Not)Match gets (0 matches a missing object), or None."""
     if "ifGenerationMatch" in query and int(query["ifGenerationMatch"]) != (generation or 0):
       return 412
     if "ifGenerationNotMatch" in query and generation is not None and int(
@@ -212,9 +213,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       return self._reply(400, {"error": {"code": 400, "message": "Only uploadType=media is served."}})
     name = query["name"]
     with s.lock:
-      failed = self._preconditions(query, s.generation(bucket, name))
-      if failed:
-        return self._reply(412 if failed == 412 else failed)
+      if self._preconditions(query, s.generation(bucket, name)):
+        return self._reply(412)  # a write whose precondition fails is refused, whichever it was
       path = s.file(bucket, name)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path + ".upload", "wb") as f:
