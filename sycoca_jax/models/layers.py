@@ -8,6 +8,7 @@ Parameter names follow open_clip's (ln_1, attn, ln_1_kv, ln_2, mlp/c_fc, mlp/c_p
 CoCa checkpoints is a renaming, not a re-plumbing. Parameters are float32; `dtype` sets the compute type.
 """
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import einops
@@ -22,6 +23,33 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # OpenAI CLIP's
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class InitStds:
+  """Normal stds of a transformer's kernels (None in a tower: flax's lecun-normal defaults, as PyTorch's ViT).
+
+  attn: the q, k, v projections; proj: the attention output and MLP c_proj, the last layer of each residual
+  branch; fc: MLP c_fc.
+  """
+
+  attn: float
+  proj: float
+  fc: float
+
+  @classmethod
+  def open_clip(cls, width: int, depth: int) -> "InitStds":
+    """open_clip's TextTransformer / MultimodalTransformer init_parameters.
+
+    The residual branches' output layers shrink with depth, (2 * depth) ** -0.5, so the residual stream does not
+    grow with the number of blocks at initialisation.
+    """
+    return cls(attn=width ** -0.5, proj=width ** -0.5 * (2 * depth) ** -0.5, fc=(2 * width) ** -0.5)
+
+
+def kernel_init(stds: Optional[InitStds], kind: str) -> Callable[..., jax.Array]:
+  """N(0, stds.<kind>), or flax's default (lecun normal) without stds."""
+  return nn.initializers.normal(getattr(stds, kind)) if stds is not None else nn.linear.default_kernel_init
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -39,14 +67,16 @@ class Mlp(nn.Module):
 
   mlp_ratio: float = 4.0
   act: str = "gelu"
+  init_stds: Optional[InitStds] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, name="c_fc")(x)
+    init = lambda kind: kernel_init(self.init_stds, kind)
+    x = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=init("fc"), name="c_fc")(x)
     x = ACTIVATIONS[self.act](x)
-    return nn.Dense(width, dtype=self.dtype, name="c_proj")(x)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=init("proj"), name="c_proj")(x)
 
 
 class Attention(nn.Module):
@@ -61,6 +91,7 @@ class Attention(nn.Module):
   """
 
   num_heads: int
+  init_stds: Optional[InitStds] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -68,7 +99,10 @@ class Attention(nn.Module):
     width = x.shape[-1]
     cross = kv is not None
     kv = x if kv is None else kv
-    dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
+
+    def dense(name, kind="attn"):
+      return nn.Dense(width, dtype=self.dtype, kernel_init=kernel_init(self.init_stds, kind), name=name)
+
     split = lambda t: einops.rearrange(t, "b s (h d) -> b s h d", h=self.num_heads)
     q, k, v = split(dense("query")(x)), split(dense("key")(kv)), split(dense("value")(kv))
 
@@ -98,7 +132,7 @@ class Attention(nn.Module):
 
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = einops.rearrange(out, "b s h d -> b s (h d)")
-    return nn.Dense(width, dtype=self.dtype, name="out")(out)
+    return dense("out", "proj")(out)
 
 
 class Block(nn.Module):
@@ -113,6 +147,7 @@ class Block(nn.Module):
   act: str = "gelu"
   norm_eps: float = 1e-5
   cross: bool = False
+  init_stds: Optional[InitStds] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -120,16 +155,18 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=name)
     if self.cross:
       kv = norm("ln_1_kv")(kv)
-    attn = Attention(self.num_heads, dtype=self.dtype, name="attn")
+    attn = Attention(self.num_heads, init_stds=self.init_stds, dtype=self.dtype, name="attn")
     x = x + attn(norm("ln_1")(x), kv, mask, decode=decode)
-    return x + Mlp(self.mlp_ratio, self.act, dtype=self.dtype, name="mlp")(norm("ln_2")(x))
+    mlp = Mlp(self.mlp_ratio, self.act, init_stds=self.init_stds, dtype=self.dtype, name="mlp")
+    return x + mlp(norm("ln_2")(x))
 
 
 class Transformer(nn.Module):
   """`depth` blocks; each layer is a self-attention block, followed by a cross-attention block if `cross`.
 
   `scan=True` stacks the layers' parameters on a leading axis and runs them with one `nn.scan` (faster
-  compiles on deep models); `remat=True` recomputes each layer's activations in the backward pass.
+  compiles on deep models); `remat=True` recomputes each layer's activations in the backward pass. `init_stds`
+  sets every block's kernel init (cross-attention blocks included, as open_clip's MultimodalTransformer).
   """
 
   depth: int
@@ -140,13 +177,14 @@ class Transformer(nn.Module):
   cross: bool = False
   remat: bool = False
   scan: bool = False
+  init_stds: Optional[InitStds] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, kv=None, mask=None, kv_mask=None, *, decode: bool = False):
     layer_cls = nn.remat(_Layer, prevent_cse=not self.scan) if self.remat else _Layer
     kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, act=self.act, norm_eps=self.norm_eps,
-              cross=self.cross, decode=decode, dtype=self.dtype)
+              cross=self.cross, decode=decode, init_stds=self.init_stds, dtype=self.dtype)
     if self.scan:
       stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast,) * 3, length=self.depth)
@@ -166,12 +204,13 @@ class _Layer(nn.Module):
   norm_eps: float
   cross: bool
   decode: bool
+  init_stds: Optional[InitStds]
   dtype: Dtype
 
   @nn.compact
   def __call__(self, x, kv, mask, kv_mask):
     kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, act=self.act, norm_eps=self.norm_eps,
-              dtype=self.dtype)
+              init_stds=self.init_stds, dtype=self.dtype)
     x = Block(**kw, name="self")(x, None, mask, decode=self.decode)
     if self.cross:
       x = Block(**kw, cross=True, name="cross")(x, kv, kv_mask, decode=self.decode)

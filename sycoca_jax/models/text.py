@@ -18,6 +18,9 @@ Dtype = Any
 class TextEncoder(nn.Module):
   """Causal transformer over caption tokens with a learned CLS token appended at the end (CoCa's unimodal part).
 
+  Initialised as open_clip's TextTransformer: embeddings N(0, 0.02), positions and CLS N(0, 0.01), blocks with
+  depth-scaled residual outputs (layers.InitStds.open_clip), text_projection N(0, width ** -0.5).
+
   The CLS token sees the whole caption; padding keys are masked. `legacy_cls_mask=True` reproduces the mask of
   open_clip's released CoCa weights, which is shifted by one position (open_clip's `correct_cls_mask=False`):
   key j is hidden iff token j - 1 is padding, and key 0 always visible. Use it only for imported weights.
@@ -45,7 +48,7 @@ class TextEncoder(nn.Module):
         "positional_embedding", nn.initializers.normal(0.01), (self.context_length + 1, self.width))
     self.transformer = layers.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, remat=self.remat, scan=self.scan,
-        dtype=self.dtype)
+        init_stds=layers.InitStds.open_clip(self.width, self.depth), dtype=self.dtype)
     self.ln_final = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
     self.text_projection = self.param(
         "text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.embed_dim))
@@ -91,7 +94,9 @@ class TextEncoder(nn.Module):
 class TextDecoder(nn.Module):
   """Multimodal decoder: causal self-attention over text features, cross-attention to image tokens, vocab logits.
 
-  Each layer is a self-attention block then a cross-attention block, as open_clip's MultimodalTransformer.
+  Each layer is a self-attention block then a cross-attention block, as open_clip's MultimodalTransformer, and
+  initialised as it: both kinds of block with layers.InitStds.open_clip(width, depth), text_projection
+  N(0, width ** -0.5).
   """
 
   vocab_size: int
@@ -115,7 +120,8 @@ class TextDecoder(nn.Module):
     length = text_tokens.shape[1]
     x = layers.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, cross=True, remat=self.remat,
-        scan=self.scan, dtype=self.dtype, name="transformer",
+        scan=self.scan, init_stds=layers.InitStds.open_clip(self.width, self.depth), dtype=self.dtype,
+        name="transformer",
     )(text_tokens.astype(self.dtype), image_tokens.astype(self.dtype),
       mask=None if decode else layers.causal_mask(length), decode=decode)
     x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_final")(x)

@@ -76,9 +76,13 @@ class VisionTransformer(nn.Module):
     return (self.image_size // self.patch_size) ** 2
 
   def setup(self):
+    # open_clip's ViT: conv1 keeps PyTorch's default Conv2d init, kaiming_uniform(a=sqrt(5)), which is
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = 3 p p, i.e. variance 1 / (3 fan_in); the embeddings and
+    # the projection are width ** -0.5 * randn. Its blocks keep PyTorch's defaults (no depth scaling).
     scale = self.width ** -0.5
     # A linear map of flattened patches == open_clip's bias-free strided conv1.
-    self.conv1 = nn.Dense(self.width, use_bias=False, dtype=self.dtype)
+    self.conv1 = nn.Dense(self.width, use_bias=False, dtype=self.dtype,
+                          kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
     self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (self.width,))
     self.positional_embedding = self.param(
         "positional_embedding", nn.initializers.normal(scale), (self.num_patches + 1, self.width))
@@ -93,7 +97,7 @@ class VisionTransformer(nn.Module):
     else:
       pool_dim = self.width
     self.ln_post = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
-    self.proj = self.param("proj", nn.initializers.normal(pool_dim ** -0.5), (pool_dim, self.embed_dim))
+    self.proj = self.param("proj", nn.initializers.normal(scale), (pool_dim, self.embed_dim))
 
   def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """images [B, H, W, 3]; ids_keep [B, K] patch indices to encode (all N when None).
