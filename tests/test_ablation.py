@@ -57,6 +57,15 @@ def test_plan_fails_before_training_on_bad_rows():
     ablation.plan(TINY, ["clip"], [0], "loss.mim_weight=0.5")
 
 
+def test_extra_evals_skip_the_runs_own_and_rename_clashes():
+  run, = ablation.plan(TINY, ["sycoca"], [0])
+  evals = ablation.final_evals(run, os.path.join(ROOT, "configs", "eval_all.py"), TINY)
+  assert set(evals) == {"retrieval", "zeroshot", "captioning", "masking", "captioning_extra", "retrieval_comp",
+                        "probe", "vqa"}  # same-settings retrieval / zero-shot run once
+  assert (evals.captioning.sampler, evals.captioning_extra.sampler) == ("greedy", "beam")
+  assert evals.captioning_extra.prefix == "captioning_extra"
+
+
 def _fake_run(workdir, variant, seed, metrics, heads=("itc", "ic")):
   run_dir = epath.Path(workdir) / ablation.run_name(variant, seed)
   run_dir.mkdir(parents=True)

@@ -229,12 +229,11 @@ def final_evals(run: Run, extra_evals: str, spec: str) -> ml_collections.ConfigD
     return evals
   runlocal = config_lib.parse_arg(spec.partition(":")[2]).get("runlocal")
   extra = load_config(extra_evals + (":runlocal" if runlocal else "")).evals
+  settings = lambda ev: {k: v for k, v in ev.to_dict().items() if k != "log_steps"}
   for name, ev in extra.items():
     ev = ml_collections.ConfigDict(copy.deepcopy(ev.to_dict()))
     mine = evals.get(name)
-    same = lambda a, b: {k: v for k, v in a.to_dict().items() if k != "log_steps"} == \
-        {k: v for k, v in b.to_dict().items() if k != "log_steps"}
-    if mine is not None and same(mine, ev):
+    if mine is not None and settings(mine) == settings(ev):
       continue  # the run's own evaluator, with the same settings
     if mine is not None or any(_eval_prefix(e) == _eval_prefix(ev) for e in evals.values()):
       ev.prefix = f"{_eval_prefix(ev)}_extra"
@@ -258,7 +257,8 @@ def train_and_evaluate_run(run: Run, workdir: str, spec: str, extra_evals: str =
   evals = final_evals(run, extra_evals, spec)
   # Evaluators the trainer ran at the last step: their results are in metrics.jsonl already.
   last = {}
-  for row in metrics.read_jsonl(os.fspath(run_dir)):
+  rows = metrics.read_jsonl(os.fspath(run_dir)) if (run_dir / "metrics.jsonl").exists() else []
+  for row in rows:
     if row.get("step") == num_steps:
       last.update({k: v for k, v in row.items() if k != "step"})
   done = {_eval_prefix(ev) for ev in evals.values() if any(k.startswith(_eval_prefix(ev) + "/") for k in last)}
