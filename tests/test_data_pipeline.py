@@ -128,7 +128,7 @@ def _coco_with_bad_files(directory, num_images=10):
                  tokenizer="clip_bpe", max_len=12, flip=True)
 
 
-def test_worker_processes_give_the_same_stream_skip_counts_and_exact_resume(tmp_path):
+def test_worker_processes_give_the_same_stream_skip_counts_and_exact_resume(tmp_path, monkeypatch):
   """Decoding in 2 worker processes changes nothing: batches, skip counts, states; and resume stays exact."""
   cfg = _coco_with_bad_files(tmp_path)
 
@@ -158,6 +158,10 @@ def test_worker_processes_give_the_same_stream_skip_counts_and_exact_resume(tmp_
   elsewhere = make(0)
   elsewhere.set_state(state)
   _assert_same_batches(_take(elsewhere, 4), want[2:])
+  # Nor do the batches depend on how many examples a worker hands over at once (here 2 instead of the batch).
+  monkeypatch.setattr(pipeline, "_CHUNK_BYTES", 2 * 4 * (3 * 16**2 + 12 + 1))
+  assert pipeline._chunk_size(4, 4 * (3 * 16**2 + 12 + 1)) == 2
+  _assert_same_batches(_take(make(0), 6), want)
 
 
 def test_automatic_worker_count():

@@ -1,14 +1,16 @@
 """Input pipelines: deterministic, resumable training batches and evaluation splits.
 
-Training (`build_train_iterator`) is a grain dataset graph:
+Training (`build_train_iterator`) is a grain dataset graph, then batches cut in this process:
 
   order = range(len(source)).shuffle(seed).repeat()   one global example order, reshuffled every epoch
-  range(start, ...).map(k -> (g(k), order[g(k)]))     this process's block of every global batch
-    .map(make_example)                                read, decode, crop, normalise, pick + tokenise a caption
+  range(first chunk, ...).map(make_chunk)             examples k = K c ... K c + K - 1 of this process's stream,
+                                                      k -> (g(k), order[g(k)]): read, decode, crop, normalise,
+                                                      pick + tokenise a caption; stacked (or marked unusable)
     .to_iter_dataset(threads)                         parallel reads, prefetch
-    .mp_prefetch(workers)                             the above in worker processes, element k in worker k % W
-    .filter(skip_counter)                             drops examples marked bad, counting them by reason
-    .batch(global_batch_size // process_count)
+    .mp_prefetch(workers)                             the above in worker processes, chunk c in worker c % W
+  TrainIterator                                       takes usable examples in stream order, counts the
+                                                      others by reason, cuts batches of global_batch_size //
+                                                      process_count (a chunk of exactly a batch goes as is)
 
 g(k) maps this process's k-th example to its position in the global stream: process p of P takes positions
 [p b, (p + 1) b) of each global batch of B = P b. So the global batch is the same whatever the number of
@@ -17,13 +19,12 @@ Every random choice of an example (crop, flip, caption) comes from a generator s
 record id), and the order by grain's index shuffle, so the stream is a pure function of the seed and the
 iterator state is a few integers: `it.get_state()` / `it.set_state(state)` resume exactly.
 
-Decoding runs in `data_config.num_workers` worker processes (grain's mp_prefetch): a JPEG decode, a bicubic
-resize and a BPE tokenisation hold the interpreter for much of their time, so threads alone do not scale past
-a core or two, and a pod host has to feed its chips about 900 examples/s at 288 px (README, "Input
-pipeline"). Worker w computes elements w, w + W, w + 2W, ... and the main process takes them in turn, so the
-stream is the same for any number of workers, 0 included. The filter and the batching run in the main
-process, in stream order: the skip counts are exact, and the state is the count of examples consumed, which
-does not depend on W either (a checkpoint written with 8 workers resumes with 2).
+Decoding runs in `data_config.num_workers` worker processes (grain's mp_prefetch), since threads in one
+process share one interpreter lock and a pod host has to feed its chips several hundred examples/s at 288 px
+(README, "Input pipeline"). Worker w makes chunks w, w + W, w + 2W, ... and the main process takes them in turn, so the
+stream is the same for any number of workers, 0 included. Skipping and batching run in the main process, in
+stream order: the skip counts are exact, and the state is the count of examples read, which depends neither
+on W nor on the chunk size K (a checkpoint written with 8 workers resumes with 2).
 
 The batch contract (this process's slice of the global batch; b = global_batch_size / process_count):
   'image'       float32 [b, S, S, 3], normalised with CLIP's mean / std
@@ -224,9 +225,10 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
   return image.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side), reducing_gap=3.0)
 
 
-def normalize(image: Image.Image) -> np.ndarray:
-  """uint8 RGB image -> float32 [S, S, 3] with CLIP's mean and std."""
-  return np.asarray(image, np.float32) * _SCALE + _OFFSET
+def normalize(image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+  """uint8 RGB image -> float32 [S, S, 3] with CLIP's mean and std (written into `out` if given)."""
+  out = np.multiply(np.asarray(image), _SCALE, out=out, dtype=np.float32)
+  return np.add(out, _OFFSET, out=out)
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
@@ -245,7 +247,7 @@ def swap_left_right(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ExampleMaker:
-  """(global stream position, record id) -> one training example, or {'skip': reason}."""
+  """(global stream position, record id) -> (cropped S x S image, caption ids [L]), or why it can not be used."""
 
   source: sources_lib.Source
   tokenizer: tokenizers_lib.Tokenizer
@@ -256,8 +258,7 @@ class ExampleMaker:
   crop_ratio: tuple[float, float]
   flip: bool
 
-  def __call__(self, item: tuple[int, int]) -> dict:
-    position, record_id = int(item[0]), int(item[1])
+  def __call__(self, position: int, record_id: int) -> tuple[Image.Image, np.ndarray] | str:
     epoch = position // self.num_records
     rng = np.random.default_rng([self.seed, epoch, record_id])
     try:
@@ -274,60 +275,123 @@ class ExampleMaker:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
         caption = swap_left_right(caption)
     except BadExample as e:
-      return {"skip": e.reason}
-    return {"image": normalize(image), "text": self.tokenizer.encode([caption])[0],
-            "example_id": np.int32(record_id)}
+      return e.reason
+    return image, self.tokenizer.encode([caption])[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkMaker:
+  """Chunk c -> examples K c ... K (c + 1) - 1 of this process's stream, stacked.
+
+  {'image': float32 [K, S, S, 3], 'text': int32 [K, L], 'example_id': int32 [K], 'skip': K reasons (None for
+  a usable example; its rows are zeros)}. A chunk, not an example, is the unit a worker hands over, and a chunk
+  of a whole batch is the batch, not copied again: handed over one by one, 288 px examples cost the main
+  process about three times the CPU time (README, "Input pipeline"), and it has every example to handle.
+  """
+
+  make_example: ExampleMaker
+  record_at: Callable[[int], tuple[int, int]]  # stream index k -> (global position, record id)
+  size: int
+
+  def __call__(self, chunk: int) -> dict:
+    k = self.size * chunk
+    s, length = self.make_example.image_size, self.make_example.tokenizer.max_len
+    out = {"image": np.zeros((self.size, s, s, 3), np.float32), "text": np.zeros((self.size, length), np.int32),
+           "example_id": np.zeros((self.size,), np.int32)}
+    reasons = []
+    for i in range(self.size):
+      position, record_id = (int(x) for x in self.record_at(k + i))
+      example = self.make_example(position, record_id)
+      if isinstance(example, str):
+        reasons.append(example)
+        continue
+      normalize(example[0], out=out["image"][i])
+      out["text"][i], out["example_id"][i] = example[1], record_id
+      reasons.append(None)
+    out["skip"] = tuple(reasons)
+    return out
 
 
 class SkipCounter:
-  """grain filter predicate that drops examples marked {'skip': reason} and counts them by reason.
-
-  grain runs filters in the consuming process and thread, after the workers, in stream order, so the counts
-  are exact and belong to the iterator state. `seen` counts every element the filter was given, kept or not:
-  between batches that is how far this iterator has read the stream.
-  """
+  """Counts unusable examples by reason, and fails after too many in a row (a wrong path or format)."""
 
   def __init__(self, max_consecutive: int):
     self.counts = collections.Counter()
-    self.seen = 0
     self.max_consecutive = max_consecutive
     self._consecutive = 0
 
-  def __call__(self, element: dict) -> bool:
-    self.seen += 1
-    reason = element.get("skip")
+  def __call__(self, reason: str | None) -> None:
     if reason is None:
       self._consecutive = 0
-      return True
+      return
     self.counts[reason] += 1
     self._consecutive += 1
     if self._consecutive >= self.max_consecutive:
       raise RuntimeError(f"{self._consecutive} unusable examples in a row (last: {reason!r}; so far "
                          f"{dict(self.counts)}). Check the data path and format.")
-    return False
+
+
+_BATCH_KEYS = ("image", "text", "example_id")
 
 
 class TrainIterator:
   """Per-process batches with exact resume: get_state() / set_state(state) (a JSON-serialisable dict).
 
+  Batches are cut from the stream of chunks in this process, in stream order: usable examples are taken,
+  unusable ones counted, so the batches and counts do not depend on the chunk size or the number of workers.
   The state is {'pipeline': {'next_index': k}, 'skipped': {reason: count}}: k examples of this process's
-  stream have been read (kept or skipped). set_state rebuilds the grain graph from example k rather than
+  stream have been read (kept or skipped). set_state rebuilds the grain graph from k's chunk rather than
   restoring grain's own iterator state, which would name each worker's position and so tie a checkpoint to
   the worker count. Worker processes start at the first `next`, so building then restoring starts them once.
   """
 
-  def __init__(self, build: Callable[[int], grain.IterDataset], counter: SkipCounter):
-    self._build, self._counter = build, counter
-    self._start = 0  # stream index the current grain iterator began at
-    self._iterator = None
+  def __init__(self, build: Callable[[int], grain.IterDataset], chunk_size: int, batch_size: int,
+               counter: SkipCounter):
+    self._build, self._chunk_size, self._batch_size, self._counter = build, chunk_size, batch_size, counter
+    self._next = 0  # stream index of the next example to read
+    self._chunks = None  # grain iterator over chunks
+    self._chunk, self._chunk_start = None, 0
 
   def __iter__(self) -> TrainIterator:
     return self
 
+  def _current_chunk(self) -> dict:
+    """The chunk holding stream index self._next, fetched from the workers if it is not at hand."""
+    if self._chunk is None or self._next >= self._chunk_start + self._chunk_size:
+      if self._chunks is None:
+        first = self._next // self._chunk_size
+        self._chunks = iter(self._build(first))
+        self._chunk_start = (first - 1) * self._chunk_size
+      self._chunk = next(self._chunks)
+      self._chunk_start += self._chunk_size
+    return self._chunk
+
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._iterator is None:
-      self._iterator = iter(self._build(self._start))
-    return next(self._iterator)
+    pieces, need = [], self._batch_size  # (chunk, row indices) in batch order
+    while need:
+      chunk = self._current_chunk()
+      rows, i = [], self._next - self._chunk_start
+      while i < self._chunk_size and len(rows) < need:
+        reason = chunk["skip"][i]
+        self._counter(reason)
+        if reason is None:
+          rows.append(i)
+        i += 1
+      self._next = self._chunk_start + i
+      if rows:
+        pieces.append((chunk, rows))
+        need -= len(rows)
+    if len(pieces) == 1 and len(pieces[0][1]) == self._chunk_size:  # a whole chunk: hand it over as it is
+      return {key: np.asarray(pieces[0][0][key]) for key in _BATCH_KEYS}
+    batch = {}
+    for key in _BATCH_KEYS:
+      like = pieces[0][0][key]
+      batch[key] = np.empty((self._batch_size,) + like.shape[1:], like.dtype)
+      offset = 0
+      for chunk, rows in pieces:
+        np.take(chunk[key], rows, axis=0, out=batch[key][offset:offset + len(rows)])
+        offset += len(rows)
+    return batch
 
   @property
   def stats(self) -> dict[str, int]:
@@ -336,21 +400,18 @@ class TrainIterator:
         f"skipped/{reason}": n for reason, n in sorted(self._counter.counts.items())}
 
   def get_state(self) -> dict:
-    return {"pipeline": {"next_index": self._start + self._counter.seen}, "skipped": dict(self._counter.counts)}
+    return {"pipeline": {"next_index": self._next}, "skipped": dict(self._counter.counts)}
 
   def set_state(self, state: dict) -> None:
     self.close()
-    self._start = int(state["pipeline"]["next_index"])
-    self._counter.seen = 0
+    self._next = int(state["pipeline"]["next_index"])
     self._counter.counts = collections.Counter(state["skipped"])
 
   def close(self) -> None:
     """Stops the worker processes now (garbage collection would too, later); the next `next` restarts them."""
-    if self._iterator is not None:
-      self._iterator.close()
-      self._start += self._counter.seen
-      self._counter.seen = 0
-      self._iterator = None
+    if self._chunks is not None:
+      self._chunks.close()
+    self._chunks, self._chunk = None, None
 
 
 def _process_layout(process_index, process_count) -> tuple[int, int]:
@@ -428,29 +489,43 @@ def build_train_iterator(data_config, *, global_batch_size: int, seed: int, proc
       source=source, tokenizer=tokenizer_from_config(data_config), seed=seed, num_records=num_records,
       image_size=data_config.image_size, crop_scale=tuple(data_config.crop_scale),
       crop_ratio=tuple(data_config.crop_ratio), flip=data_config.flip)
-  counter = SkipCounter(data_config.max_consecutive_skips)
+  example_bytes = 4 * (3 * data_config.image_size**2 + data_config.max_len + 1)
+  chunk_size = _chunk_size(local_batch, example_bytes)
+  make_chunk = ChunkMaker(make_example, this_process, chunk_size)
   num_workers = resolve_num_workers(data_config)
-  # Each worker reads ahead its share of the buffer, enough to keep its threads busy.
-  per_process_buffer = -(-data_config.prefetch_buffer_size // max(1, num_workers))
+  # Each process reads ahead its share of the buffer, and at least a chunk per thread to keep them busy.
+  per_process_chunks = -(-data_config.prefetch_buffer_size // (chunk_size * max(1, num_workers)))
   read_options = grain.ReadOptions(num_threads=data_config.num_threads,
-                                   prefetch_buffer_size=max(data_config.num_threads, per_process_buffer))
+                                   prefetch_buffer_size=max(data_config.num_threads, per_process_chunks))
   if num_workers and not flags.FLAGS.is_parsed():
     # grain reads its absl flags when it starts workers; outside an absl app (pytest, a notebook) nothing has
     # parsed them, and reading them would raise: take their defaults.
     flags.FLAGS.mark_as_parsed()
 
-  def build(start: int) -> grain.IterDataset:
-    dataset = (grain.MapDataset.range(start, len(order) // process_count)
-               .map(this_process)
-               .map(make_example)
+  def build(first_chunk: int) -> grain.IterDataset:
+    dataset = (grain.MapDataset.range(first_chunk, len(order) // process_count // chunk_size)
+               .map(make_chunk)
                .to_iter_dataset(read_options))
     if num_workers:
-      # Two finished examples queued per worker smooth out the slow ones (a large JPEG) without holding much.
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=1),
                                     worker_init_fn=_exit_with_parent)
-    return dataset.filter(counter).batch(local_batch, drop_remainder=True)
+    return dataset
 
-  return TrainIterator(build, counter)
+  return TrainIterator(build, chunk_size, local_batch, SkipCounter(data_config.max_consecutive_skips))
+
+
+_CHUNK_BYTES = 256 << 20
+
+
+def _chunk_size(local_batch: int, example_bytes: int) -> int:
+  """Examples per chunk: the batch, or its largest divisor whose chunk stays under 256 MiB.
+
+  A chunk as large as the batch is handed on without a copy. The cap bounds what the workers hold: each holds
+  about num_threads + 2 chunks (being made, queued, read ahead), so 15 workers at 128 examples of 288 px
+  (a v5e-64 host of configs/sycoca_base.py) hold about 7.5 GiB.
+  """
+  fits = max(1, _CHUNK_BYTES // example_bytes)
+  return max(k for k in range(1, min(local_batch, fits) + 1) if local_batch % k == 0)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
