@@ -199,7 +199,7 @@ def main(argv):
   for r in rows:
     rss = "" if np.isnan(r["rss"]) else f"{r['rss']:.0f}"
     print(f"{r['name']:<42} {r['px']:>4} {r['workers']:>7} {r['threads']:>7} {_BATCH_SIZE.value:>5} "
-          f"{r['rate']:>10.0f} {r['cores']:>5.2f} {r['per_core']:>9.0f} {r['main_us']:>10.0f} {rss:>10}")
+          f"{r['rate']:>10.0f} {r['cores']:>5.2f} {r['per_core']:>9.0f} {r['main_us']:>10.0f} {rss:>10}".rstrip())
   print(f"(CPU cores available: {pipeline.available_cores()} of {os.cpu_count()}; load average over the last "
         f"5 minutes: {os.getloadavg()[1]:.1f})")
   _print_estimate(rows)
