@@ -94,6 +94,17 @@ def test_eval_splits_are_fixed_size_and_zero_shot_labels_balanced():
     assert all("{}" in t for t in templates)
 
 
+def test_zero_shot_prompts_are_worded_like_training_captions():
+  """A prompt word the captions never use (a full stop, 'something') has an untrained embedding."""
+  caption_words = {w for i in range(2000) for c in scenes.scene_captions(scenes.sample_scene(0, "train", i))
+                   for w in c.replace(",", " , ").split()}
+  for classes, templates, _ in scenes.ZEROSHOT.values():
+    for name in classes:
+      for template in templates:
+        unseen = set(template.format(name).split()) - caption_words
+        assert not unseen, (template.format(name), unseen)
+
+
 @pytest.mark.parametrize("size", [64, 224, 288])
 def test_render_sizes_and_patch_masks(size):
   source = scenes.ScenesSource("test", image_size=size, patch_size=size // 16)

@@ -88,10 +88,12 @@ PREFIXES = ("", "", "", "a picture of ", "an image of ", "a drawing of ")
 
 VQA_ANSWERS = ("yes", "no", *NUMBER_WORDS, *COLOUR_NAMES, *KINDS)
 
+# Prompts are worded as the training captions are (no full stop, only caption words), so that a prompt is a
+# sentence the text tower has seen the like of: "a circle" ~ "a red circle", "one 7" ~ "one 7" (a count claim).
 ZEROSHOT = {  # split -> (class names, prompt templates, attribute the label indexes)
-    "zeroshot_shape": (SHAPES, ("a {}.", "a picture of a {}.", "a {} shape."), "shape"),
-    "zeroshot_colour": (COLOUR_NAMES, ("a {} shape.", "a {} object.", "something {}."), "colour"),
-    "zeroshot_digit": (DIGITS, ("a {}.", "the digit {}.", "the number {}."), "shape"),
+    "zeroshot_shape": (SHAPES, ("a {}", "a picture of a {}", "one {}"), "shape"),
+    "zeroshot_colour": (COLOUR_NAMES, ("a {} shape", "a {} object", "one {} thing"), "colour"),
+    "zeroshot_digit": (DIGITS, ("a digit {}", "a number {}", "one {}"), "shape"),
 }
 EVAL_SIZES = {"test": 1000, "test_comp": 1000} | {name: 50 * len(z[0]) for name, z in ZEROSHOT.items()}
 SPLIT_IDS = {"train": 0, "test": 1, "test_comp": 2, "zeroshot_shape": 3, "zeroshot_colour": 4, "zeroshot_digit": 5}
