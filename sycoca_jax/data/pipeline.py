@@ -40,6 +40,7 @@ VQA pairs), images decoded on demand in padded, masked batches that every proces
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import functools
@@ -49,6 +50,7 @@ import multiprocessing
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import connection as mp_connection
 
@@ -362,6 +364,9 @@ class TrainIterator:
         first = self._next // self._chunk_size
         self._chunks = iter(self._build(first))
         self._chunk_start = (first - 1) * self._chunk_size
+        # Stop the workers before the interpreter tears its modules down: left to garbage collection then,
+        # grain's clean-up finds them gone and shared-memory blocks are reported leaked.
+        atexit.register(_close_if_alive, weakref.ref(self))
       self._chunk = next(self._chunks)
       self._chunk_start += self._chunk_size
     return self._chunk
@@ -412,6 +417,11 @@ class TrainIterator:
     if self._chunks is not None:
       self._chunks.close()
     self._chunks, self._chunk = None, None
+
+
+def _close_if_alive(iterator: weakref.ref) -> None:
+  if iterator() is not None:
+    iterator().close()
 
 
 def _process_layout(process_index, process_count) -> tuple[int, int]:
