@@ -137,13 +137,14 @@ def test_worker_processes_give_the_same_stream_skip_counts_and_exact_resume(tmp_
                                      process_index=0, process_count=1)
 
   in_process = make(0)
-  want = _take(in_process, 6)  # 24 kept of 7 good per epoch: crosses three epoch boundaries
+  want = _take(in_process, 6)  # 24 of the 7 usable examples per epoch: three epoch boundaries crossed
   want_state = in_process.get_state()
-  assert want_state["skipped"]["corrupt_image"] >= 6 and want_state["skipped"]["missing_file"] >= 3  # 3 epochs +
+  assert want_state["skipped"]["corrupt_image"] >= 6 and want_state["skipped"]["missing_file"] >= 3
 
   uninterrupted = make(2)
   got = _take(uninterrupted, 2)
   state = json.loads(json.dumps(uninterrupted.get_state()))  # states go into checkpoints as JSON
+  assert state["pipeline"]["next_index"] % 4  # skips so far: the resume starts inside a worker's chunk
   got += _take(uninterrupted, 4)
   _assert_same_batches(got, want)
   assert uninterrupted.get_state() == want_state and uninterrupted.stats == in_process.stats
