@@ -1,5 +1,7 @@
 """The SyCoCa towers: output shapes and dtypes, and that no information leaks where it must not."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,35 @@ def test_output_shapes_and_dtypes(name):
   assert image["tokens"].dtype == compute
 
 
+def test_bf16_heads_are_float32_from_the_matmul():
+  """Under bf16 the vocabulary logits and the pixel predictions come out of their matmul in float32: as close to
+  an f32 product of the same bf16 features as accumulation order allows, far closer than the bf16-rounded product
+  the loss used to get."""
+  cfg, model, params = _setup(**GEOMETRIES["wide_text_bf16"])
+  images, text = _batch(cfg)
+  out, state = model.apply({"params": params}, images, text, heads=HEADS, capture_intermediates=True,
+                           mutable=["intermediates"])
+  features = lambda tower: state["intermediates"][tower]["ln_final"]["__call__"][0]  # the head's input
+  # Operands as the model feeds them (bf16 features, weights cast to bf16), multiplied exactly in f32.
+  f32 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  product = lambda x, w: np.asarray(jnp.matmul(f32(x), f32(w), precision="highest"))
+  pred = params["image_decoder"]["pred"]
+  references = {
+      "caption_logits": product(features("text_decoder"), params["text_decoder"]["text_projection"]),
+      "mim_pred": product(features("image_decoder"), pred["kernel"]) + np.asarray(f32(pred["bias"])),
+  }
+  assert features("text_decoder").dtype == features("image_decoder").dtype == jnp.bfloat16
+  for name, reference in references.items():
+    assert out[name].dtype == jnp.float32
+    bf16_error = np.abs(np.asarray(f32(reference)) - reference).max()
+    assert np.abs(np.asarray(out[name]) - reference).max() < bf16_error / 20, name
+
+  # In the program itself: the vocabulary head's dot takes bf16 operands and produces f32.
+  lowered = jax.jit(lambda p: model.apply({"params": p}, images, text, heads=("ic",))).lower(params).as_text()
+  logits_type = f"tensor<3x{cfg.text.context_length - 1}x{cfg.text.vocab_size}xf32>"
+  assert re.search(rf"dot_general.*tensor<[^>]*xbf16>.*-> {logits_type}", lowered)
+
+
 def test_open_clip_coca_geometries_build():
   """The towers can express open_clip's coca_ViT-B-32 layout (attn pool, text width != vision width)."""
   cfg, model, params = _setup(**{"vision.pool": "attn", "vision.attn_pooler_queries": 9, "vision.width": 48,
@@ -123,6 +154,54 @@ def test_padding_is_masked(legacy):
   out = lambda p: model.apply({"params": p}, images, text, heads=("mim",))["mim_pred"]
   if not legacy:
     np.testing.assert_allclose(out(params), out(perturbed), atol=1e-5)
+
+
+def _with_attention(model, impl):
+  towers = ("image_encoder", "text_encoder", "text_decoder", "image_decoder")
+  return model.clone(**{t: getattr(model, t).clone(attention_impl=impl) for t in towers})
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_cudnn_attention_is_the_same_function(legacy, monkeypatch):
+  """attention_impl='cudnn' gives its kernel only a causal flag and key lengths, never a mask, and computes what
+  'xla' computes. Run here with XLA's kernel behind it (no GPU); float32, which the real cuDNN path refuses."""
+  cfg, model, params = _setup(**{"text.legacy_cls_mask": legacy})
+  images, text = _batch(cfg)  # captions of 4, 5 and 6 tokens out of 12: padding in every row
+  text = text.at[2].set(jnp.arange(3, 3 + cfg.text.context_length))  # and one full row
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def kernel(*args, mask=None, implementation=None, **kwargs):
+    calls.append((implementation, None if mask is None else mask.shape))
+    return real(*args, mask=mask, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", kernel)
+  run = lambda m: (m.apply({"params": params}, images, text, heads=HEADS),
+                   m.apply({"params": params}, text, method=SyCoCa.encode_text))
+  (xla, xla_text), (cudnn, cudnn_text) = run(model), run(_with_attention(model, "cudnn"))
+  xla_calls, cudnn_calls = calls[:len(calls) // 2], calls[len(calls) // 2:]
+  assert {impl for impl, _ in xla_calls} == {"xla"} and {impl for impl, _ in cudnn_calls} == {"cudnn"}
+  assert all(shape is None for _, shape in cudnn_calls)
+  # Under 'xla' only the text encoder has a mask, [B, 1, 1, S]: no [B, H, L, S] tensor is built outside the kernel.
+  assert {shape for _, shape in xla_calls} == {None, (3, 1, 1, cfg.text.context_length + 1)}
+
+  for key in ("image_embedding", "text_embedding", "mim_pred"):
+    np.testing.assert_allclose(cudnn[key], xla[key], atol=2e-5, err_msg=key)
+  # Token features and logits agree wherever anything reads them: at real tokens (padding rows may differ).
+  real = np.asarray(text != cfg.pad_id)
+  np.testing.assert_allclose(np.asarray(cudnn_text["tokens"])[real], np.asarray(xla_text["tokens"])[real], atol=2e-5)
+  np.testing.assert_allclose(np.asarray(cudnn["caption_logits"])[real[:, :-1]],
+                             np.asarray(xla["caption_logits"])[real[:, :-1]], atol=2e-5)
+
+
+def test_attention_impl_is_validated():
+  with pytest.raises(ValueError, match=r"config.model.attention_impl: 'flash' is not one of xla, cudnn"):
+    build_model(tiny_model_config(attention_impl="flash"))
+  with pytest.raises(ValueError, match=r"config.model.attention_impl: 'cudnn' .* bfloat16"):
+    build_model(tiny_model_config(attention_impl="cudnn"))
+  with pytest.raises(ValueError, match=r"config.model.text.heads: 'cudnn' attention needs a head width"):
+    build_model(tiny_model_config(attention_impl="cudnn", dtype="bfloat16", **{"text.heads": 8}))
+  assert build_model(tiny_model_config(attention_impl="cudnn", dtype="bfloat16")).text_encoder.attention_impl == "cudnn"
 
 
 def test_masks_follow_the_caption():

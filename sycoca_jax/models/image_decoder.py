@@ -29,6 +29,7 @@ class ImageDecoder(nn.Module):
   cross_attention: bool = True
   remat: bool = False
   scan: bool = False
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -45,11 +46,14 @@ class ImageDecoder(nn.Module):
     pos = self.param("positional_embedding", nn.initializers.normal(0.02), (self.num_patches, self.width))
     x = x + pos.astype(x.dtype)
 
-    kv, kv_mask = None, None
+    kv, kv_lengths = None, None
     if self.cross_attention:
-      kv, kv_mask = text_tokens.astype(self.dtype), layers.key_padding_mask(text_valid)
+      # Captions are right-padded, so their length hides the padding keys (what flash attention takes).
+      kv, kv_lengths = text_tokens.astype(self.dtype), layers.valid_lengths(text_valid)
     x = layers.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, cross=self.cross_attention,
-        remat=self.remat, scan=self.scan, dtype=self.dtype, name="transformer")(x, kv, kv_mask=kv_mask)
+        remat=self.remat, scan=self.scan, attention_impl=self.attention_impl, dtype=self.dtype,
+        name="transformer")(x, kv, kv_lengths=kv_lengths)
     x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_final")(x)
-    return nn.Dense(self.patch_pixels, dtype=self.dtype, name="pred")(x).astype(jnp.float32)
+    # Float32 out of the matmul itself (not bf16 rounded, then widened): the pixels go straight into the loss.
+    return nn.Dense(self.patch_pixels, dtype=self.dtype, dot_general=layers.dot_general_f32, name="pred")(x)

@@ -9,6 +9,7 @@ CoCa checkpoints is a renaming, not a re-plumbing. Parameters are float32; `dtyp
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import einops
@@ -52,14 +53,34 @@ def kernel_init(stds: Optional[InitStds], kind: str) -> Callable[..., jax.Array]
   return nn.initializers.normal(getattr(stds, kind)) if stds is not None else nn.linear.default_kernel_init
 
 
-def causal_mask(length: int) -> jax.Array:
-  """[1, 1, L, L] boolean mask, True where a query may attend a key."""
-  return jnp.tril(jnp.ones((length, length), bool))[None, None]
+# dot_general whose result (and accumulation) is float32 whatever its operands' dtype: for the layers whose output
+# feeds a loss (vocabulary logits, pixel predictions, contrastive embeddings). Under bf16 the operands stay bf16,
+# so the matmul runs at bf16 speed, but the output is not rounded to bf16's 8 significant bits before the loss.
+dot_general_f32 = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+
+def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., D] @ w [D, F] -> float32 [..., F]: w cast to x's (compute) dtype, accumulated and returned in f32."""
+  return jnp.einsum("...d,df->...f", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+# Attention kernels (model.attention_impl), as jax.nn.dot_product_attention names them: 'xla' runs anywhere;
+# 'cudnn' is cuDNN's flash attention on NVIDIA GPUs (bfloat16 / float16 only), which never forms the [B, H, L, S]
+# logits. Masks are therefore given the way flash attention takes them where possible: a causal flag and
+# per-example key lengths (captions are right-padded, so their valid tokens are a prefix). A boolean mask is
+# only passed where neither expresses the pattern (the text encoder's CLS, under 'xla'), and then as
+# [B, 1, 1, S], never a full [B, H, L, S].
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def key_padding_mask(valid: jax.Array) -> jax.Array:
   """[B, S] validity -> [B, 1, 1, S] boolean attention mask."""
   return valid[:, None, None, :]
+
+
+def valid_lengths(valid: jax.Array) -> jax.Array:
+  """[B, S] validity of right-padded rows -> int32 [B]: how many keys each row has."""
+  return valid.sum(axis=-1).astype(jnp.int32)
 
 
 class Mlp(nn.Module):
@@ -88,14 +109,19 @@ class Attention(nn.Module):
   with `decode=True` projects its keys and values (the image tokens, fixed while sampling) once, on the call
   that creates the cache, and reuses them: otherwise every sampling step would re-project all N image tokens
   in every layer, which costs more than the rest of the step.
+
+  Which keys a query sees: `causal` (query i sees keys <= i), `kv_lengths` int32 [B] (keys past a row's length
+  are hidden) and `mask` [B or 1, 1, L, S] (True = visible), all combined. `implementation` picks the kernel
+  (ATTENTION_IMPLS).
   """
 
   num_heads: int
   init_stds: Optional[InitStds] = None
+  implementation: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, kv=None, mask=None, *, decode: bool = False):
+  def __call__(self, x, kv=None, mask=None, *, causal: bool = False, kv_lengths=None, decode: bool = False):
     width = x.shape[-1]
     cross = kv is not None
     kv = x if kv is None else kv
@@ -125,12 +151,20 @@ class Attention(nn.Module):
         v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
         cached_k.value, cached_v.value = k, v
         index.value = i + step
-        # Query at absolute position i + t sees keys 0 .. i + t.
+        # Query at absolute position i + t sees keys 0 .. i + t: causal with an offset, which the causal flag
+        # (query i sees key i, both counted from 0) cannot say. A [1, 1, step, max_len] mask is small.
         q_pos = i + jnp.arange(step)[:, None]
         k_pos = jnp.arange(k.shape[1])[None, :]
         mask = (k_pos <= q_pos)[None, None]
 
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    implementation = self.implementation
+    if decode:
+      # Sampling: a few new queries against the cache (the call that creates it is discarded), with the causal
+      # pattern in the mask above. That is a matrix-vector product with nothing for flash attention to save,
+      # so XLA's kernel runs whatever `implementation` says.
+      causal, implementation = False, "xla"
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=kv_lengths,
+                                       implementation=implementation)
     out = einops.rearrange(out, "b s h d -> b s (h d)")
     return dense("out", "proj")(out)
 
@@ -148,15 +182,17 @@ class Block(nn.Module):
   norm_eps: float = 1e-5
   cross: bool = False
   init_stds: Optional[InitStds] = None
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, kv=None, mask=None, *, decode: bool = False):
+  def __call__(self, x, kv=None, mask=None, *, causal: bool = False, kv_lengths=None, decode: bool = False):
     norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=name)
     if self.cross:
       kv = norm("ln_1_kv")(kv)
-    attn = Attention(self.num_heads, init_stds=self.init_stds, dtype=self.dtype, name="attn")
-    x = x + attn(norm("ln_1")(x), kv, mask, decode=decode)
+    attn = Attention(self.num_heads, init_stds=self.init_stds, implementation=self.attention_impl,
+                     dtype=self.dtype, name="attn")
+    x = x + attn(norm("ln_1")(x), kv, mask, causal=causal, kv_lengths=kv_lengths, decode=decode)
     mlp = Mlp(self.mlp_ratio, self.act, init_stds=self.init_stds, dtype=self.dtype, name="mlp")
     return x + mlp(norm("ln_2")(x))
 
@@ -167,6 +203,9 @@ class Transformer(nn.Module):
   `scan=True` stacks the layers' parameters on a leading axis and runs them with one `nn.scan` (faster
   compiles on deep models); `remat=True` recomputes each layer's activations in the backward pass. `init_stds`
   sets every block's kernel init (cross-attention blocks included, as open_clip's MultimodalTransformer).
+
+  Self-attention sees keys by `causal`, `lengths` [B] and `mask`; cross-attention by `kv_lengths` [B] and
+  `kv_mask` (see Attention).
   """
 
   depth: int
@@ -178,20 +217,24 @@ class Transformer(nn.Module):
   remat: bool = False
   scan: bool = False
   init_stds: Optional[InitStds] = None
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, kv=None, mask=None, kv_mask=None, *, decode: bool = False):
+  def __call__(self, x, kv=None, mask=None, kv_mask=None, *, causal: bool = False, lengths=None, kv_lengths=None,
+               decode: bool = False):
     layer_cls = nn.remat(_Layer, prevent_cse=not self.scan) if self.remat else _Layer
     kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, act=self.act, norm_eps=self.norm_eps,
-              cross=self.cross, decode=decode, init_stds=self.init_stds, dtype=self.dtype)
+              cross=self.cross, causal=causal, decode=decode, init_stds=self.init_stds,
+              attention_impl=self.attention_impl, dtype=self.dtype)
+    args = (kv, mask, lengths, kv_mask, kv_lengths)
     if self.scan:
       stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 3, length=self.depth)
-      x, _ = stack(**kw, name="layers")(x, kv, mask, kv_mask)
+                      in_axes=(nn.broadcast,) * len(args), length=self.depth)
+      x, _ = stack(**kw, name="layers")(x, *args)
     else:
       for i in range(self.depth):
-        x, _ = layer_cls(**kw, name=f"layers_{i}")(x, kv, mask, kv_mask)
+        x, _ = layer_cls(**kw, name=f"layers_{i}")(x, *args)
     return x
 
 
@@ -203,17 +246,19 @@ class _Layer(nn.Module):
   act: str
   norm_eps: float
   cross: bool
+  causal: bool
   decode: bool
   init_stds: Optional[InitStds]
+  attention_impl: str
   dtype: Dtype
 
   @nn.compact
-  def __call__(self, x, kv, mask, kv_mask):
+  def __call__(self, x, kv, mask, lengths, kv_mask, kv_lengths):
     kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, act=self.act, norm_eps=self.norm_eps,
-              init_stds=self.init_stds, dtype=self.dtype)
-    x = Block(**kw, name="self")(x, None, mask, decode=self.decode)
+              init_stds=self.init_stds, attention_impl=self.attention_impl, dtype=self.dtype)
+    x = Block(**kw, name="self")(x, None, mask, causal=self.causal, kv_lengths=lengths, decode=self.decode)
     if self.cross:
-      x = Block(**kw, cross=True, name="cross")(x, kv, kv_mask, decode=self.decode)
+      x = Block(**kw, cross=True, name="cross")(x, kv, kv_mask, kv_lengths=kv_lengths, decode=self.decode)
     return x, None
 
 

@@ -157,6 +157,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       act="gelu",                # gelu | gelu_tanh | quick_gelu
       norm_eps=1e-5,
       dtype="float32",           # compute dtype; parameters are always float32
+      attention_impl="xla",      # xla | cudnn (cuDNN flash attention: NVIDIA GPUs, bfloat16 / float16)
       remat=False,
       scan_layers=False,
       pad_id=0,
@@ -191,6 +192,16 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     fail("act", f"{cfg.act!r} is not one of {sorted(layers.ACTIVATIONS)}.")
   if cfg.dtype not in ("float32", "bfloat16", "float16"):
     fail("dtype", f"{cfg.dtype!r} is not one of float32, bfloat16, float16.")
+  if cfg.attention_impl not in layers.ATTENTION_IMPLS:
+    fail("attention_impl", f"{cfg.attention_impl!r} is not one of {', '.join(layers.ATTENTION_IMPLS)}.")
+  if cfg.attention_impl == "cudnn":
+    if cfg.dtype == "float32":
+      fail("attention_impl", "'cudnn' (flash attention) runs in bfloat16 or float16: set model.dtype='bfloat16', "
+           "or use 'xla'.")
+    for key, tower in (("vision", v), ("text", t), ("text_decoder", d), ("image_decoder", cfg.image_decoder)):
+      if (tower.width // tower.heads) % 8:
+        fail(f"{key}.heads", f"'cudnn' attention needs a head width (width / heads = {tower.width // tower.heads})"
+             " that is a multiple of 8.")
   if m.strategy not in masking_lib.STRATEGIES:
     fail("masking.strategy", f"{m.strategy!r} is not one of {sorted(masking_lib.STRATEGIES)}.")
   for key in ("ic_ratio", "mim_ratio"):
@@ -207,7 +218,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
   """The SyCoCa module for a model config (see `default_model_config`)."""
   validate_model_config(cfg)
   dtype = jnp.dtype(cfg.dtype)
-  common = dict(act=cfg.act, norm_eps=cfg.norm_eps, remat=cfg.remat, scan=cfg.scan_layers, dtype=dtype)
+  common = dict(act=cfg.act, norm_eps=cfg.norm_eps, remat=cfg.remat, scan=cfg.scan_layers,
+                attention_impl=cfg.attention_impl, dtype=dtype)
   v, t, d, i = cfg.vision, cfg.text, cfg.text_decoder, cfg.image_decoder
   return SyCoCa(
       image_encoder=VisionTransformer(

@@ -39,6 +39,7 @@ class TextEncoder(nn.Module):
   legacy_cls_mask: bool = False
   remat: bool = False
   scan: bool = False
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -48,13 +49,15 @@ class TextEncoder(nn.Module):
         "positional_embedding", nn.initializers.normal(0.01), (self.context_length + 1, self.width))
     self.transformer = layers.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, remat=self.remat, scan=self.scan,
-        init_stds=layers.InitStds.open_clip(self.width, self.depth), dtype=self.dtype)
+        init_stds=layers.InitStds.open_clip(self.width, self.depth), attention_impl=self.attention_impl,
+        dtype=self.dtype)
     self.ln_final = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
     self.text_projection = self.param(
         "text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.embed_dim))
 
   def __call__(self, text: jax.Array) -> dict[str, jax.Array]:
-    """text [B, L] token ids -> pooled [B, E] (CLS, unnormalised), tokens [B, L, D], token_embeddings [B, L, E].
+    """text [B, L] token ids -> pooled [B, E] (CLS, unnormalised, float32), tokens [B, L, D], token_embeddings
+    [B, L, E].
 
     `tokens` are the raw last-layer features that D_t continues from (open_clip applies no norm to them);
     `token_embeddings` are ln_final + text_projection applied per token: the joint space that attentive
@@ -66,18 +69,44 @@ class TextEncoder(nn.Module):
     x = x + self.positional_embedding[: length + 1].astype(x.dtype)
 
     valid = text != self.pad_id
-    cls_valid = jnp.ones((batch, 1), bool)
-    keys = jnp.concatenate([cls_valid, valid] if self.legacy_cls_mask else [valid, cls_valid], axis=1)
-    mask = layers.causal_mask(length + 1) & layers.key_padding_mask(keys)
-    x = self.transformer(x, mask=mask)
+    if self.attention_impl == "xla":
+      # Causal, and padding keys hidden by a [B, 1, 1, L + 1] mask: exact for any padding. (XLA forms the full
+      # mask inside the kernel either way.)
+      cls_valid = jnp.ones((batch, 1), bool)
+      keys = jnp.concatenate([cls_valid, valid] if self.legacy_cls_mask else [valid, cls_valid], axis=1)
+      x = self.transformer(x, mask=layers.key_padding_mask(keys), causal=True)
+    else:
+      x = self._transformer_by_lengths(x, valid)
 
     proj = self.text_projection.astype(x.dtype)
     tokens = x[:, :-1]
     return {
-        "pooled": self.ln_final(x[:, -1]) @ proj,
+        "pooled": layers.matmul_f32(self.ln_final(x[:, -1]), proj),  # float32: the contrastive logits' input
         "tokens": tokens,
         "token_embeddings": self.ln_final(tokens) @ proj,
     }
+
+  def _transformer_by_lengths(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    """The same attention as the masked path, given to the kernel as a causal flag and key lengths only.
+
+    Flash attention takes those without a bias; cuDNN also refuses a bias in training when a sequence length is
+    odd, as L + 1 = 77 is. Captions are right-padded: tokens 0 .. n - 1 are the caption, n .. L - 1 padding.
+      legacy_cls_mask: keys 0 .. n are visible (the first pad included), the CLS key only in a full row: that is
+        causal with n + 1 keys, exactly.
+      otherwise: the CLS (last) must see the caption and itself, across the padding. Attention is order-free
+        but for the mask (positions were added already), so the CLS is moved right after the caption (slot n),
+        attends causally to n + 1 keys, and is moved back. Padding rows then also see the CLS; nothing reads
+        their features (the decoder is causal, TG-MIM and masking skip padding).
+    """
+    length = valid.shape[1]
+    n = layers.valid_lengths(valid)[:, None]  # [B, 1]
+    if self.legacy_cls_mask:
+      return self.transformer(x, causal=True, lengths=n[:, 0] + 1)
+    slot = jnp.arange(length + 1)[None]
+    to_slots = jnp.where(slot < n, slot, jnp.where(slot == n, length, slot - 1))   # slot s holds position ..
+    from_slots = jnp.where(slot < n, slot, jnp.where(slot == length, n, slot + 1))  # position p is in slot ..
+    x = self.transformer(layers.take_tokens(x, to_slots), causal=True, lengths=n[:, 0] + 1)
+    return layers.take_tokens(x, from_slots)
 
   def encode_tokens(self, text: jax.Array, *, decode: bool = False, start: Any = 0) -> jax.Array:
     """Token features [B, l, D] without the CLS token: what the captioner needs while sampling.
@@ -88,7 +117,7 @@ class TextEncoder(nn.Module):
     length = text.shape[1]
     x = self.token_embedding(text).astype(self.dtype)
     x = x + jax.lax.dynamic_slice_in_dim(self.positional_embedding, start, length).astype(x.dtype)
-    return self.transformer(x, mask=None if decode else layers.causal_mask(length), decode=decode)
+    return self.transformer(x, causal=True, decode=decode)
 
 
 class TextDecoder(nn.Module):
@@ -108,6 +137,7 @@ class TextDecoder(nn.Module):
   norm_eps: float = 1e-5
   remat: bool = False
   scan: bool = False
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -117,15 +147,14 @@ class TextDecoder(nn.Module):
 
     return_features=True returns the final normalised features [B, L, D] instead (VQA / pooling heads).
     """
-    length = text_tokens.shape[1]
+    # Every image token is a real one (the IC set has a fixed size): cross-attention needs no mask.
     x = layers.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, cross=True, remat=self.remat,
-        scan=self.scan, init_stds=layers.InitStds.open_clip(self.width, self.depth), dtype=self.dtype,
-        name="transformer",
-    )(text_tokens.astype(self.dtype), image_tokens.astype(self.dtype),
-      mask=None if decode else layers.causal_mask(length), decode=decode)
+        scan=self.scan, init_stds=layers.InitStds.open_clip(self.width, self.depth),
+        attention_impl=self.attention_impl, dtype=self.dtype, name="transformer",
+    )(text_tokens.astype(self.dtype), image_tokens.astype(self.dtype), causal=True, decode=decode)
     x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_final")(x)
     if return_features:
       return x
     proj = self.param("text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.vocab_size))
-    return (x @ proj.astype(x.dtype)).astype(jnp.float32)
+    return layers.matmul_f32(x, proj)

@@ -35,6 +35,7 @@ class AttentionalPooler(nn.Module):
   out_dim: int
   num_heads: int
   norm_eps: float = 1e-5
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -43,7 +44,7 @@ class AttentionalPooler(nn.Module):
     x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_k")(x)
     q = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_q")(query)
     q = jnp.broadcast_to(q, (x.shape[0], *q.shape))
-    return layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(q, x)
+    return layers.Attention(self.num_heads, implementation=self.attention_impl, dtype=self.dtype, name="attn")(q, x)
 
 
 class VisionTransformer(nn.Module):
@@ -69,6 +70,7 @@ class VisionTransformer(nn.Module):
   attn_pooler_heads: int = 8
   remat: bool = False
   scan: bool = False
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @property
@@ -89,10 +91,10 @@ class VisionTransformer(nn.Module):
     self.ln_pre = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
     self.transformer = layers.Transformer(
         self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, remat=self.remat, scan=self.scan,
-        dtype=self.dtype)
+        attention_impl=self.attention_impl, dtype=self.dtype)
     if self.pool == "attn":
       self.attn_pool = AttentionalPooler(self.attn_pooler_queries, self.embed_dim, self.attn_pooler_heads,
-                                         self.norm_eps, dtype=self.dtype)
+                                         self.norm_eps, attention_impl=self.attention_impl, dtype=self.dtype)
       pool_dim = self.embed_dim
     else:
       pool_dim = self.width
@@ -102,7 +104,7 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """images [B, H, W, 3]; ids_keep [B, K] patch indices to encode (all N when None).
 
-    Returns pooled [B, E] (unnormalised), tokens [B, K or Q-1, D'] for the captioner, and, with pool="tok",
+    Returns pooled [B, E] (unnormalised, float32), tokens [B, K or Q-1, D'] for the captioner, and, with pool="tok",
     patch_embeddings [B, K, E]: each token projected into the joint space (what attentive masking scores);
     with pool="attn", patch_tokens [B, K, D] (with pool="tok" the tokens are the patch tokens).
     """
@@ -116,7 +118,8 @@ class VisionTransformer(nn.Module):
     if self.pool == "attn":
       patch_tokens = x[:, 1:]
       x = self.ln_post(self.attn_pool(x))
-      return {"pooled": x[:, 0] @ self.proj.astype(x.dtype), "tokens": x[:, 1:], "patch_tokens": patch_tokens}
+      return {"pooled": layers.matmul_f32(x[:, 0], self.proj), "tokens": x[:, 1:], "patch_tokens": patch_tokens}
     x = self.ln_post(x)
-    proj = self.proj.astype(x.dtype)
-    return {"pooled": x[:, 0] @ proj, "tokens": x[:, 1:], "patch_embeddings": x[:, 1:] @ proj}
+    # The pooled embedding feeds the contrastive logits (times a temperature up to 100): kept in float32.
+    return {"pooled": layers.matmul_f32(x[:, 0], self.proj), "tokens": x[:, 1:],
+            "patch_embeddings": x[:, 1:] @ self.proj.astype(x.dtype)}
