@@ -40,6 +40,9 @@ EXTRAS = {
     "ablation": ["matplotlib>=3.8"],
     # Only needed to import open_clip weights from .pt/.bin files and for the parity tests.
     "torch": ["torch>=2.4", "open-clip-torch>=2.26"],
+    # libtpu, the TPU compiler, matched to jax: sycoca_jax.tools.aot compiles the train step for a TPU slice on any
+    # machine. Without a TPU attached, jax still runs on the CPU.
+    "tpu": ["jax[tpu]>=0.6,<0.11"],
 }
 
 setuptools.setup(
