@@ -27,7 +27,7 @@ from sycoca_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, init="", init_step=-1, runlocal=False)
   c = config_lib.default_config()   # CoCa-Base geometry, as configs/sycoca_base.py
 
   c.model.dtype = "bfloat16"
@@ -44,8 +44,8 @@ def get_config(arg=None):
   c.ckpt_steps = 1000
   c.image_log_steps = 0
 
-  if args.get("init"):
-    c.init_from.update(workdir=args["init"], step=int(args.get("init_step", -1)), towers=())
+  if args["init"]:
+    c.init_from.update(workdir=args["init"], step=args["init_step"], towers=())
 
   sampler = dict(type="captioning", sampler="beam", beam_size=4, alpha=0.6, min_len=0, max_len=0,
                  tokenization="ptb", batch_size=64)
@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.evals.captioning_test = dict(sampler, split="test", max_examples=0, meteor=True, log_steps=10**9,
                                  prefix="captioning_test", predictions_path="")
 
-  if args.get("runlocal"):
+  if args["runlocal"]:
     config_lib.runlocal(c)
     c.model.masking.update(strategy="none", ic_ratio=0.0, mim_ratio=0.0)
     for ev in c.evals.values():

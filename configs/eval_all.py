@@ -27,7 +27,7 @@ def get_config(arg=None):
   for ev in evals.values():
     ev.data = dict(scenes)
   c, args = common.eval_run_config(__file__, arg, evals)
-  if args.get("runlocal"):
+  if args["runlocal"]:
     for ev in c.evals.values():
       ev.update(max_examples=24, batch_size=16)
     c.evals.vqa.update(num_train=8, max_train_questions=32, max_test_questions=16, steps=3)

@@ -19,10 +19,10 @@ def get_config(arg=None):
   ev = probe.default_config()
   ev.update(datasets=("sklearn_digits", "lfw_subset", "scenes_count"), methods=("ridge", "logistic"),
             batch_size=256, num_train=2000)
-  c, args = common.eval_run_config(__file__, arg, {"probe": ev})
+  c, args = common.eval_run_config(__file__, arg, {"probe": ev}, features="embedding", every=1000)
   ev = c.evals.probe
-  ev.features = args.get("features", "embedding")
-  ev.log_steps = int(args.get("every", 1000))
-  if args.get("runlocal"):
+  ev.features = args["features"]
+  ev.log_steps = args["every"]
+  if args["runlocal"]:
     ev.update(max_examples=32, batch_size=16, log_steps=10**9)  # evaluated at the last step of a smoke run
   return c

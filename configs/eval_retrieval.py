@@ -25,17 +25,18 @@ def get_config(arg=None):
   scenes.update(split="test", batch_size=256)
   scenes.data = dict(name="scenes")  # the built-in test split, whatever the run trains on
   evals = {"retrieval": scenes}
-  c, args = common.eval_run_config(__file__, arg, evals)
-  every = int(args.get("every", 1000))
+  c, args = common.eval_run_config(__file__, arg, evals, every=1000, coco="", coco_images="", flickr="",
+                                 flickr_images="")
+  every = args["every"]
   for key, name in (("coco", "coco"), ("flickr", "flickr30k")):
-    if args.get(key):
+    if args[key]:
       ev = retrieval.default_config()
       ev.update(split="test", batch_size=256, fine_grained=False, prefix=f"retrieval_{name}")
-      ev.data = dict(name="coco_json", path=args[key], image_dir=args.get(f"{key}_images", ""))
+      ev.data = dict(name="coco_json", path=args[key], image_dir=args[f"{key}_images"])
       c.evals[f"retrieval_{name}"] = ev
   for ev in c.evals.values():
     ev.log_steps = every
-  if args.get("runlocal"):
+  if args["runlocal"]:
     for ev in c.evals.values():
       ev.update(max_examples=32, batch_size=16, log_steps=10**9)  # evaluated at the last step of a smoke run
   return c

@@ -20,14 +20,14 @@ from sycoca_jax.evaluators import zeroshot
 def get_config(arg=None):
   ev = zeroshot.default_config()
   ev.update(datasets=("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits"), batch_size=256)
-  c, args = common.eval_run_config(__file__, arg, {"zeroshot": ev})
-  if args.get("tfds"):
+  c, args = common.eval_run_config(__file__, arg, {"zeroshot": ev}, tfds="", every=1000)
+  if args["tfds"]:
     tfds_eval = zeroshot.default_config()
     tfds_eval.update(datasets=(f"tfds:{args['tfds']}",), batch_size=256, prefix="zeroshot_tfds")
     c.evals.zeroshot_tfds = tfds_eval
   for ev in c.evals.values():
-    ev.log_steps = int(args.get("every", 1000))
-  if args.get("runlocal"):
+    ev.log_steps = args["every"]
+  if args["runlocal"]:
     for ev in c.evals.values():
       ev.update(max_examples=24, batch_size=16, log_steps=10**9)  # evaluated at the last step of a smoke run
   return c

@@ -19,11 +19,11 @@ def get_config(arg=None):
   ev = probe.default_config()
   ev.update(datasets=("sklearn_digits", "lfw_subset", "scenes_count"), methods=("finetune",), batch_size=256,
             prefix="probe_finetune")
-  c, args = common.eval_run_config(__file__, arg, {"probe_finetune": ev})
+  c, args = common.eval_run_config(__file__, arg, {"probe_finetune": ev}, steps=300, every=10**9)
   ev = c.evals.probe_finetune
-  ev.finetune.update(steps=int(args.get("steps", 300)), batch_size=64, learning_rate=1e-4, warmup_steps=20)
-  ev.log_steps = int(args.get("every", 10**9))  # a cadence beyond any run: at the last training step only
-  if args.get("runlocal"):
+  ev.finetune.update(steps=args["steps"], batch_size=64, learning_rate=1e-4, warmup_steps=20)
+  ev.log_steps = args["every"]  # a cadence beyond any run: at the last training step only
+  if args["runlocal"]:
     ev.update(max_examples=32, batch_size=16, log_steps=10**9)  # evaluated at the last step of a smoke run
     ev.finetune.update(steps=3, batch_size=16)
   return c

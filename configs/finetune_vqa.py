@@ -24,11 +24,11 @@ from sycoca_jax.evaluators import vqa
 def get_config(arg=None):
   ev = vqa.default_config()
   ev.update(datasets=("scenes", "easy_vqa"), pool="mean", train="all", batch_size=64, learning_rate=1e-4)
-  c, args = common.eval_run_config(__file__, arg, {"vqa": ev})
+  c, args = common.eval_run_config(__file__, arg, {"vqa": ev}, steps=300, every=10**9, vqav2="")
   ev = c.evals.vqa
-  ev.steps = int(args.get("steps", 300))
-  ev.log_steps = int(args.get("every", 10**9))  # a cadence beyond any run: at the last training step only
-  if args.get("vqav2"):
+  ev.steps = args["steps"]
+  ev.log_steps = args["every"]  # a cadence beyond any run: at the last training step only
+  if args["vqav2"]:
     root = args["vqav2"]
     ev.datasets = ("vqav2",)
     ev.vqav2.update(
@@ -38,7 +38,7 @@ def get_config(arg=None):
         test_questions=os.path.join(root, "v2_OpenEnded_mscoco_val2014_questions.json"),
         test_annotations=os.path.join(root, "v2_mscoco_val2014_annotations.json"),
         test_image_dir=os.path.join(root, "val2014"))
-  if args.get("runlocal"):
+  if args["runlocal"]:
     ev.update(num_train=8, max_train_questions=32, max_test_questions=16, batch_size=16, steps=3,
               log_steps=10**9)  # evaluated at the last step of a smoke run
   return c

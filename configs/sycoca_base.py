@@ -24,7 +24,8 @@ from sycoca_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  # slice= names the TPU slice the AOT tool compiles for (sycoca_jax/tools/aot.py).
+  args = config_lib.parse_arg(arg, variant="sycoca", runlocal=False, slice="")
   c = config_lib.default_config()   # the model defaults are CoCa-Base
 
   c.model.dtype = "bfloat16"

@@ -14,7 +14,7 @@ from sycoca_jax.data import get_tokenizer
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
+  args = config_lib.parse_arg(arg, variant="sycoca", runlocal=False)
   c = config_lib.default_config()
 
   c.data.update(name="scenes", image_size=48, max_len=24, tokenizer="scenes_words", crop_scale=(0.9, 1.0))
@@ -35,7 +35,7 @@ def get_config(arg=None):
   c.image_log_steps = 500
   c.evals = config_lib.default_evals(every=500)
 
-  config_lib.apply_variant(c, args.get("variant", "sycoca"))
-  if args.get("runlocal"):
+  config_lib.apply_variant(c, args["variant"])
+  if args["runlocal"]:
     config_lib.runlocal(c)
   return c

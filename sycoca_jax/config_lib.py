@@ -148,12 +148,60 @@ def set_by_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None
   node[last] = value
 
 
-def parse_arg(arg: Optional[str]) -> dict[str, Any]:
-  """'variant=coca,runlocal' -> {'variant': 'coca', 'runlocal': True}."""
-  out: dict[str, Any] = {}
+def split_arg(arg: Optional[str]) -> dict[str, Optional[str]]:
+  """'variant=coca,runlocal' -> {'variant': 'coca', 'runlocal': None}, untyped and unchecked.
+
+  For tools that only rewrite or inspect an argument string they pass on to a config file (which then checks
+  it with `parse_arg`); a config file itself calls `parse_arg`.
+  """
+  out: dict[str, Optional[str]] = {}
   for token in filter(None, (arg or "").split(",")):
-    key, _, value = token.partition("=")
-    out[key.strip()] = value.strip() if value else True
+    key, eq, value = token.partition("=")
+    out[key.strip()] = value.strip() if eq else None
+  return out
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def to_bool(value: Optional[str], name: str) -> bool:
+  """A bool config argument: a bare key (None) or true/1/yes -> True, false/0/no -> False (any case)."""
+  if value is None or value.lower() in _TRUE:
+    return True
+  if value.lower() in _FALSE:
+    return False
+  raise ValueError(f"config argument {name}={value!r}: expected true/false, 1/0 or yes/no.")
+
+
+def parse_arg(arg: Optional[str], **defaults: Any) -> dict[str, Any]:
+  """A config file's argument string, typed from its defaults: every default, with the given ones replaced.
+
+  parse_arg('variant=coca,runlocal', variant='sycoca', runlocal=False) -> {'variant': 'coca', 'runlocal': True}.
+  A bool takes true/false, 1/0, yes/no, or its bare name for True; an int, float or str argument needs a value.
+  An argument the config file does not declare is refused (with a "did you mean"): a typo must not silently
+  run the default, e.g. an ablation row launched as `varient=coca` would train and report the wrong variant.
+  """
+  out = dict(defaults)
+  for name, value in split_arg(arg).items():
+    if name not in defaults:
+      near = difflib.get_close_matches(name, list(defaults), n=1)
+      hint = f" Did you mean {near[0]!r}?" if near else ""
+      known = ", ".join(sorted(defaults)) or "none"
+      raise ValueError(f"config argument {name!r}: unknown.{hint} This config file takes: {known}.")
+    default = defaults[name]
+    if isinstance(default, bool):
+      out[name] = to_bool(value, name)
+      continue
+    if value is None:
+      raise ValueError(f"config argument {name!r} needs a value ({name}=...); its default is {default!r}.")
+    if not isinstance(default, (int, float, str)):
+      raise ValueError(f"config argument {name!r}: default {default!r} of type {type(default).__name__} "
+                       "cannot be parsed; declare an int, float, str or bool default.")
+    try:
+      out[name] = type(default)(value)
+    except ValueError:
+      raise ValueError(f"config argument {name}={value!r}: expected {type(default).__name__} "
+                       f"(default {default!r}).") from None
   return out
 
 

@@ -265,19 +265,24 @@ def base_run_config(config_file: str, name: str, arg: str | None = None) -> ml_c
   return module.get_config(arg)
 
 
-def eval_run_config(config_file: str, arg: str | None, evals: Mapping[str, ml_collections.ConfigDict]
-                    ) -> tuple[ml_collections.ConfigDict, dict]:
+def eval_run_config(config_file: str, arg: str | None, evals: Mapping[str, ml_collections.ConfigDict],
+                    **defaults) -> tuple[ml_collections.ConfigDict, dict]:
   """The shared start of the eval / fine-tune configs: the run config of `model=` (tiny | base; default tiny)
-  with `runlocal` passed on, and its evals replaced by `evals`. Returns (config, parsed args)."""
+  with `runlocal` and `variant` passed on, and its evals replaced by `evals`.
+
+  `defaults` are the calling config file's own arguments (e.g. every=1000); with model, runlocal and variant
+  they are all it accepts (config_lib.parse_arg: typed from the defaults, an unknown one refused). Returns
+  (config, parsed args).
+  """
   from sycoca_jax import config_lib  # pylint: disable=g-import-not-at-top
 
-  args = config_lib.parse_arg(arg)
-  model = args.get("model", "tiny")
+  args = config_lib.parse_arg(arg, model="tiny", runlocal=False, variant="sycoca", **defaults)
+  model = args["model"]
   names = {"tiny": "sycoca_tiny", "base": "sycoca_base"}
   if model not in names:
     raise ValueError(f"model={model!r}: use model=tiny or model=base (the checkpoint's geometry).")
-  base_arg = ",".join(f"{k}={v}" if v is not True else k for k, v in args.items() if k in ("runlocal", "variant"))
-  c = base_run_config(config_file, names[model], base_arg or None)
+  base_arg = f"runlocal={args['runlocal']},variant={args['variant']}"
+  c = base_run_config(config_file, names[model], base_arg)
   c.evals = ml_collections.ConfigDict({k: ml_collections.ConfigDict(v) for k, v in evals.items()})
   return c, args
 

@@ -98,9 +98,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 def with_variant(spec: str, variant: str) -> str:
   """'configs/x.py:runlocal' + 'coca' -> 'configs/x.py:runlocal,variant=coca' (a given variant= is replaced)."""
   path, _, arg = spec.partition(":")
-  args = config_lib.parse_arg(arg)
+  args = config_lib.split_arg(arg)
   args["variant"] = variant
-  return path + ":" + ",".join(k if v is True else f"{k}={v}" for k, v in args.items())
+  return path + ":" + ",".join(k if v is None else f"{k}={v}" for k, v in args.items())
 
 
 def split_overrides(values: Sequence[str]) -> list[str]:
@@ -227,7 +227,8 @@ def final_evals(run: Run, extra_evals: str, spec: str) -> ml_collections.ConfigD
   evals = ml_collections.ConfigDict(copy.deepcopy(run.config.evals.to_dict()))
   if not extra_evals:
     return evals
-  runlocal = config_lib.parse_arg(spec.partition(":")[2]).get("runlocal")
+  args = config_lib.split_arg(spec.partition(":")[2])
+  runlocal = "runlocal" in args and config_lib.to_bool(args["runlocal"], "runlocal")
   extra = load_config(extra_evals + (":runlocal" if runlocal else "")).evals
   settings = lambda ev: {k: v for k, v in ev.to_dict().items() if k != "log_steps"}
   for name, ev in extra.items():
