@@ -7,8 +7,10 @@
 A workdir that already holds checkpoints is resumed from its latest one.
 """
 
+import difflib
 import logging as logging_std
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -62,10 +64,47 @@ def main(argv):
     evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an override of an unknown config key reported in one line.
+
+  ml_collections raises a bare AttributeError from deep inside flag parsing for --config.optim.learning_rate=1
+  (absl only catches its own flag errors), which reads as a crash; this names the key and the nearest known one.
+  """
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    # A config file's own error (e.g. a misspelt :argument) arrives with its traceback inside the message.
+    head, _, trace = str(e).partition("Traceback (most recent call last):")
+    message = head.strip() + (" " + trace.strip().splitlines()[-1] if trace.strip() else "")
+    sys.exit(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.")
+  except (AttributeError, KeyError) as e:
+    keys = [a[2:].partition("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    sys.exit("FATAL Flags parsing error: " + _unknown_key_message(keys, str(e).strip("'\"")))
+
+
+def _unknown_key_message(keys: list[str], missing: str) -> str:
+  """'--config.optim.lrr: unknown config key 'lrr'. Did you mean --config.optim.lr?' for the first bad key."""
+  from sycoca_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  for key in keys:
+    node, path = config_lib.default_config(), key.split(".")[1:]
+    for i, part in enumerate(path):
+      if not hasattr(node, "keys") or (i and path[0] == "evals"):
+        break  # a leaf, or an evaluator's free-form settings: the run's own config decides, not the defaults
+      if part not in node:
+        parent = ".".join(["config", *path[:i]])
+        near = difflib.get_close_matches(part, list(node.keys()), n=1)
+        hint = f"Did you mean --{parent}.{near[0]}?" if near else f"{parent} has: {', '.join(sorted(node))}."
+        return f"--{key}: unknown config key {part!r}. {hint}"
+      node = node[part]
+  named = [k for k in keys if missing in k.split(".")]
+  return f"--{named[0] if named else 'config.KEY'}: unknown config key {missing!r}."
+
+
 def _launched_by_cluster() -> bool:
   return any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
                                        "JAX_COORDINATOR_ADDRESS"))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -87,11 +87,38 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
     fail("total_steps", f"set exactly one of total_steps / total_epochs / total_examples (got {set_durations}).")
   if config.total_epochs and not config.num_train_examples:
     fail("num_train_examples", "is needed to count config.total_epochs in steps.")
+  for key in ("total_steps", "total_epochs", "total_examples", "num_train_examples"):
+    if config[key] < 0:
+      fail(key, f"{config[key]} is negative: a duration counts forward (0 means unset).")
   if config.max_bad_steps < 1:
     fail("max_bad_steps", "must be >= 1.")
+  # keep_ckpts=0 would let the checkpoint manager delete every checkpoint, old ones included.
+  if config.keep_ckpts < 1:
+    fail("keep_ckpts", f"{config.keep_ckpts} must be >= 1 (checkpoints kept in the workdir).")
+  if config.ckpt_steps < 0:
+    fail("ckpt_steps", f"{config.ckpt_steps} must be >= 0 (0: only at the last step).")
+  # A negative learning rate trains uphill without any error; a zero one trains nothing.
+  if config.optim.lr <= 0:
+    fail("optim.lr", f"{config.optim.lr} must be positive.")
+  for key in ("warmup_steps", "weight_decay", "end_lr_fraction"):
+    if config.optim[key] < 0:
+      fail(f"optim.{key}", f"{config.optim[key]} must be >= 0.")
+  _check_tokenizer_fits(config, fail)
   for name, ev in config.evals.items():
     if "type" not in ev:
       fail(f"evals.{name}.type", "missing: name the evaluator to run.")
+
+
+def _check_tokenizer_fits(config: ml_collections.ConfigDict, fail) -> None:
+  """Token ids past the model's vocabulary index outside its embedding table: NaN, not an error, under jit."""
+  from sycoca_jax.data import tokenizer_from_config  # pylint: disable=g-import-not-at-top
+  try:
+    vocab = tokenizer_from_config(config.data).vocab_size
+  except (OSError, ImportError):
+    return  # a tokenizer file that is missing here (e.g. on a remote workdir) is reported when data loads
+  if vocab > config.model.text.vocab_size:
+    fail("model.text.vocab_size", f"{config.model.text.vocab_size} is smaller than the vocabulary of "
+         f"data.tokenizer={config.data.tokenizer!r} ({vocab}): set model.text.vocab_size >= {vocab}.")
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:

@@ -62,6 +62,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_ckpts,
                                        async_save=config.async_checkpointing)
   resume_step = checkpointer.latest_step()
+  if resume_step is not None and resume_step > num_steps:
+    # Else the loop would run no step and exit as if the run had finished.
+    raise ValueError(f"config.total_steps: the run now lasts {num_steps} steps, but {workdir} holds a checkpoint "
+                     f"at step {resume_step}. Give a length of at least {resume_step} steps, or a new workdir.")
   if resume_step is not None:
     state, data_state = checkpointer.restore(resume_step, train_step.abstract_state)
     if data_state is None:

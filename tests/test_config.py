@@ -3,6 +3,9 @@
 import glob
 import importlib.util
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -84,3 +87,46 @@ def test_captioning_config_arguments():
 def test_every_config_file_loads_with_runlocal():
   for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
     load(os.path.basename(path)[:-3], "runlocal")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("keep_ckpts", 0, r"config.keep_ckpts: 0 must be >= 1"),
+    ("optim.lr", -1e-3, r"config.optim.lr: -0.001 must be positive"),
+    ("optim.lr", 0.0, r"config.optim.lr: 0.0 must be positive"),
+    ("optim.warmup_steps", -2, r"config.optim.warmup_steps: -2 must be >= 0"),
+    ("optim.weight_decay", -0.1, r"config.optim.weight_decay: -0.1 must be >= 0"),
+    ("total_steps", -5, r"config.total_steps: -5 is negative"),
+    ("data.tokenizer", "clip_bpe", r"config.model.text.vocab_size: 119 is smaller than the vocabulary of "
+                                   r"data.tokenizer='clip_bpe' \(49408\)"),
+])
+def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
+  config = load("sycoca_tiny", "runlocal")
+  config.model.text.vocab_size = 119
+  config_lib.validate(config)
+  config_lib.set_by_path(config, key, value)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_negative_epochs_and_examples_are_refused():
+  for key, value in (("total_epochs", -1.0), ("total_examples", -64)):
+    config = load("sycoca_tiny", "runlocal")
+    config.total_steps = 0
+    config.num_train_examples = 100
+    config_lib.set_by_path(config, key, value)
+    with pytest.raises(ValueError, match=f"config.{key}: -"):
+      config_lib.validate(config)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.optim.learning_rate=1", r"--config.optim.learning_rate: unknown config key 'learning_rate'\. "
+                                       r"config.optim has: b1, .*lr,"),
+    ("--config.optim.lrr=1", r"unknown config key 'lrr'\. Did you mean --config.optim.lr\?"),
+])
+def test_unknown_override_ends_in_one_line(tmp_path, override, message):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/sycoca_tiny.py",
+                        f"--workdir={tmp_path / 'w'}", override], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and re.search(message, lines[0]), out.stderr
+  assert not (tmp_path / "w").exists()

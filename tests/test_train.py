@@ -221,3 +221,10 @@ def test_init_from_another_run_with_a_frozen_tower(tmp_path):
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(src["text_encoder"]),
                                                     jax.tree.leaves(dst["text_encoder"]))]
   assert any(moved)  # copied, then trained on
+
+
+def test_resuming_with_total_steps_below_the_checkpoint_fails(tmp_path):
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
+  with pytest.raises(ValueError, match=r"config.total_steps: the run now lasts 1 steps, but .* at step 2"):
+    train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), workdir)
