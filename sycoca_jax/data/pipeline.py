@@ -60,6 +60,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import sources as sources_lib
 from sycoca_jax.data import tokenizers as tokenizers_lib
 from sycoca_jax.data.sources import BadExample
@@ -92,7 +93,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     num_threads     grain read threads per process (in each worker when there are workers)
     prefetch_buffer_size  examples read ahead, shared out among the workers
     max_consecutive_skips fail (naming the last reason) after this many unusable examples in a row
-    scenes          num_train (0: unbounded), num_captions, min_objects, max_objects
+    scenes          num_train (0: unbounded), num_captions, min_objects, max_objects, backgrounds (kinds drawn,
+                    repeats weight them; scenes.BACKGROUNDS)
     path            webdataset_array_record: glob of .array_record files; coco_json: the annotation JSON
     image_dir       coco_json: folder the JSON's image paths are relative to
     eval_path       webdataset_array_record: glob of held-out .array_record files for load_eval_split
@@ -114,7 +116,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       "num_threads": 2,
       "prefetch_buffer_size": 64,
       "max_consecutive_skips": 1000,
-      "scenes": {"num_train": 0, "num_captions": 5, "min_objects": 1, "max_objects": 4},
+      "scenes": {"num_train": 0, "num_captions": 5, "min_objects": 1, "max_objects": 4,
+                 "backgrounds": scenes_lib.BACKGROUNDS},
       "path": "",
       "image_dir": "",
       "eval_path": "",

@@ -183,8 +183,12 @@ def _sample_object(rng, cell: int, shape: str | None = None, colour: str | None 
                      rotation=float(rng.uniform(-25, 25)) if geometric else 0.0, cx=float(cx), cy=float(cy))
 
 
-def _sample_background(rng) -> dict:
-  kind = _choice(rng, ("gradient", "noise", "texture", "photo", "photo"))
+# Background kinds and how often each is drawn (photos twice as often as the others).
+BACKGROUNDS = ("gradient", "noise", "texture", "photo", "photo")
+
+
+def _sample_background(rng, kinds: Sequence[str] = BACKGROUNDS) -> dict:
+  kind = _choice(rng, kinds)
   colours = rng.integers(0, 256, size=(2, 3)).tolist()
   params = {"kind": kind, "colours": colours, "angle": float(rng.uniform(0, 2 * np.pi)),
             "noise_seed": int(rng.integers(2**31)), "noise_cells": int(rng.integers(3, 9))}
@@ -195,12 +199,20 @@ def _sample_background(rng) -> dict:
   return params
 
 
-def sample_scene(seed: int, split: str, index: int, *, min_objects: int = 1, max_objects: int = 4) -> Scene:
-  """Scene `index` of `split`: a pure function of its arguments."""
+def sample_scene(seed: int, split: str, index: int, *, min_objects: int = 1, max_objects: int = 4,
+                 backgrounds: Sequence[str] = BACKGROUNDS) -> Scene:
+  """Scene `index` of `split`: a pure function of its arguments.
+
+  `backgrounds` lists the background kinds to draw from (repeats weight them). Restricting it changes only the
+  backgrounds: the objects, captions and questions of scene i stay the same.
+  """
   if split not in SPLIT_IDS:
     raise ValueError(f"Unknown scenes split {split!r}; known: {sorted(SPLIT_IDS)}")
+  unknown = set(backgrounds) - set(BACKGROUNDS)
+  if unknown or not backgrounds:
+    raise ValueError(f"Unknown or no scenes backgrounds {sorted(unknown)}; choose from {sorted(set(BACKGROUNDS))}.")
   rng = _rng(seed, split, index, 0)
-  background = _sample_background(rng)
+  background = _sample_background(rng, tuple(backgrounds))
   if split in ZEROSHOT:
     classes, _, attribute = ZEROSHOT[split]
     label = classes[index % len(classes)]
@@ -632,7 +644,7 @@ class ScenesSource:
 
   def __init__(self, split: str = "train", *, seed: int = 0, image_size: int = 64, num_captions: int = 5,
                num_examples: int | None = None, min_objects: int = 1, max_objects: int = 4,
-               patch_size: int | None = None):
+               patch_size: int | None = None, backgrounds: Sequence[str] = BACKGROUNDS):
     if split not in SPLIT_IDS:
       raise ValueError(f"Unknown scenes split {split!r}; known: {sorted(SPLIT_IDS)}")
     if not 1 <= min_objects <= max_objects <= 4:
@@ -640,6 +652,7 @@ class ScenesSource:
     self.split, self.seed, self.image_size = split, seed, image_size
     self.num_captions, self.min_objects, self.max_objects = num_captions, min_objects, max_objects
     self.patch_size = patch_size
+    self.backgrounds = tuple(backgrounds)
     # Train is unbounded in principle; 2**31 - 1 keeps ids in int32 and is more than any run will read.
     self._len = num_examples or EVAL_SIZES.get(split, 2**31 - 1)
 
@@ -647,7 +660,8 @@ class ScenesSource:
     return self._len
 
   def scene(self, index: int) -> Scene:
-    return sample_scene(self.seed, self.split, index, min_objects=self.min_objects, max_objects=self.max_objects)
+    return sample_scene(self.seed, self.split, index, min_objects=self.min_objects, max_objects=self.max_objects,
+                        backgrounds=self.backgrounds)
 
   def __getitem__(self, index: int) -> dict:
     index = int(index)
