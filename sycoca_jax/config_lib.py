@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_ckpts = 3
   c.async_checkpointing = True
   c.max_bad_steps = 5            # stop after this many non-finite steps in a row (each is skipped)
+  # Stop rather than checkpoint weights whose norm grew by more than this factor since the last checkpoint
+  # (a finite loss can still take a blown-up update); 0 turns the check off.
+  c.max_param_norm_growth = 10.0
   c.init_from = ml_collections.ConfigDict(dict(workdir="", step=-1, towers=()))
   c.evals = ml_collections.ConfigDict()   # name -> ConfigDict(type=..., log_steps=..., ...)
   return c
@@ -92,6 +95,8 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
       fail(key, f"{config[key]} is negative: a duration counts forward (0 means unset).")
   if config.max_bad_steps < 1:
     fail("max_bad_steps", "must be >= 1.")
+  if config.max_param_norm_growth < 0 or 0 < config.max_param_norm_growth <= 1:
+    fail("max_param_norm_growth", f"{config.max_param_norm_growth} must be > 1 (or 0: no check).")
   # keep_ckpts=0 would let the checkpoint manager delete every checkpoint, old ones included.
   if config.keep_ckpts < 1:
     fail("keep_ckpts", f"{config.keep_ckpts} must be >= 1 (checkpoints kept in the workdir).")

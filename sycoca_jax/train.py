@@ -97,9 +97,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   nonfinite_total = 0
   last_metrics: dict[str, Any] = {}
   t_log, step_log = time.time(), first_step
+  param_norm = jax.jit(optax.tree.norm)
+  last_good = {"step": first_step, "norm": float(param_norm(state["params"]))}
 
   def save(step, force=False):
+    # Only a sound state is checkpointed: with keep_ckpts checkpoints kept, saving blown-up weights would rotate
+    # the last good checkpoint out of the workdir.
+    norm, bad_steps = (float(x) for x in jax.device_get((param_norm(state["params"]), state["bad_steps"])))
+    growth = config.max_param_norm_growth
+    if not np.isfinite(norm) or (growth and norm > growth * last_good["norm"]):
+      raise TooManyBadSteps(
+          f"Step {step}: the parameter norm is {norm:.3g} (it was {last_good['norm']:.3g} at step "
+          f"{last_good['step']}, config.max_param_norm_growth={growth}): not checkpointed, the run stops with its "
+          f"last good checkpoint at step {last_good['step']}. Lower optim.lr or raise optim.warmup_steps.")
+    if bad_steps >= config.max_bad_steps:
+      raise TooManyBadSteps(_too_many_bad_steps(config, step))
+    if bad_steps and step < num_steps and not force:
+      # A non-finite streak in progress: the state is the last finite one, but wait to see the streak end.
+      logging.warning("Step %d: not checkpointed, the last %d steps were non-finite.", step, bad_steps)
+      return
     checkpointer.save(step, state, train_iter.get_state(), config, force=force)
+    last_good.update(step=step, norm=norm)
 
   try:
     for step in range(first_step + 1, num_steps + 1):
@@ -116,9 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last = fetched[-1]
         if int(last["bad_steps_in_a_row"]) >= config.max_bad_steps or any(
             int(m["bad_steps_in_a_row"]) >= config.max_bad_steps for m in fetched):
-          raise TooManyBadSteps(
-              f"Loss or gradient was NaN/Inf for {config.max_bad_steps} steps in a row (up to step {step}); "
-              f"those updates were skipped. Lower optim.lr, raise optim.warmup_steps or check the data.")
+          raise TooManyBadSteps(_too_many_bad_steps(config, step))
         # Timed after the fetch, which waits for the steps to finish: dispatch is asynchronous.
         elapsed = time.time() - t_log
         steps_per_sec = (step - step_log) / max(elapsed, 1e-9)
@@ -225,6 +241,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
       state_sharding=state_sharding,
       batch_sharding=batch_sharding,
   )
+
+
+def _too_many_bad_steps(config: ml_collections.ConfigDict, step: int) -> str:
+  return (f"Loss or gradient was NaN/Inf for {config.max_bad_steps} steps in a row (up to step {step}); those "
+          f"updates were skipped. Lower optim.lr, raise optim.warmup_steps or check the data.")
 
 
 def _schedule_count(opt_state: Any) -> jax.Array:

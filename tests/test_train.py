@@ -114,9 +114,22 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
   assert proc.returncode == 3 and "3 steps in a row" in out, out[-3000:]
   rows = {r["step"]: r for r in metrics.read_jsonl(workdir) if "loss" in r}
   assert rows[2]["nonfinite"] == 0 and rows[3]["nonfinite"] == 1
-  before, after = _params(workdir, 2), _params(workdir, 4)
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
-    np.testing.assert_array_equal(a, b)
+  # Saves are due every step, but none is made during the non-finite streak: the last good one is kept.
+  assert checkpoint.Checkpointer(str(workdir)).manager.all_steps() == [1, 2]
+
+
+# Weights that are merely huge, weights that overflow to inf.
+@pytest.mark.parametrize("lr", [1e8, pytest.param(1e30, marks=pytest.mark.slow)])
+def test_blown_up_weights_are_never_checkpointed(tmp_path, lr):
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
+  good = _params(workdir, 2)
+  # A finite loss at good weights takes a huge update: the bad-step guard does not see it, the save check does.
+  config = small_train_config(total_steps=6, async_checkpointing=False, **{"optim.lr": lr})
+  with pytest.raises(train.TooManyBadSteps, match=r"Step 4: the parameter norm is .* last good checkpoint at step 2"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint.Checkpointer(workdir).manager.all_steps() == [2]
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir, 2), good)
 
 
 @pytest.mark.parametrize("key,value,message", [
