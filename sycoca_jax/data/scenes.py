@@ -212,7 +212,10 @@ def sample_scene(seed: int, split: str, index: int, *, min_objects: int = 1, max
   if unknown or not backgrounds:
     raise ValueError(f"Unknown or no scenes backgrounds {sorted(unknown)}; choose from {sorted(set(BACKGROUNDS))}.")
   rng = _rng(seed, split, index, 0)
-  background = _sample_background(rng, tuple(backgrounds))
+  background = _sample_background(rng)
+  if background["kind"] not in backgrounds:
+    # Redrawn from a stream of its own, so the layout draws that follow are those of the unrestricted scene.
+    background = _sample_background(_rng(seed, split, index, 3), tuple(backgrounds))
   if split in ZEROSHOT:
     classes, _, attribute = ZEROSHOT[split]
     label = classes[index % len(classes)]
