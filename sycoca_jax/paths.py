@@ -15,9 +15,13 @@ arrays through TensorStore's; both find credentials the usual way (the VM's serv
 """
 
 import io
+import json
 import os
 import re
+import socket
+from typing import Optional
 
+from absl import logging
 from etils import epath
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -51,3 +55,90 @@ def write_atomic(path: epath.PathLike, text: str) -> None:
     except (AttributeError, io.UnsupportedOperation, OSError):  # not a local file: nothing to sync
       pass
   tmp.replace(path)
+
+
+class WorkdirLocked(RuntimeError):
+  """Another run holds the workdir."""
+
+
+class WorkdirLock:
+  """A lock file in the workdir, `LOCK`, holding the host and PID of the run that trains there.
+
+  Two runs on one workdir would overwrite each other's checkpoints and log every step twice (or one would crash
+  on a checkpoint the other rotated out), so a run takes the lock before anything else and a second run stops
+  at once, naming the holder. A lock left by a process that died on this host is taken over, with a log line;
+  one from another host cannot be checked and must be deleted by hand if that run is gone. Locally the file is
+  created exclusively (O_EXCL); on Cloud Storage, which has no exclusive create, it is written then read back,
+  which catches all but a near-simultaneous start.
+  """
+
+  NAME = "LOCK"
+
+  def __init__(self, workdir: epath.PathLike):
+    self.path = resolve(workdir) / self.NAME
+    self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    self.held = False
+
+  def acquire(self) -> "WorkdirLock":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # a stale lock removed, or one that vanished while read, leaves room for a retry
+      if self._create():
+        self.held = True
+        return self
+      holder = self.holder()
+      if holder is None:
+        continue
+      if holder == self.owner:  # left by this process (an earlier run in it that raised): still ours
+        self.held = True
+        return self
+      if holder.get("host") == self.owner["host"] and not _process_alive(holder.get("pid", -1)):
+        logging.warning("Workdir lock %s was left by process %s on %s, which is gone: taking it over.", self.path,
+                        holder.get("pid"), holder.get("host"))
+        self.path.unlink(missing_ok=True)
+        continue
+      raise WorkdirLocked(
+          f"{self.path.parent} is in use by process {holder.get('pid')} on host {holder.get('host')} (lock file "
+          f"{self.path}). Wait for that run to end or use another --workdir; if it is gone, delete the lock file.")
+    raise WorkdirLocked(f"Could not take the workdir lock {self.path}: it keeps changing hands.")
+
+  def holder(self) -> Optional[dict]:
+    try:
+      return json.loads(self.path.read_text())
+    except (FileNotFoundError, ValueError):
+      return None
+
+  def release(self) -> None:
+    if self.held and self.holder() == self.owner:
+      self.path.unlink(missing_ok=True)
+    self.held = False
+
+  def _create(self) -> bool:
+    text = json.dumps(self.owner)
+    if is_url(self.path):
+      if self.path.exists():
+        return False
+      self.path.write_text(text)
+      return self.holder() == self.owner
+    try:
+      fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    return True
+
+
+def _process_alive(pid: int) -> bool:
+  if not isinstance(pid, int) or pid <= 0:  # kill(0 or -1, ...) would address a whole group of processes
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  except OverflowError:
+    return False
+  return True

@@ -8,6 +8,7 @@ the loop. `make_train_step`, below the loop, builds the step that tools/benchmar
 Fork this file rather than subclass it.
 """
 
+import atexit
 import functools
 import signal
 import time
@@ -19,9 +20,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from sycoca_jax import checkpoint as ckpt_lib
-from sycoca_jax import config_lib, losses, metrics, optim, sharding
+from sycoca_jax import config_lib, losses, metrics, optim, paths, sharding
 from sycoca_jax.data import CLIP_MEAN, CLIP_STD, build_train_iterator
 from sycoca_jax.models import sycoca
 from sycoca_jax.models.vit import patchify, unpatchify
@@ -41,6 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
   # ---------------------------------------------------------------------------------------------------- setup
   config_lib.validate(config, jax.device_count())
+  lock = _lock_workdir(workdir)  # before anything is built: a second run on the workdir stops at once
   mesh = sharding.make_mesh(config.mesh)
   num_steps = config_lib.total_steps(config)
   writer = metrics.create_writer(workdir)
@@ -166,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     checkpointer.close()
     writer.flush()
+    lock.release()
   return last_metrics
 
 
@@ -241,6 +245,24 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
       state_sharding=state_sharding,
       batch_sharding=batch_sharding,
   )
+
+
+def _lock_workdir(workdir: str) -> paths.WorkdirLock:
+  """Process 0 takes the workdir lock; every process learns whether it did, so all stop together if not."""
+  lock, error = paths.WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+      atexit.register(lock.release)
+    except paths.WorkdirLocked as e:
+      error = e
+  if jax.process_count() > 1:
+    taken = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not taken and error is None:
+      error = paths.WorkdirLocked(f"Process 0 could not take the lock of {workdir}: another run holds it.")
+  if error is not None:
+    raise error
+  return lock
 
 
 def _too_many_bad_steps(config: ml_collections.ConfigDict, step: int) -> str:
