@@ -63,6 +63,12 @@ class Checkpointer:
     data_state = json.loads(path.read_text()) if path.exists() else None
     return restored.state, data_state
 
+  def saved_config(self, step: int) -> Optional[dict]:
+    """The run config saved with `step` (as JSON: tuples read back as lists), or None if it has none."""
+    if not (self.workdir / "checkpoints" / str(step) / "config").exists():
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
   def _drop_stale_data_states(self):
     root = self.workdir / "data_state"
     if jax.process_index() != 0 or not root.is_dir():

@@ -5,6 +5,7 @@ unknown keys (with a "did you mean") and impossible values, naming the key, befo
 """
 
 import difflib
+import json
 from typing import Any, Optional
 
 import ml_collections
@@ -124,6 +125,47 @@ def _check_tokenizer_fits(config: ml_collections.ConfigDict, fail) -> None:
   if vocab > config.model.text.vocab_size:
     fail("model.text.vocab_size", f"{config.model.text.vocab_size} is smaller than the vocabulary of "
          f"data.tokenizer={config.data.tokenizer!r} ({vocab}): set model.text.vocab_size >= {vocab}.")
+
+
+# What a resumed run may not change: the parameter shapes and tree (model geometry, layer scan), the objective
+# and masking (the ablation variant), and the optimizer's tree (frozen towers). Compute-only model settings may.
+_RESUME_FREE_MODEL_KEYS = ("model.dtype", "model.attention_impl", "model.remat", "model.init_logit_scale")
+_SCHEDULE_KEYS = ("total_steps", "total_epochs", "total_examples", "num_train_examples", "global_batch_size",
+                  "optim.lr", "optim.warmup_steps", "optim.end_lr_fraction")
+
+
+def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list[str], list[str], list[str]]:
+  """Keys whose value differs between a checkpoint's saved config and the run resuming it, as 'key (old -> new)'.
+
+  Returns (refused, schedule, other): changes of the model geometry or the variant, which the checkpoint cannot
+  be restored into or which would make the run a different experiment; changes of the run's length or
+  learning-rate schedule; anything else (cadences, evals, data paths, ...).
+  """
+  # Through JSON, as the checkpoint stored it, so that a tuple and the list it was saved as compare equal.
+  old, new = _flat(saved), _flat(json.loads(json.dumps(config.to_dict(), default=str)))
+  refused, schedule, other = [], [], []
+  for key in sorted(set(old) | set(new)):
+    if old.get(key, "<unset>") == new.get(key, "<unset>"):
+      continue
+    change = f"{key} ({old.get(key, '<unset>')} -> {new.get(key, '<unset>')})"
+    if ((key.startswith("model.") and key not in _RESUME_FREE_MODEL_KEYS) or key.startswith("loss.")
+        or key == "optim.freeze"):
+      refused.append(change)
+    elif key in _SCHEDULE_KEYS:
+      schedule.append(change)
+    else:
+      other.append(change)
+  return refused, schedule, other
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:

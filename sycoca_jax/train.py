@@ -70,6 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"config.total_steps: the run now lasts {num_steps} steps, but {workdir} holds a checkpoint "
                      f"at step {resume_step}. Give a length of at least {resume_step} steps, or a new workdir.")
   if resume_step is not None:
+    _check_resumed_config(checkpointer.saved_config(resume_step), config, workdir, resume_step)
     state, data_state = checkpointer.restore(resume_step, train_step.abstract_state)
     if data_state is None:
       raise FileNotFoundError(f"Checkpoint {resume_step} in {workdir} has no input-pipeline state for process "
@@ -245,6 +246,23 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
       state_sharding=state_sharding,
       batch_sharding=batch_sharding,
   )
+
+
+def _check_resumed_config(saved: Optional[dict], config: ml_collections.ConfigDict, workdir: str,
+                          step: int) -> None:
+  """Refuses a resume that changes the model or the variant; warns about (and explains) any other change."""
+  if saved is None:
+    return
+  refused, schedule, other = config_lib.resume_changes(saved, config)
+  if refused:
+    raise ValueError(f"{workdir} holds step {step} of a run with another model or objective; changed: "
+                     f"{', '.join(refused)}. Resume with the run's own settings, or start a new workdir.")
+  if schedule:
+    logging.warning("Resuming step %d with a new length or learning rate: %s. The learning-rate schedule is "
+                    "recomputed for the new values and continues from step %d, so the run follows neither the "
+                    "old schedule nor a fresh one.", step, ", ".join(schedule), step)
+  if other:
+    logging.warning("Resuming step %d with changed settings: %s.", step, ", ".join(other))
 
 
 def _lock_workdir(workdir: str) -> paths.WorkdirLock:

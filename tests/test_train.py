@@ -241,3 +241,17 @@ def test_resuming_with_total_steps_below_the_checkpoint_fails(tmp_path):
   train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
   with pytest.raises(ValueError, match=r"config.total_steps: the run now lasts 1 steps, but .* at step 2"):
     train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), workdir)
+
+
+def test_resume_compares_the_config_with_the_checkpoints(tmp_path, caplog):
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), workdir)
+  other = small_train_config(total_steps=1, **{"model.embed_dim": 64})
+  config_lib.apply_variant(other, "coca")
+  with pytest.raises(ValueError, match=r"holds step 1 of a run with another model or objective; changed: "
+                                       r"loss.mim_weight \(1.0 -> 0.0\), .*model.embed_dim \(32 -> 64\)"):
+    train.train_and_evaluate(other, workdir)
+  # A new length is allowed, and explained.
+  train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
+  assert "total_steps (1 -> 2). The learning-rate schedule is recomputed" in caplog.text
+  assert checkpoint.Checkpointer(workdir).latest_step() == 2
