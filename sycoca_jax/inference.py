@@ -8,8 +8,10 @@
     model.embed_texts(["a red circle", "two stars"])    # -> float32 [m, E], L2-normalised
     model.score(images, texts)                          # -> {'similarity', 'logit', 'log_likelihood', ...}
 
-Images may be a PIL image, a list of PIL images / arrays of any sizes, or an array [H, W, 3] / [n, H, W, 3]
-(grey [.., H, W] too). uint8 arrays are pixels 0..255, float arrays pixels in [0, 1]. Each image is resized
+Images may be a PIL image, an image file's path (local or gs://), a list of PIL images / paths / arrays of any
+sizes, or an array [H, W, 3] / [n, H, W, 3] (grey [.., H, W] too). uint8 arrays are pixels 0..255, float arrays
+pixels in [0, 1] (others are refused, not clipped). Texts are a list of strings; one string is one text. Each
+image is resized
 (shorter side) and centre-cropped to the model's image size, then normalised with CLIP's mean / std, as the
 evaluation pipeline does. Arrays already prepared that way (e.g. batches of sycoca_jax.data) are passed with
 `preprocessed=True`.
@@ -20,6 +22,7 @@ Without a checkpoint, construct `Inference(model_config, params, tokenizer)` dir
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sycoca_jax import decoding
+from sycoca_jax import decoding, paths
 from sycoca_jax.data import CLIP_MEAN
 from sycoca_jax.data import CLIP_STD
 from sycoca_jax.data import pipeline
@@ -37,13 +40,27 @@ from sycoca_jax.models.sycoca import SyCoCa
 from sycoca_jax.models.sycoca import build_model
 
 
+def _is_path(image: Any) -> bool:
+  return isinstance(image, (str, os.PathLike))
+
+
 def _as_pil(image: Any) -> Image.Image:
   if isinstance(image, Image.Image):
     return pipeline.to_rgb(image)
+  if _is_path(image):
+    with paths.resolve(image).open("rb") as f:
+      pil = Image.open(f)
+      pil.load()  # PIL reads lazily: read the pixels before the file closes
+    return pipeline.to_rgb(pil)
   x = np.asarray(image)
   if x.dtype != np.uint8:
     if not np.issubdtype(x.dtype, np.floating):
       raise TypeError(f"Images must be uint8 (0..255) or float (0..1) arrays, got {x.dtype}.")
+    # Clipping would silently turn 0..255 floats white and normalised (mean/std) inputs into noise.
+    lo, hi = (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 0.0)
+    if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK or not np.isfinite(lo + hi):
+      raise ValueError(f"Float images must be pixels in [0, 1]; got values in [{lo:.4g}, {hi:.4g}]. Divide 0..255 "
+                       "pixels by 255 (or pass uint8); pass images already normalised with preprocessed=True.")
     x = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
   if x.ndim == 3 and x.shape[-1] == 1:
     x = x[..., 0]
@@ -52,10 +69,14 @@ def _as_pil(image: Any) -> Image.Image:
   return pipeline.to_rgb(Image.fromarray(x))
 
 
+# Float pixels a little outside [0, 1] (resampling overshoot) are rounded into range, not refused.
+_FLOAT_SLACK = 1e-3
+
+
 def preprocess(images: Any, image_size: int, mean: Sequence[float] = CLIP_MEAN,
                std: Sequence[float] = CLIP_STD) -> np.ndarray:
   """Images (see the module docstring) -> float32 [n, S, S, 3], resized, centre-cropped and normalised."""
-  if isinstance(images, Image.Image):
+  if isinstance(images, Image.Image) or _is_path(images):
     images = [images]
   elif isinstance(images, np.ndarray) and (images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))):
     images = [images]  # one [H, W] / [H, W, C] image; [n, H, W] (W > 4) is a stack of grey images
@@ -128,9 +149,9 @@ class Inference:
     x = self._images(images, preprocessed)
     return self._chunks(lambda c: self._encode_image(self.params, c)["embedding"], x)
 
-  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-    """L2-normalised text embeddings, float32 [m, E]."""
-    return self._chunks(lambda t: self._encode_text(self.params, t), self.tokenizer.encode(list(texts)))
+  def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+    """L2-normalised text embeddings, float32 [m, E] (one string: [1, E])."""
+    return self._chunks(lambda t: self._encode_text(self.params, t), self.tokenizer.encode(_text_list(texts)))
 
   def caption(self, images, sampler: str = "beam", *, preprocessed: bool = False, return_log_probs: bool = False,
               max_len: int | None = None, **sampler_kw):
@@ -150,7 +171,7 @@ class Inference:
     captions = self.tokenizer.decode(out["tokens"])
     return (captions, out["log_probs"]) if return_log_probs else captions
 
-  def score(self, images, texts: Sequence[str], *, preprocessed: bool = False) -> dict[str, np.ndarray]:
+  def score(self, images, texts: str | Sequence[str], *, preprocessed: bool = False) -> dict[str, np.ndarray]:
     """Scores of image-text pairs (image i with text i; one image is paired with every text).
 
     Returns float32 [m] arrays:
@@ -159,7 +180,7 @@ class Inference:
       log_likelihood       log p(text | image) from the captioner (every patch visible), eos included
       mean_log_likelihood  log_likelihood per token
     """
-    texts = list(texts)
+    texts = _text_list(texts)
     x = self._images(images, preprocessed)
     if len(x) == 1 and len(texts) > 1:
       x = np.repeat(x, len(texts), axis=0)
@@ -172,6 +193,17 @@ class Inference:
     ll = self._chunks(lambda c, t: self._token_ll(self.params, c, t), x, ids)
     return {"similarity": similarity, "logit": similarity * float(self._temperature(self.params)),
             "log_likelihood": ll["sum"], "mean_log_likelihood": (ll["sum"] / np.maximum(ll["count"], 1)).astype(np.float32)}
+
+
+def _text_list(texts: str | Sequence[str]) -> list[str]:
+  """One string is one text (list() of it would make one text per character)."""
+  if isinstance(texts, str):
+    return [texts]
+  texts = list(texts)
+  bad = [t for t in texts if not isinstance(t, str)]
+  if bad:
+    raise TypeError(f"Texts must be strings; got {type(bad[0]).__name__} {bad[0]!r}.")
+  return texts
 
 
 def load(workdir_or_checkpoint: str, step: int | None = None, **kw) -> Inference:

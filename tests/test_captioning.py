@@ -205,3 +205,28 @@ def test_inference_api():
   np.testing.assert_allclose(one["log_likelihood"][1], scores["log_likelihood"][1], rtol=1e-5)
   with pytest.raises(ValueError, match="5 images and 2 texts"):
     inf.score(images, texts[:2])
+
+
+def test_inference_api_takes_one_string_paths_and_refuses_unscaled_float_images(tmp_path):
+  from PIL import Image
+
+  from sycoca_jax import inference
+  from tests.test_decoding import random_params
+
+  tok = get_tokenizer("scenes_words", max_len=12)
+  cfg = tiny_model_config(**{"text.vocab_size": tok.vocab_size, "vision.depth": 1, "text.depth": 1})
+  inf = inference.Inference(cfg, random_params(build_model(cfg), seed=2), tok, batch_size=4)
+  one = inf.embed_texts("a red circle")  # one text, not one per character
+  assert one.shape == (1, cfg.embed_dim)
+  np.testing.assert_allclose(one, inf.embed_texts(["a red circle", "two stars"])[:1], atol=1e-6)
+  assert inf.score(np.zeros((40, 48, 3), np.uint8), "a red circle")["similarity"].shape == (1,)
+
+  image = np.random.RandomState(0).randint(0, 256, (40, 48, 3)).astype(np.uint8)
+  Image.fromarray(image).save(tmp_path / "a.png")
+  want = inf.embed_images(image)
+  np.testing.assert_allclose(inf.embed_images(str(tmp_path / "a.png")), want, atol=1e-6)
+  np.testing.assert_allclose(inf.embed_images([tmp_path / "a.png", image]), np.concatenate([want, want]), atol=1e-6)
+  with pytest.raises(ValueError, match=r"Float images must be pixels in \[0, 1\]; got values in \[0, 25[0-5]\]"):
+    inf.embed_images(image.astype(np.float32))
+  with pytest.raises(FileNotFoundError):
+    inf.embed_images(str(tmp_path / "missing.jpg"))
