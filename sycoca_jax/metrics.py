@@ -8,7 +8,7 @@ writer through TensorFlow's file system, which speaks gs:// itself.
 """
 
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -20,10 +20,17 @@ from sycoca_jax import paths
 
 
 class JsonlWriter(interface.MetricWriter):
-  """Scalars (and texts) as JSON lines, appended and flushed at each write (a local file or a gs:// object)."""
+  """Scalars (and texts) as JSON lines, appended and flushed at each write (a local file or a gs:// object).
 
-  def __init__(self, path: epath.PathLike):
-    self._file = paths.resolve(path).open("a")
+  With `resume_step`, rows of later steps are dropped first: a run that was killed after its last checkpoint
+  logged steps that the resumed run logs again, and each step should appear once.
+  """
+
+  def __init__(self, path: epath.PathLike, resume_step: Optional[int] = None):
+    path = paths.resolve(path)
+    if resume_step is not None and path.exists():
+      _drop_rows_after(path, resume_step)
+    self._file = path.open("a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {"step": int(step)} | {k: float(np.asarray(v)) for k, v in scalars.items()}
@@ -60,15 +67,31 @@ class JsonlWriter(interface.MetricWriter):
     self._file.close()
 
 
-def create_writer(workdir: epath.PathLike) -> metric_writers.MetricWriter:
-  """TensorBoard + JSON lines + the log on process 0; only the log on the others."""
+def _drop_rows_after(path: epath.Path, step: int) -> None:
+  """Rewrites metrics.jsonl without the rows of steps after `step` (and, from step 0, without the hparams row,
+  which a fresh start writes again)."""
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  keep = []
+  for line in lines:
+    row = json.loads(line)
+    if row["step"] <= step if "step" in row else step > 0:
+      keep.append(line)
+  if len(keep) != len(lines):
+    paths.write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def create_writer(workdir: epath.PathLike, resume_step: Optional[int] = None) -> metric_writers.MetricWriter:
+  """TensorBoard + JSON lines + the log on process 0; only the log on the others.
+
+  A training run passes the step it starts from (0 for a fresh start): metrics.jsonl keeps no rows after it.
+  """
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(just_logging=True)
   workdir = paths.resolve(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(str(workdir), asynchronous=True),
-      JsonlWriter(workdir / "metrics.jsonl"),
+      JsonlWriter(workdir / "metrics.jsonl", resume_step),
   ])
 
 

@@ -46,7 +46,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lock = _lock_workdir(workdir)  # before anything is built: a second run on the workdir stops at once
   mesh = sharding.make_mesh(config.mesh)
   num_steps = config_lib.total_steps(config)
-  writer = metrics.create_writer(workdir)
   logging.info("Mesh %s over %d devices (%d processes); %d steps of %d examples.", dict(mesh.shape),
                jax.device_count(), jax.process_count(), num_steps, config.global_batch_size)
 
@@ -94,6 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --------------------------------------------------------------------------------------------- loop
   first_step = int(jax.device_get(state["step"]))
+  writer = metrics.create_writer(workdir, resume_step=first_step)  # drops rows a killed run logged past it
   if first_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
   preempted = _install_sigterm_handler()

@@ -255,3 +255,16 @@ def test_resume_compares_the_config_with_the_checkpoints(tmp_path, caplog):
   train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
   assert "total_steps (1 -> 2). The learning-rate schedule is recomputed" in caplog.text
   assert checkpoint.Checkpointer(workdir).latest_step() == 2
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+  workdir = tmp_path / "w"
+  train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), str(workdir))
+  # What a run killed after its step-2 checkpoint leaves: rows of steps the resumed run logs again.
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n" + json.dumps({"step": 4, "loss": -1.0}) + "\n")
+  train.train_and_evaluate(small_train_config(total_steps=4, async_checkpointing=False), str(workdir))
+  rows = metrics.read_jsonl(workdir)
+  steps = [r["step"] for r in rows if "loss" in r]
+  assert steps == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows if "loss" in r)
+  assert sum("hparams" in r for r in rows) == 1
