@@ -169,7 +169,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   if path.endswith(".safetensors"):
     state = _load_safetensors(path)
   else:
-    import torch  # only for pickled checkpoints
+    try:
+      import torch  # only for pickled checkpoints
+    except ModuleNotFoundError:
+      raise ModuleNotFoundError(
+          f"Reading {path} (a pickled PyTorch checkpoint) needs torch: pip install torch (or pip install -e '.[torch]' "
+          "in this repository), or give the model's .safetensors file, which is read without torch.") from None
 
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and "state_dict" in obj:  # open_clip training checkpoints
