@@ -102,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_metrics: dict[str, Any] = {}
   t_log, step_log = time.time(), first_step
   param_norm = jax.jit(optax.tree.norm)
-  last_good = {"step": first_step, "norm": float(param_norm(state["params"]))}
+  # The reference a save compares against: the last checkpoint (None: none yet) and the norm it had.
+  last_good = {"step": resume_step, "norm": float(param_norm(state["params"]))}
 
   def save(step, force=False):
     # Only a sound state is checkpointed: with keep_ckpts checkpoints kept, saving blown-up weights would rotate
@@ -110,10 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     norm, bad_steps = (float(x) for x in jax.device_get((param_norm(state["params"]), state["bad_steps"])))
     growth = config.max_param_norm_growth
     if not np.isfinite(norm) or (growth and norm > growth * last_good["norm"]):
+      before, kept = ((f"step {last_good['step']}", f"its last good checkpoint, step {last_good['step']}, is kept")
+                      if last_good["step"] is not None else ("initialisation", "no checkpoint was written"))
       raise TooManyBadSteps(
-          f"Step {step}: the parameter norm is {norm:.3g} (it was {last_good['norm']:.3g} at step "
-          f"{last_good['step']}, config.max_param_norm_growth={growth}): not checkpointed, the run stops with its "
-          f"last good checkpoint at step {last_good['step']}. Lower optim.lr or raise optim.warmup_steps.")
+          f"Step {step}: the parameter norm is {norm:.3g}, against {last_good['norm']:.3g} at {before} "
+          f"(config.max_param_norm_growth={growth}). The run stops without checkpointing it; {kept}. Lower "
+          f"optim.lr or raise optim.warmup_steps.")
     if bad_steps >= config.max_bad_steps:
       raise TooManyBadSteps(_too_many_bad_steps(config, step))
     if bad_steps and step < num_steps and not force:

@@ -126,10 +126,16 @@ def test_blown_up_weights_are_never_checkpointed(tmp_path, lr):
   good = _params(workdir, 2)
   # A finite loss at good weights takes a huge update: the bad-step guard does not see it, the save check does.
   config = small_train_config(total_steps=6, async_checkpointing=False, **{"optim.lr": lr})
-  with pytest.raises(train.TooManyBadSteps, match=r"Step 4: the parameter norm is .* last good checkpoint at step 2"):
+  with pytest.raises(train.TooManyBadSteps,
+                     match=r"Step 4: the parameter norm is .* at step 2 .* last good checkpoint, step 2, is kept"):
     train.train_and_evaluate(config, workdir)
   assert checkpoint.Checkpointer(workdir).manager.all_steps() == [2]
   jax.tree.map(np.testing.assert_array_equal, _params(workdir, 2), good)
+  # From the start: nothing is checkpointed at all.
+  fresh = str(tmp_path / "fresh")
+  with pytest.raises(train.TooManyBadSteps, match=r"Step 2: .* at initialisation .* no checkpoint was written"):
+    train.train_and_evaluate(config, fresh)
+  assert checkpoint.Checkpointer(fresh).manager.all_steps() == []
 
 
 @pytest.mark.parametrize("key,value,message", [
