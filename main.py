@@ -51,7 +51,7 @@ def main(argv):
   elif FLAGS.distributed or (FLAGS.distributed is None and _launched_by_cluster()):
     jax.distributed.initialize()
   # Import after the runtime is up: the data and model modules only read jax.process_index() at use.
-  from sycoca_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from sycoca_jax import checkpoint, evaluate, paths, train  # pylint: disable=g-import-not-at-top
 
   logging.info("Process %d / %d, %d local devices of %d.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
@@ -60,6 +60,8 @@ def main(argv):
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train.Preempted as e:  # a clean exit: the scheduler restarts us and we resume
       logging.warning("%s", e)
+    except (paths.WorkdirLocked, checkpoint.CheckpointUnreadable) as e:  # the message says it all
+      sys.exit(f"FATAL {e}")
   else:
     evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
 

@@ -26,6 +26,10 @@ from etils import epath
 from sycoca_jax import optim, paths
 
 
+class CheckpointUnreadable(RuntimeError):
+  """A checkpoint's files are missing or damaged."""
+
+
 class Checkpointer:
   """Saves and restores (train state, input-pipeline state) pairs in `workdir`."""
 
@@ -57,8 +61,18 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     """abstract_state: ShapeDtypeStructs with shardings, so arrays come back already laid out on the mesh."""
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    folder = self.workdir / "checkpoints" / str(step)
+    # Without its tree metadata orbax reports a "pytree structure error" that points at the caller's tree.
+    if not (folder / "state" / "_METADATA").exists():
+      raise CheckpointUnreadable(f"Checkpoint {folder} is damaged: state/_METADATA is missing. Move the folder "
+                                 "aside to resume from the previous checkpoint.")
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except (ValueError, KeyError, OSError) as e:
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointUnreadable(f"Checkpoint {folder} cannot be read ({first_line}). Move the folder aside to "
+                                 "resume from the previous checkpoint.") from e
     path = self._data_path(step, jax.process_index())
     data_state = json.loads(path.read_text()) if path.exists() else None
     return restored.state, data_state

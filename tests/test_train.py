@@ -274,3 +274,11 @@ def test_resumed_run_logs_each_step_once(tmp_path):
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows if "loss" in r)
   assert sum("hparams" in r for r in rows) == 1
+
+
+def test_checkpoint_without_its_metadata_is_reported_as_damaged(tmp_path):
+  workdir = tmp_path / "w"
+  train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), str(workdir))
+  os.remove(workdir / "checkpoints" / "1" / "state" / "_METADATA")
+  with pytest.raises(checkpoint.CheckpointUnreadable, match=r"checkpoints/1 is damaged: state/_METADATA is missing"):
+    train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), str(workdir))
