@@ -8,7 +8,6 @@ A workdir that already holds checkpoints is resumed from its latest one.
 """
 
 import difflib
-import logging as logging_std
 import os
 import sys
 
@@ -30,19 +29,12 @@ flags.DEFINE_integer("process_id", None, "With --coordinator_address: this proce
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Keeps the log to what a person reads: orbax and grain log every file they touch at INFO."""
-
-  def filter(self, record):
-    noisy = ("/orbax/", "/grain/", "/etils/")
-    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
-
-
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
+  from sycoca_jax import metrics  # pylint: disable=g-import-not-at-top  (after TF_CPP_MIN_LOG_LEVEL: it loads TF)
+  logging.get_absl_handler().addFilter(metrics.QuietLibraries())
 
   if FLAGS.coordinator_address:
     if os.environ.get("JAX_PLATFORMS") == "cpu":

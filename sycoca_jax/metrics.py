@@ -8,6 +8,7 @@ writer through TensorFlow's file system, which speaks gs:// itself.
 """
 
 import json
+import logging as logging_std
 from typing import Any, Mapping, Optional
 
 import jax
@@ -98,3 +99,14 @@ def create_writer(workdir: epath.PathLike, resume_step: Optional[int] = None) ->
 def read_jsonl(workdir: epath.PathLike) -> list[dict[str, Any]]:
   text = (paths.resolve(workdir) / "metrics.jsonl").read_text()
   return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class QuietLibraries(logging_std.Filter):
+  """Keeps the log to what a person reads: orbax, grain and etils log every file they touch at INFO.
+
+  Install it with `absl.logging.get_absl_handler().addFilter(QuietLibraries())`.
+  """
+
+  def filter(self, record):
+    noisy = ("/orbax/", "/grain/", "/etils/")
+    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)

@@ -29,7 +29,6 @@ import collections
 import copy
 import dataclasses
 import json
-import logging as logging_std
 import math
 import os
 import re
@@ -457,17 +456,10 @@ def write_outputs(workdir: str, planned: Sequence[Run] = (), failed: Sequence[st
 # ------------------------------------------------------------------------------------------------ main
 
 
-class _QuietLibraries(logging_std.Filter):
-  """As main.py's: orbax, grain and etils log every file they touch at INFO."""
-
-  def filter(self, record):
-    noisy = ("/orbax/", "/grain/", "/etils/")
-    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from sycoca_jax import metrics  # pylint: disable=g-import-not-at-top  (loads TF: only once the tool runs)
+  logging.get_absl_handler().addFilter(metrics.QuietLibraries())
   workdir = FLAGS.workdir
   if FLAGS.table_only:
     planned = plan(FLAGS.config, FLAGS.variants, [int(s) for s in FLAGS.seeds], FLAGS.sweep,
