@@ -204,6 +204,25 @@ def test_attention_impl_is_validated():
   assert build_model(tiny_model_config(attention_impl="cudnn", dtype="bfloat16")).text_encoder.attention_impl == "cudnn"
 
 
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_policies_recompute_the_same_gradients(policy):
+  """A remat policy changes what the backward pass keeps and what it recomputes, never the gradients."""
+  cfg, model, params = _setup()
+  images, text = _batch(cfg)
+
+  def grads(m):
+    def loss(p):
+      out = m.apply({"params": p}, images, text, heads=HEADS)
+      return sum(jnp.sum(out[k] * jnp.cos(jnp.arange(out[k].size).reshape(out[k].shape)))
+                 for k in ("image_embedding", "text_embedding", "caption_logits", "mim_pred"))
+    return jax.grad(loss)(params)
+
+  remat = build_model(tiny_model_config(remat=True, remat_policy=policy))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads(remat), grads(model))
+  with pytest.raises(ValueError, match=r"config.model.remat_policy: 'most' is not one of full, dots"):
+    build_model(tiny_model_config(remat=True, remat_policy="most"))
+
+
 def test_masks_follow_the_caption():
   cfg, model, params = _setup()
   images, text = _batch(cfg)

@@ -159,6 +159,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       dtype="float32",           # compute dtype; parameters are always float32
       attention_impl="xla",      # xla | cudnn (cuDNN flash attention: NVIDIA GPUs, bfloat16 / float16)
       remat=False,
+      remat_policy="full",       # with remat: full | dots (what each layer keeps; see layers.REMAT_POLICIES)
       scan_layers=False,
       pad_id=0,
       init_logit_scale=math.log(1 / 0.07),   # its bounds, [0, log 100], are the optimizer's (optim.param_bounds)
@@ -192,6 +193,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     fail("act", f"{cfg.act!r} is not one of {sorted(layers.ACTIVATIONS)}.")
   if cfg.dtype not in ("float32", "bfloat16", "float16"):
     fail("dtype", f"{cfg.dtype!r} is not one of float32, bfloat16, float16.")
+  if cfg.remat_policy not in layers.REMAT_POLICIES:
+    fail("remat_policy", f"{cfg.remat_policy!r} is not one of {', '.join(layers.REMAT_POLICIES)}.")
   if cfg.attention_impl not in layers.ATTENTION_IMPLS:
     fail("attention_impl", f"{cfg.attention_impl!r} is not one of {', '.join(layers.ATTENTION_IMPLS)}.")
   if cfg.attention_impl == "cudnn":
@@ -218,7 +221,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
   """The SyCoCa module for a model config (see `default_model_config`)."""
   validate_model_config(cfg)
   dtype = jnp.dtype(cfg.dtype)
-  common = dict(act=cfg.act, norm_eps=cfg.norm_eps, remat=cfg.remat, scan=cfg.scan_layers,
+  # The towers hand `remat` to their Transformer, which takes a policy name in its place.
+  common = dict(act=cfg.act, norm_eps=cfg.norm_eps, remat=cfg.remat and cfg.remat_policy, scan=cfg.scan_layers,
                 attention_impl=cfg.attention_impl, dtype=dtype)
   v, t, d, i = cfg.vision, cfg.text, cfg.text_decoder, cfg.image_decoder
   return SyCoCa(
