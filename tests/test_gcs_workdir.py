@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import pytest
 from clu import metric_writers
+from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 from sycoca_jax import checkpoint, evaluate, inference, metrics, paths, train
@@ -282,8 +283,12 @@ def fake_gcs(tmp_path, monkeypatch):
   monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "fake-token")
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
   monkeypatch.chdir(tmp_path)
+  # epath decides once per process whether gs:// goes through TensorFlow; an earlier test in the same process
+  # may have decided it with EPATH_USE_TF unset, so the cached answer is dropped on the way in and out.
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   with _mapped_epath(str(root)):
     yield root, server
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   server.shutdown()
   server.server_close()
 

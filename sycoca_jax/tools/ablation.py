@@ -48,19 +48,25 @@ import numpy as np
 from sycoca_jax import config_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Config file with optional ':args', as for main.py; `variant=` is added.")
-flags.DEFINE_string("workdir", None, "Study folder: one sub-folder per run, plus ablation.{json,md,png}.")
-flags.DEFINE_list("variants", list(config_lib.VARIANTS), f"Rows to train, of {sorted(config_lib.VARIANTS)}.")
-flags.DEFINE_list("seeds", ["0"], "config.seed of each repeat (init, data order, masking draws).")
-flags.DEFINE_string("sweep", "", "KEY=V1,V2,...: one dotted config key swept over values, on top of each variant.")
-flags.DEFINE_multi_string("overrides", [], "KEY=VALUE[,KEY=VALUE...] applied to every run, as --config.KEY=VALUE "
-                          "would be (e.g. total_steps=500). A tuple value keeps its commas: data.crop_scale=(0.8,1).")
-flags.DEFINE_string("extra_evals", "", "An eval config file (e.g. configs/eval_all.py) whose evaluators also run "
-                    "on each final checkpoint; its `runlocal` follows --config's.")
-flags.DEFINE_bool("table_only", False, "Only rebuild ablation.json / .md / .png from the finished runs in workdir.")
-flags.DEFINE_bool("subprocess", True, "Train each run in a child process (false: all in this process).")
-flags.DEFINE_bool("child", False, "Internal: this process is one run of a study; its parent writes the tables.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags():
+  """The command line, defined when the tool runs (not on import: several tools in one process, e.g. a test
+  session, would define --config twice)."""
+  flags.DEFINE_string("config", None, "Config file with optional ':args', as for main.py; `variant=` is added.")
+  flags.DEFINE_string("workdir", None, "Study folder: one sub-folder per run, plus ablation.{json,md,png}.")
+  flags.DEFINE_list("variants", list(config_lib.VARIANTS), f"Rows to train, of {sorted(config_lib.VARIANTS)}.")
+  flags.DEFINE_list("seeds", ["0"], "config.seed of each repeat (init, data order, masking draws).")
+  flags.DEFINE_string("sweep", "", "KEY=V1,V2,...: one dotted config key swept over values, on top of each variant.")
+  flags.DEFINE_multi_string("overrides", [], "KEY=VALUE[,KEY=VALUE...] applied to every run, as --config.KEY=VALUE "
+                            "would be (e.g. total_steps=500). A tuple value keeps its commas: data.crop_scale=(0.8,1).")
+  flags.DEFINE_string("extra_evals", "", "An eval config file (e.g. configs/eval_all.py) whose evaluators also run "
+                      "on each final checkpoint; its `runlocal` follows --config's.")
+  flags.DEFINE_bool("table_only", False, "Only rebuild ablation.json / .md / .png from the finished runs in workdir.")
+  flags.DEFINE_bool("subprocess", True, "Train each run in a child process (false: all in this process).")
+  flags.DEFINE_bool("child", False, "Internal: this process is one run of a study; its parent writes the tables.")
+  flags.mark_flags_as_required(["workdir"])
+
 
 FINAL_EVAL = "final_eval.json"
 RUN_CONFIG = "run.json"
@@ -497,4 +503,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

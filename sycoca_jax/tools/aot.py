@@ -48,10 +48,17 @@ from sycoca_jax import config_lib, losses, sharding, train  # noqa: E402
 from sycoca_jax.models import sycoca  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':args'.", lock_config=True)
-flags.DEFINE_string("topology", None, "TPU slice: v4-64, v5e-64, v5p-32, v6e-64, ... or v5e:8x8.")
-flags.DEFINE_float("headroom", 15.0, "Percent of the chip's HBM that must stay free for the step to count as fitting.")
-flags.DEFINE_float("mfu", 40.0, "Assumed model FLOPs utilisation (percent of bf16 peak) for the time estimates.")
+
+
+def define_flags():
+  """The command line, defined when the tool runs (not on import: several tools in one process, e.g. a test
+  session, would define --config twice)."""
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':args'.", lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice: v4-64, v5e-64, v5p-32, v6e-64, ... or v5e:8x8.")
+  flags.DEFINE_float("headroom", 15.0,
+                     "Percent of the chip's HBM that must stay free for the step to count as fitting.")
+  flags.DEFINE_float("mfu", 40.0, "Assumed model FLOPs utilisation (percent of bf16 peak) for the time estimates.")
+
 
 GIB = 2 ** 30
 
@@ -332,5 +339,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -22,10 +22,15 @@ from sycoca_jax import config_lib, sharding, train
 from sycoca_jax.models import sycoca
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':args'.", lock_config=True)
-flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
-flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of the whole mesh for MFU; 0 = measure a large matmul.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags():
+  """The command line, defined when the tool runs (not on import: several tools in one process, e.g. a test
+  session, would define --config twice)."""
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':args'.", lock_config=True)
+  flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
+  flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of the whole mesh for MFU; 0 = measure a large matmul.")
+  flags.mark_flags_as_required(["config"])
 
 
 def measure_peak_flops(dtype, n: int = 0, repeats: int = 5) -> float:
@@ -118,4 +123,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -36,12 +36,17 @@ from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.models import sycoca
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Run config whose model.vision and data.scenes are probed.")
-flags.DEFINE_integer("steps", 800, "Training steps.")
-flags.DEFINE_integer("every", 50, "Print the mean loss / accuracy of every this many steps.")
-flags.DEFINE_enum("label", "kind", ["kind", "colour"], "What the head names: object kind or colour.")
-flags.DEFINE_enum("size", "", ["", "small", "medium", "large"], "Draw every object at this size (default: all).")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags():
+  """The command line, defined when the tool runs (not on import: several tools in one process, e.g. a test
+  session, would define --config twice)."""
+  config_flags.DEFINE_config_file("config", None, "Run config whose model.vision and data.scenes are probed.")
+  flags.DEFINE_integer("steps", 800, "Training steps.")
+  flags.DEFINE_integer("every", 50, "Print the mean loss / accuracy of every this many steps.")
+  flags.DEFINE_enum("label", "kind", ["kind", "colour"], "What the head names: object kind or colour.")
+  flags.DEFINE_enum("size", "", ["", "small", "medium", "large"], "Draw every object at this size (default: all).")
+  flags.mark_flags_as_required(["config"])
 
 
 class _Probe(nn.Module):
@@ -116,4 +121,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
