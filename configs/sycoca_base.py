@@ -9,14 +9,12 @@ multimodal decoder, embed dim 512, context 76, CLIP BPE (49,408). TG-MIM decoder
 1 TG-MIM, mask ratios 50 / 50 (paper). AdamW (0.9, 0.98, 1e-6), lr 5e-4, wd 0.2, 2k warmup, cosine, bf16
 compute, global batch 2048, 20 epochs of CC12M (~10.9M pairs available today -> ~106k steps).
 
-Hardware: TPU v4-64, v5e-64 or v5p-32 slices (batch 2048 = 64, 32 or 128 per chip), or 32-64 A100/H100 GPUs.
-Parameters and optimizer state are split over every chip (mesh.data=1, mesh.fsdp=-1). Compiled ahead of time,
-that step fits v5e-64 (46 % of HBM to spare) and v5p-32 (28 %) without remat or accumulation; on v4-64 (64
-examples per chip) it leaves only 6 %, so `slice=v4-64` adds 2-step gradient accumulation, not yet compiled
-(README, "Scaling out"; check another slice with
-`python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-128`). `:slice=NAME` picks the
-setting found fastest for that slice (SLICES below). On fewer chips, `--config.grad_accum_steps=K` keeps the
-contrastive negatives of the whole 2048 batch.
+Hardware: TPU v4-64, v5e-64 or v5p-32 (batch 2048 = 64, 32 or 128 per chip), or 32-64 A100/H100 GPUs.
+`:slice=v4-64 | v5e-64 | v5p-32` picks the setting found fastest for that slice (SLICES below); compiled ahead
+of time for it, the step leaves 35-46 % of HBM free (README, "Scaling out"). Without `slice=` the v5e-64
+setting runs (it also fits v5p-32, not v4-64). Check any other slice first, e.g.
+  python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-128
+On fewer chips, `--config.grad_accum_steps=K` keeps the contrastive negatives of the whole 2048 batch.
 
 Data: CC12M as img2dataset webdataset shards converted to array_record (README: "Preparing CC12M"), pointed to
 by --config.data.path='/data/cc12m/*.array_record'.
@@ -28,18 +26,20 @@ This codebase has not yet been run at this scale; those are the paper's figures,
 from sycoca_jax import config_lib
 
 # Per TPU slice, the fastest setting found that fits batch 2048 with at least 15 % of each chip's HBM free, by
-# compiling the train step for the slice ahead of time (sycoca_jax/tools/aot.py; figures in README.md, "Scaling
-# out"). Parameters and optimizer state split over every chip cost no FLOPs; remat would cost 24 % more and
-# gradient accumulation 14 % more. Layers stay unrolled: scanned without remat, the compiler keeps every
-# layer's intermediates and the step does not fit. The default (no slice=) is the FSDP setting.
-FSDP = dict(mesh=dict(data=1, fsdp=-1), remat=False, scan_layers=False, grad_accum_steps=1)
+# compiling the train step for the slice ahead of time (sycoca_jax/tools/aot.py; the figures and the settings
+# tried are in README.md, "Scaling out"). Fastest: fewest FLOPs (remat 'full' costs 24 % more, gradient
+# accumulation 14 %, remat 'dots' 1.8 %), then the least HBM traffic. Plain data parallelism, where it fits,
+# needs less memory and traffic than FSDP, whose gathered parameters the compiler keeps; FSDP (mesh.data=1,
+# mesh.fsdp=-1) is for chips too small for a whole replica of the state. Layers are never scanned here, so every
+# slice's checkpoints share one parameter layout (scanned, the towers' layers are stacked on one axis).
+DP = dict(data=-1, fsdp=1)
+FSDP = dict(data=1, fsdp=-1)
 SLICES = {
-    # FSDP alone: 28.85 of 30.75 GiB (6.2 % free). Halving the activations per micro-batch is the tool's
-    # cheapest hint (+14 % FLOPs); this setting has not been compiled for v4-64 yet.
-    "v4-64": dict(FSDP, grad_accum_steps=2),
-    "v5e-64": FSDP,
-    "v5p-32": FSDP,
+    "v4-64": dict(mesh=DP, remat=True, remat_policy="dots"),   # no remat: 5.7 % headroom (DP), 6.2 % (FSDP)
+    "v5e-64": dict(mesh=FSDP, remat=False, remat_policy="full"),
+    "v5p-32": dict(mesh=DP, remat=False, remat_policy="full"),
 }
+DEFAULT_SLICE = "v5e-64"   # also fits v5p-32; v4-64 needs slice=v4-64
 
 
 def get_config(arg=None):
@@ -60,12 +60,12 @@ def get_config(arg=None):
   c.evals = config_lib.default_evals(every=5000)
 
   if args["slice"] and args["slice"] not in SLICES:
-    raise ValueError(f"config argument slice={args['slice']!r}: not one of {sorted(SLICES)}. Leave it out for "
-                     "the default, and check it with python -m sycoca_jax.tools.aot --topology=...")
-  setting = SLICES.get(args["slice"], FSDP)
+    raise ValueError(f"config argument slice={args['slice']!r}: not one of {', '.join(SLICES)}. For another "
+                     "slice, check the default with python -m sycoca_jax.tools.aot --topology=... (it names what "
+                     "to change).")
+  setting = SLICES[args["slice"] or DEFAULT_SLICE]
   c.mesh.update(setting["mesh"])
-  c.model.update(remat=setting["remat"], scan_layers=setting["scan_layers"])
-  c.grad_accum_steps = setting["grad_accum_steps"]
+  c.model.update(remat=setting["remat"], remat_policy=setting["remat_policy"])
 
   config_lib.apply_variant(c, args.get("variant", "sycoca"))
   if args.get("runlocal"):

@@ -133,7 +133,13 @@ def topology_devices(slice_: Slice) -> list[Any]:
   """The slice's compile-only devices (one per chip), from libtpu."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kwargs = {"chip_config_name": slice_.chip.chip_config} if slice_.chip.chip_config else {}
-  devices = list(topologies.get_topology_desc(platform="tpu", topology_name=slice_.topology_name, **kwargs).devices)
+  try:
+    topology = topologies.get_topology_desc(platform="tpu", topology_name=slice_.topology_name, **kwargs)
+  except RuntimeError as e:
+    if "TPU support not installed" not in str(e):
+      raise
+    raise RuntimeError("The TPU compiler (libtpu) is not installed: pip install -e '.[tpu]'.") from e
+  devices = list(topology.devices)
   if len(devices) != slice_.chips:
     raise ValueError(f"{slice_.topology_name}: libtpu gave {len(devices)} devices for {slice_.chips} chips.")
   return devices
