@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sycoca_jax.tools import aot
-from tests.train_config import small_train_config
+from tests.helpers import small_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

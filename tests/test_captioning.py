@@ -11,8 +11,9 @@ from sycoca_jax.data import get_tokenizer
 from sycoca_jax.evaluators import captioning
 from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.models.sycoca import build_model
+from sycoca_jax.tools.decode_benchmark import random_captioning_params
 from tests import distributed
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 PREDICTIONS = {
     "a": "a red circle left of a blue star",
@@ -113,8 +114,6 @@ def test_reference_captions_have_perfect_scene_graph_precision():
 
 def build_evaluator(**overrides):
   """The tiny captioner on 10 scenes at 32 px (two global batches of 8, the second padded); random weights."""
-  from tests.test_decoding import random_params
-
   data = default_data_config()
   data.update(image_size=32, max_len=12)
   vocab = get_tokenizer("scenes_words", max_len=12).vocab_size
@@ -123,7 +122,7 @@ def build_evaluator(**overrides):
   ev = ml_collections.ConfigDict(dict(type="captioning", split="test", max_examples=10, batch_size=8,
                                       sampler="beam", beam_size=2, meteor=False, tokenization="simple"))
   ev.update(overrides)
-  return get_evaluator("captioning")(model, cfg, ev, data), random_params(model, seed=1)
+  return get_evaluator("captioning")(model, cfg, ev, data), random_captioning_params(model, seed=1)
 
 
 def two_process_target() -> dict:
@@ -167,11 +166,9 @@ def test_inference_api():
 
   from sycoca_jax import inference
   from sycoca_jax.data import pipeline
-  from tests.test_decoding import random_params
-
   tok = get_tokenizer("scenes_words", max_len=12)
   cfg = tiny_model_config(**{"text.vocab_size": tok.vocab_size, "vision.depth": 1, "text.depth": 1})
-  params = random_params(build_model(cfg), seed=2)
+  params = random_captioning_params(build_model(cfg), seed=2)
   inf = inference.Inference(cfg, params, tok, batch_size=4)
   rng = np.random.RandomState(0)
   images = rng.randint(0, 256, (5, 40, 48, 3)).astype(np.uint8)  # not square, not 32 px: resized and cropped
@@ -211,11 +208,9 @@ def test_inference_api_takes_one_string_paths_and_refuses_unscaled_float_images(
   from PIL import Image
 
   from sycoca_jax import inference
-  from tests.test_decoding import random_params
-
   tok = get_tokenizer("scenes_words", max_len=12)
   cfg = tiny_model_config(**{"text.vocab_size": tok.vocab_size, "vision.depth": 1, "text.depth": 1})
-  inf = inference.Inference(cfg, random_params(build_model(cfg), seed=2), tok, batch_size=4)
+  inf = inference.Inference(cfg, random_captioning_params(build_model(cfg), seed=2), tok, batch_size=4)
   one = inf.embed_texts("a red circle")  # one text, not one per character
   assert one.shape == (1, cfg.embed_dim)
   np.testing.assert_allclose(one, inf.embed_texts(["a red circle", "two stars"])[:1], atol=1e-6)

@@ -11,7 +11,7 @@ import pytest
 from sycoca_jax import decoding
 from sycoca_jax.models.sycoca import SyCoCa, build_model
 from sycoca_jax.tools.decode_benchmark import random_captioning_params as random_params
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 PAD, BOS, EOS = 0, 1, 2
 

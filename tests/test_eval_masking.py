@@ -10,7 +10,7 @@ from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.evaluators import captioning
 from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import masking
-from tests import eval_setup
+from tests import helpers
 
 
 def _object_coverage(rng, pairs, num_patches, max_objects=12):
@@ -71,11 +71,11 @@ def test_mentioned_objects_follow_the_caption():
 
 def _evaluator(model, **overrides):
   cfg = ml_collections.ConfigDict(dict(max_examples=24, batch_size=16) | overrides)
-  return get_evaluator("masking")(model, None, cfg, eval_setup.data_config())
+  return get_evaluator("masking")(model, None, cfg, helpers.eval_data_config())
 
 
 def test_named_object_areas_come_from_the_scene():
-  model, _, _ = eval_setup.tiny_model()
+  model, _, _ = helpers.eval_model()
   ev = _evaluator(model)
   size, patch = ev.data_config.image_size, model.image_encoder.patch_size
   source = scenes_lib.ScenesSource("test", image_size=size, patch_size=patch)
@@ -88,7 +88,7 @@ def test_named_object_areas_come_from_the_scene():
 
 
 def test_ratios_default_to_the_model_then_to_half():
-  model, _, _ = eval_setup.tiny_model()
+  model, _, _ = helpers.eval_model()
   cfg = masking.default_config()
   assert masking.resolve_ratios(model.clone(masking="none", ic_ratio=0.0, mim_ratio=0.0), cfg) == (0.5, 0.5)
   assert masking.resolve_ratios(model.clone(ic_ratio=0.25, mim_ratio=0.75), cfg) == (0.25, 0.75)
@@ -97,7 +97,7 @@ def test_ratios_default_to_the_model_then_to_half():
 
 
 def test_evaluator_end_to_end_on_a_random_model():
-  model, _, params = eval_setup.tiny_model()
+  model, _, params = helpers.eval_model()
   # A CoCa-like model (no masking of its own) is still ranked attentively; the baseline at the 0.5 default.
   ev = _evaluator(model.clone(masking="none", ic_ratio=0.0, mim_ratio=0.0))
   out = ev.run(params)

@@ -19,12 +19,12 @@ EVALS = {
 
 def run_all() -> dict[str, float]:
   from sycoca_jax.evaluators import get_evaluator  # pylint: disable=g-import-not-at-top
-  from tests import eval_setup  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
 
-  model, cfg, params = eval_setup.tiny_model()
+  model, cfg, params = helpers.eval_model()
   metrics = {}
   for name, ev in EVALS.items():
-    evaluator = get_evaluator(name)(model, cfg, ml_collections.ConfigDict(ev), eval_setup.data_config())
+    evaluator = get_evaluator(name)(model, cfg, ml_collections.ConfigDict(ev), helpers.eval_data_config())
     metrics.update(evaluator.run(params))
   return metrics
 

@@ -7,7 +7,7 @@ import pytest
 from sycoca_jax.evaluators import datasets
 from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import probe
-from tests import eval_setup
+from tests import helpers
 
 
 def _clusters(n, c, f, seed, spread=0.3):
@@ -58,22 +58,22 @@ def test_stratified_split_keeps_class_proportions():
 
 
 def test_probe_evaluator_end_to_end():
-  model, cfg, params = eval_setup.tiny_model()
+  model, cfg, params = helpers.eval_model()
   eval_config = ml_collections.ConfigDict(dict(
       type="probe", datasets=("sklearn_digits", "lfw_subset", "scenes_count"), methods=("ridge", "logistic"),
       max_examples=24, batch_size=8))
-  metrics = get_evaluator("probe")(model, cfg, eval_config, eval_setup.data_config()).run(params)
+  metrics = get_evaluator("probe")(model, cfg, eval_config, helpers.eval_data_config()).run(params)
   names = ("sklearn_digits", "lfw_subset", "scenes_count")
   assert set(metrics) == {f"probe/{n}_{m}_acc" for n in names for m in ("ridge", "logistic")}
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values()), metrics
 
 
 def test_finetuning_changes_only_a_copy_and_learns():
-  model, cfg, params = eval_setup.tiny_model()
+  model, cfg, params = helpers.eval_model()
   eval_config = ml_collections.ConfigDict(dict(
       type="probe", datasets=("lfw_subset",), methods=("finetune",), max_examples=32, batch_size=8,
       test_fraction=0.25, finetune=dict(steps=40, batch_size=8, learning_rate=1e-2, warmup_steps=0)))
-  evaluator = get_evaluator("probe")(model, cfg, eval_config, eval_setup.data_config())
+  evaluator = get_evaluator("probe")(model, cfg, eval_config, helpers.eval_data_config())
   before = np.asarray(params["image_encoder"]["proj"]).copy()
   metrics = evaluator.run(params)
   assert set(metrics) == {"probe/lfw_subset_finetune_acc"} and 0 <= metrics["probe/lfw_subset_finetune_acc"] <= 1
@@ -87,7 +87,7 @@ def test_finetuning_changes_only_a_copy_and_learns():
 
 
 def test_unknown_method_is_refused():
-  model, cfg, _ = eval_setup.tiny_model()
+  model, cfg, _ = helpers.eval_model()
   with pytest.raises(ValueError, match="unknown"):
     get_evaluator("probe")(model, cfg, ml_collections.ConfigDict(dict(type="probe", methods=("svm",))),
-                           eval_setup.data_config())
+                           helpers.eval_data_config())

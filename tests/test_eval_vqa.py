@@ -13,7 +13,7 @@ from sycoca_jax.data import get_tokenizer
 from sycoca_jax.data.scenes import VQA_ANSWERS
 from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import vqa
-from tests import eval_setup
+from tests import helpers
 
 
 def test_pooling_over_real_tokens():
@@ -95,14 +95,14 @@ def _toy_questions():
 
 def test_vqa_evaluator_end_to_end_and_learns_a_learnable_mapping(tmp_path):
   pytest.importorskip("easy_vqa")
-  model, cfg, params = eval_setup.tiny_model()
+  model, cfg, params = helpers.eval_model()
   q, a, image_dir = _vqav2_fixture(tmp_path)
   eval_config = ml_collections.ConfigDict(dict(
       type="vqa", datasets=("scenes", "easy_vqa", "vqav2"), num_train=6, max_train_questions=24,
       max_test_questions=8, batch_size=8, steps=2, train="decoder", learning_rate=1e-3, head_lr_mult=30.0,
       warmup_steps=0, vqav2=dict(train_questions=q, train_annotations=a, train_image_dir=image_dir,
                                  test_questions=q, test_annotations=a, test_image_dir=image_dir)))
-  evaluator = get_evaluator("vqa")(model, cfg, eval_config, eval_setup.data_config())
+  evaluator = get_evaluator("vqa")(model, cfg, eval_config, helpers.eval_data_config())
   metrics = evaluator.run(params)
   assert set(metrics) == {"vqa/scenes_acc", "vqa/easy_vqa_acc", "vqa/vqav2_acc"}
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values()), metrics
@@ -110,7 +110,7 @@ def test_vqa_evaluator_end_to_end_and_learns_a_learnable_mapping(tmp_path):
   # The same fine-tuning (same compiled step and head width, 4 answers used) must fit a mapping that is a
   # function of the question: the decoder's pooled question features differ per question.
   data = _toy_questions()
-  ids = get_tokenizer("scenes_words", max_len=eval_setup.MAX_LEN).encode(data.questions)
+  ids = get_tokenizer("scenes_words", max_len=helpers.EVAL_MAX_LEN).encode(data.questions)
   classifier = evaluator.classifier
   _, untrained = classifier.finetune(params, data, ids, 4, steps=0)
   assert vqa.vqa_accuracy(classifier.predict(params, untrained, data, ids, 4), data) <= 0.25  # zero head

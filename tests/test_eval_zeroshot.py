@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from sycoca_jax.evaluators import datasets
 from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import zeroshot
-from tests import eval_setup
+from tests import helpers
 
 
 def _unit(x):
@@ -50,24 +50,24 @@ def test_ensemble_averages_normalised_prompts_and_ties_count_against():
 
 
 def test_offline_sets_load():
-  digits = datasets.load("sklearn_digits", eval_setup.data_config())
+  digits = datasets.load("sklearn_digits", helpers.eval_data_config())
   assert len(digits) == 1797 and digits.num_classes == 10
   batch = next(digits.batches(8))
   assert batch["image"].shape == (8, 32, 32, 3)
   # Dark ink on white: a digit image is mostly background, which normalises to the brightest values.
   assert np.median(np.asarray(batch["image"])) > 1.5
-  faces = datasets.load("lfw_subset", eval_setup.data_config(), max_examples=20)
+  faces = datasets.load("lfw_subset", helpers.eval_data_config(), max_examples=20)
   assert len(faces) == 20 and sorted(np.bincount(faces.labels)) == [10, 10]
   with pytest.raises(ValueError, match="Unknown image set"):
-    datasets.load("imagenet", eval_setup.data_config())
+    datasets.load("imagenet", helpers.eval_data_config())
 
 
 def test_zeroshot_evaluator_end_to_end():
-  model, cfg, params = eval_setup.tiny_model()
+  model, cfg, params = helpers.eval_model()
   eval_config = ml_collections.ConfigDict(dict(
       type="zeroshot", datasets=("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits"),
       max_examples=16, batch_size=8))
-  evaluator = get_evaluator("zeroshot")(model, cfg, eval_config, eval_setup.data_config())
+  evaluator = get_evaluator("zeroshot")(model, cfg, eval_config, helpers.eval_data_config())
   metrics = evaluator.run(params)
   names = ("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits")
   assert set(metrics) == {f"zeroshot/{n}_top{k}" for n in names for k in (1, 5)} | {"zeroshot/mean_top1"}

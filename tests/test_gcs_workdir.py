@@ -33,7 +33,7 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 from sycoca_jax import checkpoint, evaluate, inference, metrics, paths, train
-from tests.train_config import small_train_config
+from tests.helpers import small_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,7 @@ import pytest
 
 from sycoca_jax import optim
 from sycoca_jax.models.sycoca import build_model, init_params
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 WIDTH, DEPTH, PATCH = 256, 12, 16
 

@@ -7,8 +7,8 @@ import pytest
 
 from sycoca_jax import losses
 from sycoca_jax.models.sycoca import build_model, init_params
-from tests.conftest import tiny_model_config
-from tests.test_model import _batch
+from tests.helpers import random_batch
+from tests.helpers import tiny_model_config
 
 
 def _log_softmax(x, axis=-1):
@@ -80,7 +80,7 @@ def test_gradients_reach_exactly_the_used_towers(name):
   params = init_params(model, jax.random.PRNGKey(0))
   loss_cfg = losses.default_loss_config()
   loss_cfg.itc_weight, loss_cfg.ic_weight, loss_cfg.mim_weight = weights
-  images, text = _batch(cfg, b=4)
+  images, text = random_batch(cfg, b=4)
   grads, aux = jax.grad(losses.make_loss_fn(model, loss_cfg), has_aux=True)(
       params, {"image": images, "text": text}, jax.random.PRNGKey(0))
   for tower in used | unused:
@@ -114,7 +114,7 @@ def test_loss_compiles_once():
 
   step = jax.jit(jax.value_and_grad(counted, has_aux=True))
   for seed in range(3):
-    images, text = _batch(cfg, b=4, seed=seed)
+    images, text = random_batch(cfg, b=4, seed=seed)
     (loss, _), _ = step(params, {"image": images, "text": text}, jax.random.PRNGKey(seed))
     assert np.isfinite(loss)
   assert len(traces) == 1

@@ -9,7 +9,8 @@ import pytest
 
 from sycoca_jax.models import vit
 from sycoca_jax.models.sycoca import HEADS, SyCoCa, build_model, init_params
-from tests.conftest import tiny_model_config
+from tests.helpers import random_batch
+from tests.helpers import tiny_model_config
 
 GEOMETRIES = {
     "cls_pool": {},
@@ -18,19 +19,6 @@ GEOMETRIES = {
     "wide_text_bf16": {"text.width": 48, "text_decoder.width": 48, "text.heads": 6, "text_decoder.heads": 6,
                        "vision.width": 40, "dtype": "bfloat16", "scan_layers": True, "remat": True},
 }
-
-
-def _batch(cfg, b=3, seed=0):
-  rng = np.random.RandomState(seed)
-  size, length = cfg.vision.image_size, cfg.text.context_length
-  images = rng.randn(b, size, size, 3).astype(np.float32)
-  text = np.zeros((b, length), np.int32)
-  for i in range(b):
-    n = 4 + i
-    text[i, 0] = 1
-    text[i, 1:n - 1] = rng.randint(3, cfg.text.vocab_size, n - 2)
-    text[i, n - 1] = 2
-  return jnp.asarray(images), jnp.asarray(text)
 
 
 def _setup(**overrides):
@@ -42,7 +30,7 @@ def _setup(**overrides):
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_output_shapes_and_dtypes(name):
   cfg, model, params = _setup(**GEOMETRIES[name])
-  images, text = _batch(cfg)
+  images, text = random_batch(cfg)
   out = model.apply({"params": params}, images, text, rng=jax.random.PRNGKey(1), heads=HEADS)
   b, n, l = 3, 16, cfg.text.context_length
   assert out["image_embedding"].shape == (b, cfg.embed_dim) and out["image_embedding"].dtype == jnp.float32
@@ -70,7 +58,7 @@ def test_bf16_heads_are_float32_from_the_matmul():
   an f32 product of the same bf16 features as accumulation order allows, far closer than the bf16-rounded product
   the loss used to get."""
   cfg, model, params = _setup(**GEOMETRIES["wide_text_bf16"])
-  images, text = _batch(cfg)
+  images, text = random_batch(cfg)
   out, state = model.apply({"params": params}, images, text, heads=HEADS, capture_intermediates=True,
                            mutable=["intermediates"])
   features = lambda tower: state["intermediates"][tower]["ln_final"]["__call__"][0]  # the head's input
@@ -107,7 +95,7 @@ def test_open_clip_coca_geometries_build():
 
 def test_tg_mim_encoder_ignores_hidden_pixels():
   cfg, model, params = _setup()
-  images, text = _batch(cfg)
+  images, text = random_batch(cfg)
   out = model.apply({"params": params}, images, text, heads=HEADS)
   hidden = np.asarray(out["masks"].mim_mask)[..., None]  # [B, N, 1]
   patches = np.asarray(vit.patchify(images, cfg.vision.patch_size))
@@ -124,7 +112,7 @@ def test_tg_mim_encoder_ignores_hidden_pixels():
 
 def test_text_is_causal():
   cfg, model, params = _setup()
-  images, text = _batch(cfg)
+  images, text = random_batch(cfg)
   changed = text.at[:, 3].set((text[:, 3] + 1) % cfg.text.vocab_size)
   enc = lambda t: model.apply({"params": params}, t, method=SyCoCa.encode_text)["tokens"]
   a, b = enc(text), enc(changed)
@@ -142,7 +130,7 @@ def test_text_is_causal():
 def test_padding_is_masked(legacy):
   """What a padding token's embedding is must not matter (unless the legacy open_clip mask is asked for)."""
   cfg, model, params = _setup(**{"text.legacy_cls_mask": legacy})
-  images, text = _batch(cfg)
+  images, text = random_batch(cfg)
   perturbed = jax.tree.map(lambda x: x, params)
   table = perturbed["text_encoder"]["token_embedding"]["embedding"]
   perturbed["text_encoder"]["token_embedding"]["embedding"] = table.at[0].add(3.0)  # pad id 0
@@ -166,7 +154,7 @@ def test_cudnn_attention_is_the_same_function(legacy, monkeypatch):
   """attention_impl='cudnn' gives its kernel only a causal flag and key lengths, never a mask, and computes what
   'xla' computes. Run here with XLA's kernel behind it (no GPU); float32, which the real cuDNN path refuses."""
   cfg, model, params = _setup(**{"text.legacy_cls_mask": legacy})
-  images, text = _batch(cfg)  # captions of 4, 5 and 6 tokens out of 12: padding in every row
+  images, text = random_batch(cfg)  # captions of 4, 5 and 6 tokens out of 12: padding in every row
   text = text.at[2].set(jnp.arange(3, 3 + cfg.text.context_length))  # and one full row
   calls = []
   real = jax.nn.dot_product_attention
@@ -208,7 +196,7 @@ def test_attention_impl_is_validated():
 def test_remat_policies_recompute_the_same_gradients(policy):
   """A remat policy changes what the backward pass keeps and what it recomputes, never the gradients."""
   cfg, model, params = _setup()
-  images, text = _batch(cfg)
+  images, text = random_batch(cfg)
 
   def grads(m):
     def loss(p):
@@ -225,7 +213,7 @@ def test_remat_policies_recompute_the_same_gradients(policy):
 
 def test_masks_follow_the_caption():
   cfg, model, params = _setup()
-  images, text = _batch(cfg)
+  images, text = random_batch(cfg)
   other = text.at[:, 1:3].set((text[:, 1:3] + 7) % cfg.text.vocab_size)
   masks = lambda t: model.apply({"params": params}, images, t, heads=HEADS)["masks"]
   assert not np.array_equal(masks(text).scores, masks(other).scores)

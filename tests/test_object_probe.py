@@ -3,7 +3,7 @@
 import math
 
 from sycoca_jax.tools import object_probe
-from tests.train_config import small_train_config
+from tests.helpers import small_train_config
 
 
 def test_probe_learns_colour_of_large_objects_on_smooth_backgrounds():

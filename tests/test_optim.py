@@ -11,7 +11,7 @@ import pytest
 from sycoca_jax import optim
 from sycoca_jax.losses import contrastive_loss
 from sycoca_jax.models.sycoca import SyCoCa, build_model
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 CAP = math.log(100.0)
 

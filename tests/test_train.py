@@ -15,7 +15,7 @@ import pytest
 from sycoca_jax import checkpoint, config_lib, losses, metrics, optim, sharding, train
 from sycoca_jax.models import sycoca
 from tests import distributed
-from tests.train_config import small_train_config
+from tests.helpers import small_train_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

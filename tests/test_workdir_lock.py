@@ -11,7 +11,7 @@ import time
 import pytest
 
 from sycoca_jax import paths, train
-from tests.train_config import small_train_config
+from tests.helpers import small_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -51,7 +51,7 @@ def main(spec):
                                num_processes=spec["num_processes"], process_id=spec["process_id"])
 
   from sycoca_jax import train  # pylint: disable=g-import-not-at-top
-  from tests.train_config import small_train_config  # pylint: disable=g-import-not-at-top
+  from tests.helpers import small_train_config  # pylint: disable=g-import-not-at-top
 
   config = small_train_config(**spec.get("overrides", {}))
   build = train.build_train_iterator
