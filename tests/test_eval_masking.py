@@ -5,11 +5,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sycoca_jax import masking as masking_lib
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.evaluators import captioning
 from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import masking
+from sycoca_jax.models import masking as masking_lib
 from tests import helpers
 
 

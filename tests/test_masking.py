@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sycoca_jax import masking
 from sycoca_jax.models import layers
+from sycoca_jax.models import masking
 
 
 def _random_scores(batch=4, n=16, seed=0):

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sycoca_jax import masking as masking_lib
 from sycoca_jax.models import layers
+from sycoca_jax.models import masking as masking_lib
 from sycoca_jax.models.image_decoder import ImageDecoder
 from sycoca_jax.models.text import TextDecoder, TextEncoder
 from sycoca_jax.models.vit import VisionTransformer
