@@ -17,7 +17,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from sycoca_jax import checkpoint  # noqa: E402
+from sycoca_jax import decoding  # noqa: E402
 from sycoca_jax.convert import open_clip as convert_lib  # noqa: E402
+from sycoca_jax.data import tokenizers  # noqa: E402
 from sycoca_jax.models.sycoca import SyCoCa, build_model, init_params  # noqa: E402
 
 RTOL = 1e-4
@@ -233,7 +236,6 @@ def test_greedy_captions_match(imported):
 
 def test_kv_cached_greedy_matches_open_clip(mixed_widths):
   imported = mixed_widths
-  decoding = pytest.importorskip("sycoca_jax.decoding")
   cfg = imported["cfg"]
   images, _ = _inputs(cfg, seed=1)
   bos, eos = _special_ids(cfg.text.vocab_size)
@@ -245,7 +247,6 @@ def test_kv_cached_greedy_matches_open_clip(mixed_widths):
 
 def test_cli_writes_a_loadable_scanned_checkpoint(mixed_widths, tmp_path):
   imported = mixed_widths
-  checkpoint = pytest.importorskip("sycoca_jax.checkpoint")
   out = tmp_path / "imported"
   convert_lib.main([f"--model-config={imported['config_path']}", f"--checkpoint={imported['paths']['pt']}",
                     f"--out={out}", "--scan-layers"] + [f"--override={k}={v}" for k, v in SMALL_DECODER.items()])
@@ -262,12 +263,9 @@ def test_cli_writes_a_loadable_scanned_checkpoint(mixed_widths, tmp_path):
     depth = jax.tree.leaves(stacked)[0].shape[0]
     assert depth == len(unstacked)
     for i in range(depth):
-      for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked)),
-                      jax.tree.leaves(unstacked[f"layers_{i}"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda x: x[i], stacked), unstacked[f"layers_{i}"])
     others = lambda t: {k: v for k, v in t.items() if k != "transformer"}
-    for a, b in zip(jax.tree.leaves(others(params[tower])), jax.tree.leaves(others(imported["params"][tower]))):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    jax.tree.map(np.testing.assert_array_equal, others(params[tower]), others(imported["params"][tower]))
   assert float(params["logit_scale"]) == float(imported["params"]["logit_scale"])
   # ... and nn.scan reads slice i as layer i: the scanned text tower gives open_clip's text embeddings.
   _, text = _inputs(config.model)
@@ -305,7 +303,6 @@ def test_unsupported_options_fail_with_their_name(section, key, value):
 
 
 def test_tokenizer_matches_open_clip():
-  tokenizers = pytest.importorskip("sycoca_jax.data.tokenizers")
   texts = ["a photo of a cat", "Two  dogs, playing in the SNOW!", "caf\u00e9 &amp; na\u00efve r\u00e9sum\u00e9s",
            "a red circle left of a blue square 123 4567", "word " * 100, ""]
   ours = tokenizers.get_tokenizer("clip_bpe", max_len=76).encode(texts)
