@@ -42,7 +42,6 @@ def test_soft_targets_accuracy_and_loss():
 
 
 def test_easy_vqa_loads_offline():
-  pytest.importorskip("easy_vqa")
   test, answers = vqa.load_easy_vqa("test")
   assert len(answers) == 13 and len(test) > 1000
   assert test.raw_images.dtype == np.uint8 and test.raw_images.shape[1:] == (64, 64, 3)
@@ -94,7 +93,6 @@ def _toy_questions():
 
 
 def test_vqa_evaluator_end_to_end_and_learns_a_learnable_mapping(tmp_path):
-  pytest.importorskip("easy_vqa")
   model, cfg, params = helpers.eval_model()
   q, a, image_dir = _vqav2_fixture(tmp_path)
   eval_config = ml_collections.ConfigDict(dict(
