@@ -3,6 +3,7 @@
 Layout of a workdir:
   checkpoints/<step>/state/...        params, optimizer state, step, rng (orbax, written asynchronously)
   checkpoints/<step>/config.json      the run's config (process 0)
+  checkpoints/<step>/checksums        a checksum of each saved array, verified on restore (process 0)
   data_state/<step>/process_<i>.json  each process's input-pipeline state at that step
 
 Why this survives preemption and SIGKILL: orbax writes a step into a temporary folder and renames it only
@@ -12,15 +13,25 @@ before the orbax save of the same step starts, so a finished step always has its
 The workdir may be a local folder or a gs:// URL: every path goes through sycoca_jax.paths (etils.epath), so
 on a pod all hosts write their pieces into the one bucket. On Cloud Storage orbax marks finished steps with a
 commit file instead of renaming folders, which `latest_step` honours the same way.
+
+Why checksums: a whole checkpoint can still be damaged later (a flipped bit on disk, a bad copy between
+buckets), and orbax restores such bytes without complaint; the run then trains on garbage. Each array's
+checksum is computed on device when it is saved and again when it is read back, so a damaged checkpoint is
+refused by name, and resuming falls back to the newest one that verifies.
 """
 
+import contextlib
 import json
-from typing import Any, Optional
+import logging as logging_std
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from sycoca_jax import optim, paths
@@ -28,6 +39,82 @@ from sycoca_jax import optim, paths
 
 class CheckpointUnreadable(RuntimeError):
   """A checkpoint's files are missing or damaged."""
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """Two uint32 sums over an array's bits: plain and position-weighted (any one changed word changes both).
+
+  Integer sums that wrap around are exact and associative, so the result is the same whatever the array's
+  sharding, the reduction order or the backend: saved on 8 devices, it verifies on 1.
+  """
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  if size >= 4:  # 8-byte types come back as [..., 2] uint32 words
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+  words = words.reshape(-1)
+  odd = 2 * jnp.arange(words.shape[0], dtype=jnp.uint32) + 1  # odd, so invertible modulo 2**32
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * odd, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _checksum_stack(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+
+def _leaf_names(tree: Any) -> list[str]:
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return ["/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def checksums(tree: Any) -> dict[str, str]:
+  """{'params/image_encoder/.../kernel': 'hex'} for every array of `tree` (computed on device, one transfer)."""
+  sums = _checksum_stack(jax.tree.leaves(tree))
+  # Replicated output: every process holds the whole (tiny) result, even where the inputs span hosts.
+  sums = np.asarray(sums.addressable_data(0)) if isinstance(sums, jax.Array) else np.asarray(sums)
+  return {name: f"{int(a):08x}{int(b):08x}" for name, (a, b) in zip(_leaf_names(tree), sums)}
+
+
+def verify(tree: Any, expected: dict[str, str], step: int) -> None:
+  """Raises CheckpointUnreadable (one line, naming the step) if an array of `tree` is not what was saved."""
+  actual = checksums(tree)
+  bad = [name for name, value in actual.items() if name in expected and expected[name] != value]
+  if bad:
+    more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
+    raise CheckpointUnreadable(f"Checkpoint step {step} failed verification: {bad[0]}{more} does not match the "
+                               "checksum saved with it; its files were damaged after saving.")
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class _DropReadOnlyNotice(logging_std.Filter):
+  """Drops orbax's "Given directory is read only" notice, which a read-only load prints and a user cannot act on."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only() -> Iterator[None]:
+  """Only for the duration of a read-only load, and only that one orbax message (absl logs it as 'absl')."""
+  quiet, logger = _DropReadOnlyNotice(), logging_std.getLogger("absl")
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
 
 
 class Checkpointer:
@@ -54,8 +141,8 @@ class Checkpointer:
       path.parent.mkdir(parents=True, exist_ok=True)
       paths.write_atomic(path, json.dumps(data_state))
     saved = self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      config=ocp.args.JsonSave(config.to_dict())), force=force)
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), checksums=ocp.args.JsonSave(
+            checksums(state)), config=ocp.args.JsonSave(config.to_dict())), force=force)
     self._drop_stale_data_states()
     return saved
 
@@ -66,16 +153,61 @@ class Checkpointer:
     if not (folder / "state" / "_METADATA").exists():
       raise CheckpointUnreadable(f"Checkpoint {folder} is damaged: state/_METADATA is missing. Move the folder "
                                  "aside to resume from the previous checkpoint.")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if (folder / "checksums").exists():  # checkpoints written before checksums were recorded have none
+      items["checksums"] = ocp.args.JsonRestore()
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, OSError) as e:
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise CheckpointUnreadable(f"Checkpoint {folder} cannot be read ({first_line}). Move the folder aside to "
                                  "resume from the previous checkpoint.") from e
+    if "checksums" in items:
+      verify(restored.state, restored.checksums, step)
     path = self._data_path(step, jax.process_index())
     data_state = json.loads(path.read_text()) if path.exists() else None
     return restored.state, data_state
+
+  def restore_latest(self, abstract_state: Any, check: Optional[Callable[[int], None]] = None
+                     ) -> tuple[Optional[int], Any, Optional[dict]]:
+    """(step, state, data_state) of the newest checkpoint that reads back and verifies; (None, None, None) if
+    the workdir has none.
+
+    A newer checkpoint that cannot be read or fails verification is reported, moved to
+    workdir/damaged_checkpoints/<step> (so the run can save that step again), and the previous one restored.
+    If none can be restored, the newest one's error is raised and nothing is moved. `check(step)` runs before
+    each restore (e.g. comparing configs); what it raises is passed on.
+    """
+    failed: list[tuple[int, CheckpointUnreadable]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      if check is not None:
+        check(step)
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except CheckpointUnreadable as e:
+        logging.warning("%s", e)
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        self._move_aside(bad)
+        logging.warning("Checkpoint step %d is damaged (%s); moved it to %s and resumed from step %d instead.",
+                        bad, error, self.workdir / "damaged_checkpoints" / str(bad), step)
+      return step, state, data_state
+    if failed:
+      raise failed[0][1]
+    return None, None, None
+
+  def _move_aside(self, step: int):
+    if jax.process_index() == 0:
+      target = self.workdir / "damaged_checkpoints" / str(step)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target.rmtree()
+      (self.workdir / "checkpoints" / str(step)).rename(target)
+      (self.workdir / "data_state" / str(step)).rmtree(missing_ok=True)
+    if jax.process_count() > 1:  # no process may list the checkpoints before the folder has moved
+      ocp.multihost.sync_global_processes(f"sycoca_move_aside_{step}")
+    self.manager.reload()
 
   def saved_config(self, step: int) -> Optional[dict]:
     """The run config saved with `step` (as JSON: tuples read back as lists), or None if it has none."""
@@ -104,10 +236,13 @@ class Checkpointer:
 
 
 def _read_only_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      paths.resolve(directory) / "checkpoints",
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True))
+  # The options a read-only manager would otherwise change, and warn about, are given as it wants them.
+  with _quiet_read_only():
+    return ocp.CheckpointManager(
+        paths.resolve(directory) / "checkpoints",
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                       "checksums": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
 
 
 def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any, int]:
@@ -125,8 +260,13 @@ def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                      metadata["params"])}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
+  items = {"state": ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)}
+  if (paths.resolve(directory) / "checkpoints" / str(step) / "checksums").exists():
+    items["checksums"] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if "checksums" in items:
+    verify(restored.state, restored.checksums, step)  # names are those of the whole state: params/...
   manager.close()
   return config, restored.state["params"], step
 
@@ -135,7 +275,9 @@ def save_params(directory: epath.PathLike, params: Any, config: ml_collections.C
   """Writes a params-only checkpoint that load_params and config.init_from read (e.g. imported weights)."""
   manager = ocp.CheckpointManager(paths.resolve(directory) / "checkpoints",
                                   options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+  state = {"params": params}
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             checksums=ocp.args.JsonSave(checksums(state)),
                                              config=ocp.args.JsonSave(config.to_dict())), force=True)
   manager.wait_until_finished()
   manager.close()

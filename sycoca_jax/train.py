@@ -69,8 +69,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"config.total_steps: the run now lasts {num_steps} steps, but {workdir} holds a checkpoint "
                      f"at step {resume_step}. Give a length of at least {resume_step} steps, or a new workdir.")
   if resume_step is not None:
-    _check_resumed_config(checkpointer.saved_config(resume_step), config, workdir, resume_step)
-    state, data_state = checkpointer.restore(resume_step, train_step.abstract_state)
+    # The newest checkpoint that reads back and matches its checksums; a damaged newer one is moved aside and
+    # named in the log, so the run goes on from the last good state instead of training on damaged weights.
+    resume_step, state, data_state = checkpointer.restore_latest(
+        train_step.abstract_state,
+        check=lambda step: _check_resumed_config(checkpointer.saved_config(step), config, workdir, step))
     if data_state is None:
       raise FileNotFoundError(f"Checkpoint {resume_step} in {workdir} has no input-pipeline state for process "
                               f"{jax.process_index()}; cannot resume exactly.")
