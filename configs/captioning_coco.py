@@ -23,11 +23,12 @@ Evals: beam search (4 beams, GNMT alpha 0.6) on the first 1,000 Karpathy val ima
 This config has not been run to completion here: no result is claimed for it.
 """
 
+from configs import common
 from sycoca_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, init="", init_step=-1, runlocal=False)
+  args = common.parse_arg(arg, init="", init_step=-1, runlocal=False)
   c = config_lib.default_config()   # CoCa-Base geometry, as configs/sycoca_base.py
 
   c.model.dtype = "bfloat16"
@@ -56,7 +57,7 @@ def get_config(arg=None):
                                  prefix="captioning_test", predictions_path="")
 
   if args["runlocal"]:
-    config_lib.runlocal(c)
+    common.runlocal(c)
     c.model.masking.update(strategy="none", ic_ratio=0.0, mim_ratio=0.0)
     for ev in c.evals.values():
       ev.update(split="test", max_examples=16, batch_size=16, beam_size=2, meteor=False)

@@ -8,7 +8,8 @@ that pip packages ship (sklearn handwritten digits: zero-shot and probe; skimage
 `model=tiny|base` selects the checkpoint's geometry (default tiny); `:runlocal` for a smoke run.
 """
 
-from sycoca_jax.evaluators import captioning, common, probe, retrieval, vqa, zeroshot
+from configs import common
+from sycoca_jax.evaluators import captioning, probe, retrieval, vqa, zeroshot
 
 
 def get_config(arg=None):
@@ -26,7 +27,7 @@ def get_config(arg=None):
   evals["probe"].update(methods=("ridge", "logistic"))
   for ev in evals.values():
     ev.data = dict(scenes)
-  c, args = common.eval_run_config(__file__, arg, evals)
+  c, args = common.eval_run_config(arg, evals)
   if args["runlocal"]:
     for ev in c.evals.values():
       ev.update(max_examples=24, batch_size=16)

@@ -11,7 +11,7 @@ scenes and tests on the 1,000 test scenes (4 classes: one to four objects; chanc
 Metrics: probe/<set>_<ridge|logistic>_acc.
 """
 
-from sycoca_jax.evaluators import common
+from configs import common
 from sycoca_jax.evaluators import probe
 
 
@@ -19,7 +19,7 @@ def get_config(arg=None):
   ev = probe.default_config()
   ev.update(datasets=("sklearn_digits", "lfw_subset", "scenes_count"), methods=("ridge", "logistic"),
             batch_size=256, num_train=2000)
-  c, args = common.eval_run_config(__file__, arg, {"probe": ev}, features="embedding", every=1000)
+  c, args = common.eval_run_config(arg, {"probe": ev}, features="embedding", every=1000)
   ev = c.evals.probe
   ev.features = args["features"]
   ev.log_steps = args["every"]

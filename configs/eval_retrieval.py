@@ -16,7 +16,7 @@ Metrics: retrieval/{i2t,t2i}_r{1,5,10}, retrieval/mTR, retrieval/mIR, retrieval/
 retrieval/fg_{attribute,object,relation,count,mean}_{itc,loglik} (accuracy of true over perturbed caption).
 """
 
-from sycoca_jax.evaluators import common
+from configs import common
 from sycoca_jax.evaluators import retrieval
 
 
@@ -25,8 +25,7 @@ def get_config(arg=None):
   scenes.update(split="test", batch_size=256)
   scenes.data = dict(name="scenes")  # the built-in test split, whatever the run trains on
   evals = {"retrieval": scenes}
-  c, args = common.eval_run_config(__file__, arg, evals, every=1000, coco="", coco_images="", flickr="",
-                                 flickr_images="")
+  c, args = common.eval_run_config(arg, evals, every=1000, coco="", coco_images="", flickr="", flickr_images="")
   every = args["every"]
   for key, name in (("coco", "coco"), ("flickr", "flickr30k")):
     if args[key]:

@@ -13,14 +13,14 @@ ink on white and upsampled to the model's image size. Chance: 1/8 shapes, 1/12 c
 Metrics: zeroshot/<set>_top1, zeroshot/<set>_top5, zeroshot/mean_top1 (and zeroshot_tfds/... for tfds=).
 """
 
-from sycoca_jax.evaluators import common
+from configs import common
 from sycoca_jax.evaluators import zeroshot
 
 
 def get_config(arg=None):
   ev = zeroshot.default_config()
   ev.update(datasets=("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits"), batch_size=256)
-  c, args = common.eval_run_config(__file__, arg, {"zeroshot": ev}, tfds="", every=1000)
+  c, args = common.eval_run_config(arg, {"zeroshot": ev}, tfds="", every=1000)
   if args["tfds"]:
     tfds_eval = zeroshot.default_config()
     tfds_eval.update(datasets=(f"tfds:{args['tfds']}",), batch_size=256, prefix="zeroshot_tfds")

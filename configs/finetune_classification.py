@@ -11,7 +11,7 @@ new head, weight decay 0.05, 20 warmup steps then cosine decay, batch 64, `steps
 being evaluated are never modified. Metrics: probe_finetune/<set>_finetune_acc.
 """
 
-from sycoca_jax.evaluators import common
+from configs import common
 from sycoca_jax.evaluators import probe
 
 
@@ -19,7 +19,7 @@ def get_config(arg=None):
   ev = probe.default_config()
   ev.update(datasets=("sklearn_digits", "lfw_subset", "scenes_count"), methods=("finetune",), batch_size=256,
             prefix="probe_finetune")
-  c, args = common.eval_run_config(__file__, arg, {"probe_finetune": ev}, steps=300, every=10**9)
+  c, args = common.eval_run_config(arg, {"probe_finetune": ev}, steps=300, every=10**9)
   ev = c.evals.probe_finetune
   ev.finetune.update(steps=args["steps"], batch_size=64, learning_rate=1e-4, warmup_steps=20)
   ev.log_steps = args["every"]  # a cadence beyond any run: at the last training step only

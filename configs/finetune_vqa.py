@@ -17,14 +17,14 @@ of the weights. Metrics: vqa/<set>_acc.
 
 import os
 
-from sycoca_jax.evaluators import common
+from configs import common
 from sycoca_jax.evaluators import vqa
 
 
 def get_config(arg=None):
   ev = vqa.default_config()
   ev.update(datasets=("scenes", "easy_vqa"), pool="mean", train="all", batch_size=64, learning_rate=1e-4)
-  c, args = common.eval_run_config(__file__, arg, {"vqa": ev}, steps=300, every=10**9, vqav2="")
+  c, args = common.eval_run_config(arg, {"vqa": ev}, steps=300, every=10**9, vqav2="")
   ev = c.evals.vqa
   ev.steps = args["steps"]
   ev.log_steps = args["every"]  # a cadence beyond any run: at the last training step only

@@ -23,7 +23,11 @@ Expected (paper, zero-shot, CC12M pre-training), COCO R@1 TR / IR: CoCa 16.3 / 1
 This codebase has not yet been run at this scale; those are the paper's figures, not ours.
 """
 
+from configs import common
 from sycoca_jax import config_lib
+
+# The ablation rows `variant=` takes, in table order (python -m sycoca_jax.tools.ablation trains them).
+VARIANTS = tuple(common.VARIANTS)
 
 # Per TPU slice, the fastest setting found that fits batch 2048 with at least 15 % of each chip's HBM free, by
 # compiling the train step for the slice ahead of time (sycoca_jax/tools/aot.py; the figures and the settings
@@ -44,7 +48,7 @@ DEFAULT_SLICE = "v5e-64"   # also fits v5p-32; v4-64 needs slice=v4-64
 
 def get_config(arg=None):
   # slice= names the TPU slice to run on (SLICES); the AOT tool checks any other.
-  args = config_lib.parse_arg(arg, variant="sycoca", runlocal=False, slice="")
+  args = common.parse_arg(arg, variant="sycoca", runlocal=False, slice="")
   c = config_lib.default_config()   # the model defaults are CoCa-Base
 
   c.model.dtype = "bfloat16"
@@ -57,7 +61,7 @@ def get_config(arg=None):
   c.log_steps = 100
   c.ckpt_steps = 2000
   c.image_log_steps = 5000
-  c.evals = config_lib.default_evals(every=5000)
+  c.evals = common.default_evals(every=5000)
 
   if args["slice"] and args["slice"] not in SLICES:
     raise ValueError(f"config argument slice={args['slice']!r}: not one of {', '.join(SLICES)}. For another "
@@ -67,7 +71,7 @@ def get_config(arg=None):
   c.mesh.update(setting["mesh"])
   c.model.update(remat=setting["remat"], remat_policy=setting["remat_policy"])
 
-  config_lib.apply_variant(c, args.get("variant", "sycoca"))
+  common.apply_variant(c, args.get("variant", "sycoca"))
   if args.get("runlocal"):
-    config_lib.runlocal(c)
+    common.runlocal(c)
   return c

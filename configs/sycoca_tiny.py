@@ -9,12 +9,16 @@ Sized for 2 CPU cores (or any single accelerator). 48 px scenes, patch 6 (64 pat
 `:runlocal` shrinks it further to a 10-step smoke run. Measured numbers for this config are in README.md.
 """
 
+from configs import common
 from sycoca_jax import config_lib
 from sycoca_jax.data import get_tokenizer
 
+# The ablation rows `variant=` takes, in table order (python -m sycoca_jax.tools.ablation trains them).
+VARIANTS = tuple(common.VARIANTS)
+
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, variant="sycoca", runlocal=False)
+  args = common.parse_arg(arg, variant="sycoca", runlocal=False)
   c = config_lib.default_config()
 
   c.data.update(name="scenes", image_size=48, max_len=24, tokenizer="scenes_words", crop_scale=(0.9, 1.0))
@@ -33,9 +37,9 @@ def get_config(arg=None):
   c.log_steps = 50
   c.ckpt_steps = 500
   c.image_log_steps = 500
-  c.evals = config_lib.default_evals(every=500)
+  c.evals = common.default_evals(every=500)
 
-  config_lib.apply_variant(c, args["variant"])
+  common.apply_variant(c, args["variant"])
   if args["runlocal"]:
-    config_lib.runlocal(c)
+    common.runlocal(c)
   return c

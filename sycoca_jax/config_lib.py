@@ -2,6 +2,8 @@
 
 A config file in configs/ starts from `default_config()` and overrides what it needs; `validate` then rejects
 unknown keys (with a "did you mean") and impossible values, naming the key, before any device work starts.
+What config files share beyond the schema (typed arguments, the ablation variants, `runlocal`, evaluation
+presets) lives with them, in configs/common.py.
 """
 
 import difflib
@@ -11,7 +13,7 @@ from typing import Any, Optional
 import ml_collections
 
 from sycoca_jax import losses, optim
-from sycoca_jax.data import default_data_config
+from sycoca_jax.data import default_data_config, tokenizer_from_config
 from sycoca_jax.models import sycoca
 
 
@@ -117,7 +119,6 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
 
 def _check_tokenizer_fits(config: ml_collections.ConfigDict, fail) -> None:
   """Token ids past the model's vocabulary index outside its embedding table: NaN, not an error, under jit."""
-  from sycoca_jax.data import tokenizer_from_config  # pylint: disable=g-import-not-at-top
   try:
     vocab = tokenizer_from_config(config.data).vocab_size
   except (OSError, ImportError):
@@ -181,34 +182,6 @@ def every(step: int, cadence: int, last_step: int) -> bool:
   return step == last_step or (cadence > 0 and step % cadence == 0)
 
 
-def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks any config to a smoke run on the built-in scenes data: tiny towers, a few steps, CPU-sized batch."""
-  c = config
-  c.model.vision.update(image_size=32, patch_size=8, width=32, depth=2, heads=2, attn_pooler_queries=5)
-  c.model.text.update(vocab_size=min(c.model.text.vocab_size, 49408), context_length=16, width=32, depth=2, heads=2)
-  c.model.text_decoder.update(width=32, depth=1, heads=2)
-  c.model.image_decoder.update(width=32, depth=1, heads=2)
-  c.model.embed_dim = 32
-  data = default_data_config()
-  data.update(image_size=32, max_len=16, tokenizer="scenes_words")
-  c.data = data
-  c.model.text.vocab_size = _scenes_vocab_size()
-  c.mesh.update(data=-1, fsdp=1)
-  c.global_batch_size = 16
-  c.grad_accum_steps = 1
-  c.total_steps, c.total_epochs, c.total_examples = 10, 0.0, 0
-  c.log_steps, c.ckpt_steps, c.image_log_steps = 5, 10, 0
-  c.optim.warmup_steps = 2
-  for ev in c.evals.values():
-    ev.log_steps = 0
-  return c
-
-
-def _scenes_vocab_size() -> int:
-  from sycoca_jax.data import get_tokenizer  # pylint: disable=g-import-not-at-top
-  return get_tokenizer("scenes_words", max_len=16).vocab_size
-
-
 def set_by_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   """config['a']['b']['c'] = value for key 'a.b.c'; an unknown key raises ValueError naming it."""
   node = config
@@ -225,8 +198,8 @@ def set_by_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None
 def split_arg(arg: Optional[str]) -> dict[str, Optional[str]]:
   """'variant=coca,runlocal' -> {'variant': 'coca', 'runlocal': None}, untyped and unchecked.
 
-  For tools that only rewrite or inspect an argument string they pass on to a config file (which then checks
-  it with `parse_arg`); a config file itself calls `parse_arg`.
+  The syntax of the `:arg` after a config file's path. Config files type and check their arguments from it
+  (configs/common.py: parse_arg); tools use it to rewrite or inspect an argument string they pass on.
   """
   out: dict[str, Optional[str]] = {}
   for token in filter(None, (arg or "").split(",")):
@@ -245,76 +218,3 @@ def to_bool(value: Optional[str], name: str) -> bool:
   if value.lower() in _FALSE:
     return False
   raise ValueError(f"config argument {name}={value!r}: expected true/false, 1/0 or yes/no.")
-
-
-def parse_arg(arg: Optional[str], **defaults: Any) -> dict[str, Any]:
-  """A config file's argument string, typed from its defaults: every default, with the given ones replaced.
-
-  parse_arg('variant=coca,runlocal', variant='sycoca', runlocal=False) -> {'variant': 'coca', 'runlocal': True}.
-  A bool takes true/false, 1/0, yes/no, or its bare name for True; an int, float or str argument needs a value.
-  An argument the config file does not declare is refused (with a "did you mean"): a typo must not silently
-  run the default, e.g. an ablation row launched as `varient=coca` would train and report the wrong variant.
-  """
-  out = dict(defaults)
-  for name, value in split_arg(arg).items():
-    if name not in defaults:
-      near = difflib.get_close_matches(name, list(defaults), n=1)
-      hint = f" Did you mean {near[0]!r}?" if near else ""
-      known = ", ".join(sorted(defaults)) or "none"
-      raise ValueError(f"config argument {name!r}: unknown.{hint} This config file takes: {known}.")
-    default = defaults[name]
-    if isinstance(default, bool):
-      out[name] = to_bool(value, name)
-      continue
-    if value is None:
-      raise ValueError(f"config argument {name!r} needs a value ({name}=...); its default is {default!r}.")
-    if not isinstance(default, (int, float, str)):
-      raise ValueError(f"config argument {name!r}: default {default!r} of type {type(default).__name__} "
-                       "cannot be parsed; declare an int, float, str or bool default.")
-    try:
-      out[name] = type(default)(value)
-    except ValueError:
-      raise ValueError(f"config argument {name}={value!r}: expected {type(default).__name__} "
-                       f"(default {default!r}).") from None
-  return out
-
-
-# The paper's ablation rows (its Table of component contributions), as config edits.
-VARIANTS = {
-    "clip": dict(weights=(1.0, 0.0, 0.0), strategy="none", ic_ratio=0.0, mim_ratio=0.0),
-    "coca": dict(weights=(1.0, 2.0, 0.0), strategy="none", ic_ratio=0.0, mim_ratio=0.0),
-    "coca_am": dict(weights=(1.0, 2.0, 0.0), strategy="attentive", ic_ratio=0.5, mim_ratio=0.0),
-    "coca_mim_image_only": dict(weights=(1.0, 2.0, 1.0), strategy="attentive", ic_ratio=0.5, mim_ratio=0.5,
-                                cross_attention=False),
-    "coca_tgmim_random": dict(weights=(1.0, 2.0, 1.0), strategy="random", ic_ratio=0.5, mim_ratio=0.5),
-    "sycoca": dict(weights=(1.0, 2.0, 1.0), strategy="attentive", ic_ratio=0.5, mim_ratio=0.5),
-}
-
-
-def apply_variant(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """Sets the objectives and masking of one ablation row (see VARIANTS)."""
-  if name not in VARIANTS:
-    raise ValueError(f"variant={name!r} is not one of {sorted(VARIANTS)}.")
-  v = VARIANTS[name]
-  config.loss.itc_weight, config.loss.ic_weight, config.loss.mim_weight = v["weights"]
-  config.model.masking.update(strategy=v["strategy"], ic_ratio=v["ic_ratio"], mim_ratio=v["mim_ratio"])
-  config.model.image_decoder.cross_attention = v.get("cross_attention", True)
-  return config
-
-
-def default_evals(every: int) -> ml_collections.ConfigDict:
-  """The evaluators a pretraining run reports as it goes, on the built-in scenes (fast, no download):
-  retrieval with fine-grained negatives, zero-shot classification, greedy captioning on 200 test scenes, and
-  mask quality (does attentive masking keep the caption's objects for IC?) on 200 test scenes."""
-  from sycoca_jax.evaluators import captioning, masking, retrieval, zeroshot  # pylint: disable=g-import-not-at-top
-  evals = ml_collections.ConfigDict()
-  evals.retrieval = retrieval.default_config()
-  evals.zeroshot = zeroshot.default_config()
-  evals.captioning = captioning.default_config()
-  evals.captioning.update(sampler="greedy", max_examples=200, meteor=False)
-  evals.masking = masking.default_config()
-  evals.masking.update(max_examples=200)
-  for ev in evals.values():
-    ev.log_steps = every
-    ev.data = ml_collections.ConfigDict(dict(name="scenes"))
-  return evals

@@ -47,6 +47,18 @@ def test_plan_is_seed_major_with_variant_sweep_and_overrides():
     assert c.model.vision.image_size == 32  # runlocal kept
 
 
+def test_rows_come_from_the_config_files_variants(tmp_path):
+  assert ablation.config_variants(f"{TINY}:runlocal") == ["clip", "coca", "coca_am", "coca_mim_image_only",
+                                                          "coca_tgmim_random", "sycoca"]
+  assert [r.variant for r in ablation.plan(f"{TINY}:runlocal", [], [0])] == ablation.config_variants(TINY)
+  with pytest.raises(ValueError, match="declares no VARIANTS"):
+    ablation.config_variants(os.path.join(ROOT, "configs", "eval_zeroshot.py"))
+  for variant in ("sycoca", "coca", "zeta"):  # the table follows the given order; others after it, by name
+    _fake_run(tmp_path, variant, 0, {"retrieval/i2t_r1": 0.1})
+  assert [r["variant"] for r in ablation.finished_runs(str(tmp_path), ["sycoca", "coca"])] == ["sycoca", "coca",
+                                                                                               "zeta"]
+
+
 def test_plan_fails_before_training_on_bad_rows():
   with pytest.raises(ValueError, match="not among"):
     ablation.plan(TINY, ["cocaa"], [0])
@@ -80,7 +92,7 @@ def test_tables_and_chart_from_finished_runs(tmp_path):
                                          "masking/ic_object_recall": 0.7, "masking/ic_object_recall_random": 0.5})
   _fake_run(tmp_path, "clip", 0, {"retrieval/i2t_r1": 0.1, "captioning/cider": 0.01}, heads=("itc",))
   summary = ablation.write_outputs(str(tmp_path))
-  assert [g["label"] for g in summary["groups"]] == ["clip", "sycoca"]  # the order of config_lib.VARIANTS
+  assert [g["label"] for g in summary["groups"]] == ["clip", "sycoca"]  # by name without the config's VARIANTS
   sycoca = summary["groups"][1]
   assert sycoca["seeds"] == [0, 1]
   np.testing.assert_allclose(sycoca["mean"]["retrieval/i2t_r1"], 0.3)

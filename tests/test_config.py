@@ -9,36 +9,42 @@ import sys
 
 import pytest
 
+from configs import common
 from sycoca_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load(name, arg=None):
+def config_module(name):
+  """configs/<name>.py loaded by path, as main.py's --config flag loads it."""
   spec = importlib.util.spec_from_file_location(f"_test_config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load(name, arg=None):
+  return config_module(name).get_config(arg)
 
 
 def test_parse_arg_types_each_argument_from_its_default():
   defaults = dict(variant="sycoca", runlocal=False, steps=300, lr=0.5)
-  assert config_lib.parse_arg(None, **defaults) == defaults
-  assert config_lib.parse_arg("runlocal,variant=coca,steps=7,lr=2", **defaults) == dict(
+  assert common.parse_arg(None, **defaults) == defaults
+  assert common.parse_arg("runlocal,variant=coca,steps=7,lr=2", **defaults) == dict(
       variant="coca", runlocal=True, steps=7, lr=2.0)
   for text, value in (("false", False), ("0", False), ("No", False), ("true", True), ("1", True), ("yes", True)):
-    assert config_lib.parse_arg(f"runlocal={text}", **defaults)["runlocal"] is value
+    assert common.parse_arg(f"runlocal={text}", **defaults)["runlocal"] is value
   with pytest.raises(ValueError, match="runlocal='maybe'"):
-    config_lib.parse_arg("runlocal=maybe", **defaults)
+    common.parse_arg("runlocal=maybe", **defaults)
   with pytest.raises(ValueError, match="steps='many'.*expected int"):
-    config_lib.parse_arg("steps=many", **defaults)
+    common.parse_arg("steps=many", **defaults)
   with pytest.raises(ValueError, match="'variant' needs a value"):  # a bare key is True for a bool only
-    config_lib.parse_arg("variant", **defaults)
+    common.parse_arg("variant", **defaults)
 
 
 def test_unknown_config_argument_fails_with_did_you_mean():
   with pytest.raises(ValueError, match="'varient': unknown. Did you mean 'variant'.*takes: runlocal, variant"):
-    config_lib.parse_arg("varient=coca", variant="sycoca", runlocal=False)
+    common.parse_arg("varient=coca", variant="sycoca", runlocal=False)
 
 
 @pytest.mark.parametrize("arg, message", [
@@ -86,7 +92,28 @@ def test_captioning_config_arguments():
 
 def test_every_config_file_loads_with_runlocal():
   for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
-    load(os.path.basename(path)[:-3], "runlocal")
+    name = os.path.basename(path)[:-3]
+    if name not in ("__init__", "common"):  # the package's helpers, not config files
+      load(name, "runlocal")
+
+
+def test_pretraining_configs_offer_the_ablation_variants():
+  for name in ("sycoca_tiny", "sycoca_base"):
+    assert config_module(name).VARIANTS == tuple(common.VARIANTS)
+  for variant, row in common.VARIANTS.items():
+    c = load("sycoca_tiny", f"runlocal,variant={variant}")
+    assert (c.loss.itc_weight, c.loss.ic_weight, c.loss.mim_weight) == row["weights"]
+    assert c.model.masking.strategy == row["strategy"]
+  with pytest.raises(ValueError, match="variant='cocaa' is not one of"):
+    load("sycoca_tiny", "variant=cocaa")
+
+
+def test_eval_configs_take_the_geometry_of_model():
+  tiny, base = load("eval_zeroshot", "runlocal=0"), load("eval_zeroshot", "model=base")
+  assert (tiny.model.vision.image_size, base.model.vision.image_size) == (48, 288)
+  assert list(tiny.evals) == ["zeroshot"] and tiny.total_steps == load("sycoca_tiny").total_steps
+  with pytest.raises(ValueError, match="model='huge': use model=tiny or model=base"):
+    load("eval_zeroshot", "model=huge")
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common
 from sycoca_jax import checkpoint, config_lib, losses, metrics, optim, sharding, train
 from sycoca_jax.models import sycoca
 from tests import distributed
@@ -253,7 +254,7 @@ def test_resume_compares_the_config_with_the_checkpoints(tmp_path, caplog):
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), workdir)
   other = small_train_config(total_steps=1, **{"model.embed_dim": 64})
-  config_lib.apply_variant(other, "coca")
+  common.apply_variant(other, "coca")
   with pytest.raises(ValueError, match=r"holds step 1 of a run with another model or objective; changed: "
                                        r"loss.mim_weight \(1.0 -> 0.0\), .*model.embed_dim \(32 -> 64\)"):
     train.train_and_evaluate(other, workdir)

@@ -247,46 +247,6 @@ def prefix(eval_config: ml_collections.ConfigDict, default: str) -> str:
   return eval_config.get("prefix") or default
 
 
-def base_run_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """get_config(arg) of configs/<name>.py next to `config_file`: how eval configs reuse a model's geometry.
-
-  Config files are loaded by path (there is no configs package), so an eval config such as
-  configs/eval_zeroshot.py finds configs/sycoca_tiny.py through its own __file__.
-  """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
-  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No model config {path!r}: use model=tiny or model=base.")
-  spec = importlib.util.spec_from_file_location(f"_sycoca_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def eval_run_config(config_file: str, arg: str | None, evals: Mapping[str, ml_collections.ConfigDict],
-                    **defaults) -> tuple[ml_collections.ConfigDict, dict]:
-  """The shared start of the eval / fine-tune configs: the run config of `model=` (tiny | base; default tiny)
-  with `runlocal` and `variant` passed on, and its evals replaced by `evals`.
-
-  `defaults` are the calling config file's own arguments (e.g. every=1000); with model, runlocal and variant
-  they are all it accepts (config_lib.parse_arg: typed from the defaults, an unknown one refused). Returns
-  (config, parsed args).
-  """
-  from sycoca_jax import config_lib  # pylint: disable=g-import-not-at-top
-
-  args = config_lib.parse_arg(arg, model="tiny", runlocal=False, variant="sycoca", **defaults)
-  model = args["model"]
-  names = {"tiny": "sycoca_tiny", "base": "sycoca_base"}
-  if model not in names:
-    raise ValueError(f"model={model!r}: use model=tiny or model=base (the checkpoint's geometry).")
-  base_arg = f"runlocal={args['runlocal']},variant={args['variant']}"
-  c = base_run_config(config_file, names[model], base_arg)
-  c.evals = ml_collections.ConfigDict({k: ml_collections.ConfigDict(v) for k, v in evals.items()})
-  return c, args
-
-
 # ------------------------------------------------------------------------------------------------ fine-tuning
 
 

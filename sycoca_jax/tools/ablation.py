@@ -7,8 +7,9 @@ r"""The paper's ablation at small scale: train each (variant, seed), evaluate it
   python -m sycoca_jax.tools.ablation ... --overrides=total_steps=500,log_steps=100   (any --config.KEY=VALUE)
   python -m sycoca_jax.tools.ablation --workdir=DIR --table_only                       (rebuild the outputs)
 
-Every run is the config file loaded as main.py loads it (ml_collections config_flags), with `variant=NAME`
-added to its argument, `seed` set, then the sweep value and the overrides applied as --config.KEY=VALUE would
+The rows are the config file's VARIANTS (configs/sycoca_tiny.py and sycoca_base.py offer the paper's six; a
+config without VARIANTS takes no `variant=`). Every run is the config file loaded as main.py loads it
+(ml_collections config_flags), with `variant=NAME` added to its argument, `seed` set, then the sweep value and the overrides applied as --config.KEY=VALUE would
 be. Each run trains with the trainer main.py calls (sycoca_jax.train), in a child process by default (memory
 and compile caches go away with it), in DIR/<variant>[_<key><value>]_seed<k>/, and is then evaluated on its
 final checkpoint with the run's own evaluators (config.evals: on the built-in scenes, retrieval with
@@ -28,6 +29,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -55,7 +57,7 @@ def define_flags():
   session, would define --config twice)."""
   flags.DEFINE_string("config", None, "Config file with optional ':args', as for main.py; `variant=` is added.")
   flags.DEFINE_string("workdir", None, "Study folder: one sub-folder per run, plus ablation.{json,md,png}.")
-  flags.DEFINE_list("variants", list(config_lib.VARIANTS), f"Rows to train, of {sorted(config_lib.VARIANTS)}.")
+  flags.DEFINE_list("variants", [], "Rows to train, of the config file's VARIANTS (default: all of them).")
   flags.DEFINE_list("seeds", ["0"], "config.seed of each repeat (init, data order, masking draws).")
   flags.DEFINE_string("sweep", "", "KEY=V1,V2,...: one dotted config key swept over values, on top of each variant.")
   flags.DEFINE_multi_string("overrides", [], "KEY=VALUE[,KEY=VALUE...] applied to every run, as --config.KEY=VALUE "
@@ -100,6 +102,20 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return holder.config
 
 
+def config_variants(spec: str) -> list[str]:
+  """The ablation rows the config file of `spec` ('path[:arg]') offers through `variant=`: its VARIANTS, in table
+  order."""
+  path = spec.partition(":")[0]
+  module_spec = importlib.util.spec_from_file_location("_ablation_config", path)
+  if module_spec is None:
+    raise ValueError(f"--config={spec}: {path!r} is not a Python config file.")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "VARIANTS"):
+    raise ValueError(f"--config={spec}: {path} declares no VARIANTS, so it takes no variant= to ablate.")
+  return list(module.VARIANTS)
+
+
 def with_variant(spec: str, variant: str) -> str:
   """'configs/x.py:runlocal' + 'coca' -> 'configs/x.py:runlocal,variant=coca' (a given variant= is replaced)."""
   path, _, arg = spec.partition(":")
@@ -142,12 +158,15 @@ def plan(spec: str, variants: Sequence[str], seeds: Sequence[int], sweep: str = 
          overrides: Sequence[str] = ()) -> list[Run]:
   """Every run, seed-major: all variants (and sweep values) of seed 0 before any of seed 1.
 
+  variants: of the config file's VARIANTS (config_variants); empty: all of them.
   overrides: 'KEY=VALUE[,KEY=VALUE...]' strings (split_overrides).
   Each config is loaded and validated here, so a bad variant, sweep key or override fails before any training.
   """
-  unknown = [v for v in variants if v not in config_lib.VARIANTS]
+  offered = config_variants(spec)
+  variants = list(variants) or offered
+  unknown = [v for v in variants if v not in offered]
   if unknown:
-    raise ValueError(f"--variants: {unknown} not among {sorted(config_lib.VARIANTS)}.")
+    raise ValueError(f"--variants: {unknown} not among {sorted(offered)}.")
   sweep_key, sweep_values = parse_sweep(sweep)
   overrides = split_overrides(overrides)
   runs = []
@@ -342,12 +361,13 @@ _TITLES = {metric: column for rows in TABLES.values() for column, metric, _ in r
 _NEEDS = {metric: needs for rows in TABLES.values() for _, metric, needs in rows}
 
 
-def finished_runs(workdir: str) -> list[dict]:
-  """Every final_eval.json under workdir, in table order (variants as in VARIANTS, sweep values, seeds)."""
+def finished_runs(workdir: str, variants: Sequence[str] = ()) -> list[dict]:
+  """Every final_eval.json under workdir, in table order: variants as in `variants` (the config's VARIANTS; by
+  name when not given, which is the same order for the paper's rows), then sweep values, then seeds."""
   runs = [json.loads(p.read_text()) for p in epath.Path(workdir).glob(f"*/{FINAL_EVAL}")]
-  order = {v: i for i, v in enumerate(config_lib.VARIANTS)}
-  return sorted(runs, key=lambda r: (order.get(r["variant"], len(order)), r["sweep_key"], _num(r["sweep_value"]),
-                                     r["seed"]))
+  order = {v: i for i, v in enumerate(variants)}
+  return sorted(runs, key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["sweep_key"],
+                                     _num(r["sweep_value"]), r["seed"]))
 
 
 def _num(value: str) -> tuple:
@@ -444,9 +464,10 @@ def chart(groups: Sequence[dict], path: epath.Path) -> bool:
   return True
 
 
-def write_outputs(workdir: str, planned: Sequence[Run] = (), failed: Sequence[str] = ()) -> dict:
-  """DIR/ablation.json, ablation.md and ablation.png from every finished run in DIR."""
-  runs = finished_runs(workdir)
+def write_outputs(workdir: str, planned: Sequence[Run] = (), failed: Sequence[str] = (),
+                  variants: Sequence[str] = ()) -> dict:
+  """DIR/ablation.json, ablation.md and ablation.png from every finished run in DIR (rows in `variants` order)."""
+  runs = finished_runs(workdir, variants)
   groups = summarise(runs)
   done = {r["name"] for r in runs}
   summary = {"runs": runs, "groups": groups, "pending": [r.name for r in planned if r.name not in done],
@@ -467,10 +488,11 @@ def main(argv):
   from sycoca_jax import metrics  # pylint: disable=g-import-not-at-top  (loads TF: only once the tool runs)
   logging.get_absl_handler().addFilter(metrics.QuietLibraries())
   workdir = FLAGS.workdir
+  order = config_variants(FLAGS.config) if FLAGS.config else []
   if FLAGS.table_only:
     planned = plan(FLAGS.config, FLAGS.variants, [int(s) for s in FLAGS.seeds], FLAGS.sweep,
                    FLAGS.overrides) if FLAGS.config else []
-    summary = write_outputs(workdir, planned)
+    summary = write_outputs(workdir, planned, variants=order)
     print(f"{len(summary['runs'])} finished runs -> {workdir}/ablation.{{json,md,png}}")
     return
   if not FLAGS.config:
@@ -478,7 +500,7 @@ def main(argv):
   runs = plan(FLAGS.config, FLAGS.variants, [int(s) for s in FLAGS.seeds], FLAGS.sweep, FLAGS.overrides)
   failed = []
   if not FLAGS.child:
-    write_outputs(workdir, runs, failed)  # what an earlier, interrupted study finished
+    write_outputs(workdir, runs, failed, order)  # what an earlier, interrupted study finished
   for i, run in enumerate(runs, 1):
     run_dir = epath.Path(workdir) / run.name
     if is_finished(run_dir, run.num_steps):
@@ -497,7 +519,7 @@ def main(argv):
     else:
       print(f"[{i}/{len(runs)}] {run.name}: done in {time.time() - t0:.0f} s.", flush=True)
     if not FLAGS.child:  # partial results on disk after every run
-      write_outputs(workdir, runs, failed)
+      write_outputs(workdir, runs, failed, order)
   if failed:
     raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}.")
 
