@@ -38,6 +38,8 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3", "sentencepiece>=0.2", "matplotlib>=3.8"],
     # The ablation study's chart (python -m sycoca_jax.tools.ablation); without it only the tables are written.
     "ablation": ["matplotlib>=3.8"],
+    # The Colab notebooks (notebooks/) and tests/test_notebooks.py, which executes them.
+    "notebooks": ["matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     # Only needed to import open_clip weights from .pt/.bin files and for the parity tests.
     "torch": ["torch>=2.4", "open-clip-torch>=2.26"],
     # libtpu, the TPU compiler, matched to jax: sycoca_jax.tools.aot compiles the train step for a TPU slice on any
