@@ -256,7 +256,9 @@ def test_webdataset_to_array_record_to_batches(tmp_path):
       capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr
   stats = json.loads((out / "conversion_stats.json").read_text())
-  assert stats == {"shards": 2, "written": 12, "no_image": 2, "no_caption": 2}
+  assert stats == {"shards_read": 2, "shards_skipped": 0, "skipped_shards": {}, "samples_written": 12,
+                   "samples_skipped": 4, "samples_skipped_by_reason": {"no_image": 2, "no_caption": 2},
+                   "samples_with_unreadable_json": 0}
   assert sorted(os.listdir(out)) == ["00000.array_record", "00001.array_record", "conversion_stats.json"]
 
   cfg = data.default_data_config()
