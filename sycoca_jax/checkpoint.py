@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from sycoca_jax import optim, paths
 
@@ -80,9 +81,8 @@ def _leaf_names(tree: Any) -> list[str]:
 
 def checksums(tree: Any) -> dict[str, str]:
   """{'params/image_encoder/.../kernel': 'hex'} for every array of `tree` (computed on device, one transfer)."""
-  sums = _checksum_stack(jax.tree.leaves(tree))
-  # Replicated output: every process holds the whole (tiny) result, even where the inputs span hosts.
-  sums = np.asarray(sums.addressable_data(0)) if isinstance(sums, jax.Array) else np.asarray(sums)
+  # Where the arrays span hosts, every process takes part and gets the whole (tiny) result.
+  sums = multihost_utils.process_allgather(_checksum_stack(jax.tree.leaves(tree)), tiled=True)
   return {name: f"{int(a):08x}{int(b):08x}" for name, (a, b) in zip(_leaf_names(tree), sums)}
 
 

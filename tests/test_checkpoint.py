@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 
 from sycoca_jax import checkpoint, train
+from tests import distributed
 from tests.helpers import small_train_config
 
 
@@ -111,3 +113,35 @@ def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, caplog):
   assert checkpoint.Checkpointer(workdir).manager.all_steps() == [2, 4]
   _, params, step = checkpoint.load_params(workdir)  # the new step 4 verifies
   assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def two_process_target():
+  """Each process holds half of every array: save two steps, damage the newer one, resume from the older."""
+  workdir = os.environ["SYCOCA_CHECKPOINT_TEST_DIR"]
+  mesh = jax.make_mesh((2,), ("data",))
+  split = jax.NamedSharding(mesh, jax.P("data"))
+  host = jax.tree.map(np.asarray, {1: _state(1), 2: _state(2)})
+  states = {step: jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, split if x.ndim else
+                                                                      jax.NamedSharding(mesh, jax.P()),
+                                                                      lambda index, x=x: x[index]), state)
+            for step, state in host.items()}
+  checkpointer = checkpoint.Checkpointer(workdir, async_save=False)
+  for step, state in states.items():
+    checkpointer.save(step, state, {"process": jax.process_index()}, ml_collections.ConfigDict({"x": 1}))
+  if jax.process_index() == 0:
+    _flip_a_byte(workdir, 2)
+  multihost_utils.sync_global_devices("damaged")
+  step, state, data_state = checkpointer.restore_latest(_abstract(states[1]))
+  checkpointer.close()
+  return {"step": step, "data_state": data_state, "checksums": checkpoint.checksums(state)}
+
+
+@pytest.mark.slow
+def test_two_processes_verify_and_fall_back_together(tmp_path, monkeypatch):
+  monkeypatch.setenv("SYCOCA_CHECKPOINT_TEST_DIR", str(tmp_path / "w"))
+  single, workers = distributed.run_on_processes("tests.test_checkpoint:two_process_target", tmp_path,
+                                                 while_waiting=lambda: checkpoint.checksums(_state(1)))
+  for i, result in enumerate(workers):
+    assert result["step"] == 1 and result["data_state"] == {"process": i}
+    assert result["checksums"] == single  # split over two hosts, the same sums as on one device
+  assert os.listdir(tmp_path / "w" / "damaged_checkpoints") == ["2"]
