@@ -101,10 +101,6 @@ class Masked:
   ic_ratio: float
   mim_ratio: float
 
-  @property
-  def grid(self) -> int:
-    return self.image.shape[0] // self.patch_size
-
 
 def _indicator(ids: jax.Array, num_patches: int) -> jax.Array:
   """Patch index sets [B, K] -> bool [B, N]."""
@@ -140,6 +136,8 @@ class MaskViewer:
     self.inference = inference.Inference(model_config, params, tokenizer, batch_size=1)
     self.model, self.params, self.tokenizer = self.inference.model, params, tokenizer
     self.has_image_decoder, self.norm_pix = has_image_decoder, norm_pix
+    self.config: Optional[ml_collections.ConfigDict] = None  # the run config and step, when loaded from a workdir
+    self.step: Optional[int] = None
     self._fns: dict = {}
 
   @classmethod
@@ -308,14 +306,18 @@ def render(masked: Masked, panel_size: int = 192, title: str = "") -> Image.Imag
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def scene_image(spec: str, config: ml_collections.ConfigDict, image_size: int) -> tuple[np.ndarray, list[str]]:
-  """`scenes:SPLIT:INDEX` -> (uint8 image [S, S, 3] drawn at `image_size`, the scene's captions)."""
+def scene_image(spec: str, config: Optional[ml_collections.ConfigDict], image_size: int
+                ) -> tuple[np.ndarray, list[str]]:
+  """`scenes:SPLIT:INDEX` -> (uint8 image [S, S, 3] drawn at `image_size`, the scene's captions).
+
+  The scene is drawn from the run config's scenes world (config.data: seed, object counts, backgrounds).
+  """
   from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
 
   parts = spec.split(":")
   if len(parts) != 3 or not parts[2].isdigit():
     raise ValueError(f"--image={spec}: a built-in scene is scenes:SPLIT:INDEX, e.g. scenes:test:7.")
-  data = config.get("data", ml_collections.ConfigDict())
+  data = (config or ml_collections.ConfigDict()).get("data", ml_collections.ConfigDict())
   sc = data.get("scenes", ml_collections.ConfigDict())
   kw = {k: sc[k] for k in ("min_objects", "max_objects") if k in sc}
   if "backgrounds" in sc:
