@@ -11,7 +11,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from sycoca_jax import checkpoint, config_lib, metrics, sharding
+from sycoca_jax import checkpoint, config_lib, evaluators, metrics, sharding
 from sycoca_jax.models import sycoca
 
 
@@ -26,11 +26,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: epath.PathLi
   mesh = sharding.make_mesh(config.mesh)
   params = jax.device_put(params, sharding.param_shardings({"params": params}, mesh, config.sharding_rules)["params"])
   model = sycoca.build_model(config.model)
-  from sycoca_jax import evaluators  # pylint: disable=g-import-not-at-top
   writer = metrics.create_writer(workdir)
   results: dict[str, Any] = {}
-  for name, ev in config.evals.items():
-    evaluator = evaluators.get_evaluator(ev.type)(model, config.model, ev, config.data)
+  for name, evaluator, _ in evaluators.from_config(config.evals, model, config.data):
     out = evaluator.run(params)
     logging.info("%s at step %d: %s", name, step, out)
     results.update(out)

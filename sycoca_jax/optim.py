@@ -52,11 +52,18 @@ def default_optim_config() -> ml_collections.ConfigDict:
   ))
 
 
-def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_value: float = 0.0) -> optax.Schedule:
+  """Linear warmup from 0 to `peak` over min(warmup_steps, total_steps - 1) steps, then cosine decay to
+  `end_value` at total_steps (pretraining and the evaluators' fine-tuning share it)."""
+  warmup = min(int(warmup_steps), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-      end_value=cfg.lr * cfg.end_lr_fraction)
+      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      end_value=end_value)
+
+
+def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """The pretraining schedule of an optim config (see default_optim_config)."""
+  return warmup_cosine(cfg.lr, cfg.warmup_steps, total_steps, end_value=cfg.lr * cfg.end_lr_fraction)
 
 
 def clip_params(bounds: Sequence[tuple[str, float, float]]) -> optax.GradientTransformation:

@@ -5,6 +5,7 @@ state are also split). The batch is split over both; each parameter is split ove
 dimension that divides evenly, unless a rule says otherwise. With fsdp = 1 this is plain data parallelism.
 """
 
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import jax
@@ -73,7 +74,7 @@ def param_shardings(abstract: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] 
   return jax.tree.map(pick, abstract, choice)
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's slice of the batch -> global arrays split over the batch axes."""
-  sharding = batch_sharding(mesh)
+def global_batch(local: Mapping[str, np.ndarray], layout: Mesh | NamedSharding) -> dict[str, jax.Array]:
+  """This process's slice of the batch -> global arrays: split over a mesh's batch axes, or as `layout` says."""
+  sharding = batch_sharding(layout) if isinstance(layout, Mesh) else layout
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sycoca_jax import checkpoint as ckpt_lib
-from sycoca_jax import config_lib, losses, metrics, optim, paths, sharding
+from sycoca_jax import config_lib, evaluators, losses, metrics, optim, paths, sharding
 from sycoca_jax.data import CLIP_MEAN, CLIP_STD, build_train_iterator
 from sycoca_jax.models import sycoca
 from sycoca_jax.models.vit import patchify, unpatchify
@@ -92,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("Initialised %s from %s (step %d).", towers, config.init_from.workdir, source_step)
 
   # --------------------------------------------------------------------------------------- evaluators
-  evaluators = _build_evaluators(config, model)
+  evals = evaluators.from_config(config.evals, model, config.data)
 
   # --------------------------------------------------------------------------------------------- loop
   first_step = int(jax.device_get(state["step"]))
@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if config.image_log_steps and config_lib.every(step, config.image_log_steps, num_steps):
         writer.write_images(step, jax.device_get(visualise(state["params"], batch)))
 
-      for name, (evaluator, cadence) in evaluators.items():
+      for _, evaluator, cadence in evals:
         if config_lib.every(step, cadence, num_steps) and cadence:
           results = evaluator.run(state["params"])
           writer.write_scalars(step, results)
@@ -324,17 +324,6 @@ def _install_sigterm_handler():
   except ValueError:  # not the main thread (e.g. a notebook's worker): no preemption handling
     pass
   return lambda: flag["set"]
-
-
-def _build_evaluators(config, model) -> dict[str, tuple[Any, int]]:
-  if not config.evals:
-    return {}
-  from sycoca_jax import evaluators  # pylint: disable=g-import-not-at-top
-  built = {}
-  for name, ev in config.evals.items():
-    cls = evaluators.get_evaluator(ev.type)
-    built[name] = (cls(model, config.model, ev, config.data), int(ev.get("log_steps", 0)))
-  return built
 
 
 def _visualise(model, heads, params, batch, count: int = 4) -> dict[str, jax.Array]:

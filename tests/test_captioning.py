@@ -6,10 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sycoca_jax import evaluators
 from sycoca_jax.data import default_data_config
 from sycoca_jax.data import get_tokenizer
+from sycoca_jax.data import load_eval_split
 from sycoca_jax.evaluators import captioning
-from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.models.sycoca import build_model
 from sycoca_jax.tools.decode_benchmark import random_captioning_params
 from tests import distributed
@@ -100,9 +101,7 @@ def test_scene_graph_f1_by_hand():
 
 
 def test_reference_captions_have_perfect_scene_graph_precision():
-  from sycoca_jax.evaluators import common
-
-  split, _ = common.load_split(default_data_config(), "test", 40)
+  split = load_eval_split(default_data_config(), "test", 40)
   refs = [c for caps in split.captions for c in caps]
   graphs = [g for g, caps in zip(split.scene_graphs, split.captions) for _ in caps]
   out = captioning.scene_graph_f1(refs, graphs)
@@ -122,7 +121,7 @@ def build_evaluator(**overrides):
   ev = ml_collections.ConfigDict(dict(type="captioning", split="test", max_examples=10, batch_size=8,
                                       sampler="beam", beam_size=2, meteor=False, tokenization="simple"))
   ev.update(overrides)
-  return get_evaluator("captioning")(model, cfg, ev, data), random_captioning_params(model, seed=1)
+  return evaluators.build(model, ev, data), random_captioning_params(model, seed=1)
 
 
 def two_process_target() -> dict:

@@ -288,7 +288,7 @@ def test_offline_eval_sets_under_any_config(coco_dir):
   image = digits.image(0)
   assert image.shape == (32, 32, 3) and image.dtype == np.float32 and image.std() > 0.3
   faces = data.load_eval_split(cfg, "lfw_subset")
-  assert len(faces) == 200 and faces.labels.tolist() == [0] * 100 + [1] * 100
+  assert len(faces) == 200 and faces.labels.tolist() == [1] * 100 + [0] * 100 and faces.class_names[1] == "face"
   vqa = data.load_eval_split(cfg, "easy_vqa_test")
   assert len(vqa) == 1000 and sum(len(q) for q in vqa.qa) == 9673
   assert all(a in vqa.answers for pairs in vqa.qa for _, a in pairs)

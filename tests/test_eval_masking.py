@@ -5,9 +5,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sycoca_jax import evaluators
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.evaluators import captioning
-from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import masking
 from sycoca_jax.models import masking as masking_lib
 from tests import helpers
@@ -70,8 +70,8 @@ def test_mentioned_objects_follow_the_caption():
 
 
 def _evaluator(model, **overrides):
-  cfg = ml_collections.ConfigDict(dict(max_examples=24, batch_size=16) | overrides)
-  return get_evaluator("masking")(model, None, cfg, helpers.eval_data_config())
+  cfg = ml_collections.ConfigDict(dict(type="masking", max_examples=24, batch_size=16) | overrides)
+  return evaluators.build(model, cfg, helpers.eval_data_config())
 
 
 def test_named_object_areas_come_from_the_scene():

@@ -18,13 +18,13 @@ EVALS = {
 
 
 def run_all() -> dict[str, float]:
-  from sycoca_jax.evaluators import get_evaluator  # pylint: disable=g-import-not-at-top
+  from sycoca_jax import evaluators  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
 
-  model, cfg, params = helpers.eval_model()
+  model, _, params = helpers.eval_model()
+  evals = ml_collections.ConfigDict(EVALS)
   metrics = {}
-  for name, ev in EVALS.items():
-    evaluator = get_evaluator(name)(model, cfg, ml_collections.ConfigDict(ev), helpers.eval_data_config())
+  for _, evaluator, _ in evaluators.from_config(evals, model, helpers.eval_data_config()):
     metrics.update(evaluator.run(params))
   return metrics
 

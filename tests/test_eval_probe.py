@@ -4,8 +4,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sycoca_jax import evaluators
 from sycoca_jax.evaluators import datasets
-from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import probe
 from tests import helpers
 
@@ -58,36 +58,36 @@ def test_stratified_split_keeps_class_proportions():
 
 
 def test_probe_evaluator_end_to_end():
-  model, cfg, params = helpers.eval_model()
+  model, _, params = helpers.eval_model()
   eval_config = ml_collections.ConfigDict(dict(
       type="probe", datasets=("sklearn_digits", "lfw_subset", "scenes_count"), methods=("ridge", "logistic"),
       max_examples=24, batch_size=8))
-  metrics = get_evaluator("probe")(model, cfg, eval_config, helpers.eval_data_config()).run(params)
+  metrics = evaluators.build(model, eval_config, helpers.eval_data_config()).run(params)
   names = ("sklearn_digits", "lfw_subset", "scenes_count")
   assert set(metrics) == {f"probe/{n}_{m}_acc" for n in names for m in ("ridge", "logistic")}
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values()), metrics
 
 
 def test_finetuning_changes_only_a_copy_and_learns():
-  model, cfg, params = helpers.eval_model()
+  model, _, params = helpers.eval_model()
   eval_config = ml_collections.ConfigDict(dict(
       type="probe", datasets=("lfw_subset",), methods=("finetune",), max_examples=32, batch_size=8,
       test_fraction=0.25, finetune=dict(steps=40, batch_size=8, learning_rate=1e-2, warmup_steps=0)))
-  evaluator = get_evaluator("probe")(model, cfg, eval_config, helpers.eval_data_config())
+  evaluator = evaluators.build(model, eval_config, helpers.eval_data_config())
   before = np.asarray(params["image_encoder"]["proj"]).copy()
   metrics = evaluator.run(params)
   assert set(metrics) == {"probe/lfw_subset_finetune_acc"} and 0 <= metrics["probe/lfw_subset_finetune_acc"] <= 1
   np.testing.assert_array_equal(params["image_encoder"]["proj"], before)
   # Faces vs non-faces is easy: the fine-tuned model fits its training set.
   _, train, _ = evaluator.sets[0]
-  tuned, head = evaluator.finetuner.train(params, train, seed=0)
+  tuned, head = evaluator.finetune_copy(params, train)
   assert not np.allclose(tuned["image_encoder"]["proj"], before)
   feats, labels = evaluator.features(tuned, train)
   assert np.mean((feats @ np.asarray(head["kernel"]) + np.asarray(head["bias"])).argmax(-1) == labels) >= 0.9
 
 
 def test_unknown_method_is_refused():
-  model, cfg, _ = helpers.eval_model()
+  model, _, _ = helpers.eval_model()
   with pytest.raises(ValueError, match="unknown"):
-    get_evaluator("probe")(model, cfg, ml_collections.ConfigDict(dict(type="probe", methods=("svm",))),
-                           helpers.eval_data_config())
+    evaluators.build(model, ml_collections.ConfigDict(dict(type="probe", methods=("svm",))),
+                     helpers.eval_data_config())

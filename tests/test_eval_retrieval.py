@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sycoca_jax.evaluators import get_evaluator
+from sycoca_jax import evaluators
 from sycoca_jax.evaluators import retrieval
 from tests import helpers
 
@@ -109,9 +109,9 @@ def test_fine_grained_pairs_differ_and_are_valid():
 
 
 def test_retrieval_evaluator_end_to_end():
-  model, cfg, params = helpers.eval_model()
+  model, _, params = helpers.eval_model()
   eval_config = ml_collections.ConfigDict(dict(type="retrieval", max_examples=12, batch_size=8))
-  evaluator = get_evaluator("retrieval")(model, cfg, eval_config, helpers.eval_data_config())
+  evaluator = evaluators.build(model, eval_config, helpers.eval_data_config())
   metrics = evaluator.run(params)
   expected = {f"retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} | {
       "retrieval/mTR", "retrieval/mIR", "retrieval/rsum", "retrieval/num_images"} | {

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sycoca_jax import evaluators
 from sycoca_jax.data import get_tokenizer
 from sycoca_jax.data.scenes import VQA_ANSWERS
-from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import vqa
 from tests import helpers
 
@@ -93,14 +93,14 @@ def _toy_questions():
 
 
 def test_vqa_evaluator_end_to_end_and_learns_a_learnable_mapping(tmp_path):
-  model, cfg, params = helpers.eval_model()
+  model, _, params = helpers.eval_model()
   q, a, image_dir = _vqav2_fixture(tmp_path)
   eval_config = ml_collections.ConfigDict(dict(
       type="vqa", datasets=("scenes", "easy_vqa", "vqav2"), num_train=6, max_train_questions=24,
       max_test_questions=8, batch_size=8, steps=2, train="decoder", learning_rate=1e-3, head_lr_mult=30.0,
       warmup_steps=0, vqav2=dict(train_questions=q, train_annotations=a, train_image_dir=image_dir,
                                  test_questions=q, test_annotations=a, test_image_dir=image_dir)))
-  evaluator = get_evaluator("vqa")(model, cfg, eval_config, helpers.eval_data_config())
+  evaluator = evaluators.build(model, eval_config, helpers.eval_data_config())
   metrics = evaluator.run(params)
   assert set(metrics) == {"vqa/scenes_acc", "vqa/easy_vqa_acc", "vqa/vqav2_acc"}
   assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values()), metrics

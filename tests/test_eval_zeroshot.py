@@ -8,8 +8,9 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sycoca_jax import data
+from sycoca_jax import evaluators
 from sycoca_jax.evaluators import datasets
-from sycoca_jax.evaluators import get_evaluator
 from sycoca_jax.evaluators import zeroshot
 from tests import helpers
 
@@ -62,12 +63,22 @@ def test_offline_sets_load():
     datasets.load("imagenet", helpers.eval_data_config())
 
 
+def test_offline_sets_are_the_data_layers_splits():
+  # One definition of each set: the image sets and the data layer's eval splits give the same pixels and labels.
+  cfg = helpers.eval_data_config()
+  for name in ("sklearn_digits", "lfw_subset"):
+    image_set, split = datasets.load(name, cfg), data.load_eval_split(cfg, name)
+    np.testing.assert_array_equal(image_set.labels, split.labels)
+    assert image_set.class_names == split.class_names and image_set.templates == split.templates
+    np.testing.assert_array_equal(image_set.images(np.array([0, 150])), [split.image(0), split.image(150)])
+
+
 def test_zeroshot_evaluator_end_to_end():
-  model, cfg, params = helpers.eval_model()
+  model, _, params = helpers.eval_model()
   eval_config = ml_collections.ConfigDict(dict(
       type="zeroshot", datasets=("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits"),
       max_examples=16, batch_size=8))
-  evaluator = get_evaluator("zeroshot")(model, cfg, eval_config, helpers.eval_data_config())
+  evaluator = evaluators.build(model, eval_config, helpers.eval_data_config())
   metrics = evaluator.run(params)
   names = ("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits")
   assert set(metrics) == {f"zeroshot/{n}_top{k}" for n in names for k in (1, 5)} | {"zeroshot/mean_top1"}

@@ -552,7 +552,7 @@ class EvalSplit:
   """An evaluation split: annotations up front, images on demand.
 
   Attributes (None where the split has none):
-    name, image_size
+    name, image_size, source (the records behind it: e.g. the scenes source's scene(i))
     captions      list (one per image) of lists of reference captions (5 per image for scenes' test)
     labels        int32 [N] class indices; class_names and templates (prompt strings with '{}') with them
     scene_graphs  list of scene-graph dicts (built-in scenes)
@@ -562,7 +562,7 @@ class EvalSplit:
   """
 
   def __init__(self, name: str, source: sources_lib.Source, image_size: int):
-    self.name, self.image_size, self._source = name, image_size, source
+    self.name, self.image_size, self.source = name, image_size, source
     annotations = [source.annotations(i) for i in range(len(source))]
     self.captions = [a["captions"] for a in annotations] if "captions" in annotations[0] else None
     self.labels = np.asarray([a["label"] for a in annotations], np.int32) if "label" in annotations[0] else None
@@ -573,11 +573,11 @@ class EvalSplit:
     self.answers = getattr(source, "answers", None) if self.qa is not None else None
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self.source)
 
   def image(self, index: int) -> np.ndarray:
     """float32 [S, S, 3], normalised; raises BadExample if the image can not be decoded."""
-    image = load_image(self._source[index], min_side=self.image_size)
+    image = load_image(self.source[index], min_side=self.image_size)
     return normalize(resize_center_crop(image, self.image_size))
 
   def _masked_image(self, index: int) -> tuple[np.ndarray, bool]:
@@ -614,14 +614,16 @@ class EvalSplit:
     yield from dataset
 
 
-def load_eval_split(data_config, split: str) -> EvalSplit:
-  """Evaluation split `split` of the configured dataset.
+def load_eval_split(data_config, split: str, max_examples: int = 0) -> EvalSplit:
+  """Evaluation split `split` of the configured dataset, limited to its first `max_examples` (0: all).
 
   scenes: 'test', 'test_comp', 'zeroshot_shape', 'zeroshot_colour', 'zeroshot_digit'; coco_json / tfds: the
   source's split names; under any dataset: 'sklearn_digits', 'lfw_subset', 'easy_vqa_train', 'easy_vqa_test'.
   """
   source = sources_lib.build_source(data_config, split)
+  if max_examples:
+    source = sources_lib.HeadSource(source, max_examples)
   if len(source) > _MAX_EVAL_EXAMPLES:
     raise ValueError(f"{source} is too large to evaluate on ({len(source)} examples); for the scenes' train "
-                     "split set data_config.scenes.num_train.")
+                     "split set data_config.scenes.num_train, or evaluate on the first max_examples.")
   return EvalSplit(split, source, data_config.image_size)

@@ -18,7 +18,8 @@ Datasets (data_config.name):
 
 Evaluation sets that pip packages ship (OFFLINE_SPLITS), reachable under any data config by split name:
   sklearn_digits (1,797 8x8 digits, labels), lfw_subset (200 faces / non-faces), easy_vqa_train / easy_vqa_test
-  (shapes VQA, question/answer pairs per image).
+  (shapes VQA, question/answer pairs per image). These are their only definitions: the classification and VQA
+  evaluators read the same arrays (sklearn_digits(), lfw_subset(), EasyVqaSource).
 
 A missing or empty dataset fails at start-up with an error that says what was looked for and where.
 """
@@ -28,12 +29,19 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import webdataset
+
+
+# Prompt templates of the offline classification sets (zero-shot): CLIP-style photo prompts, and for
+# handwritten digits the built-in scenes' own digit prompts.
+PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+DIGIT_TEMPLATES = scenes_lib.ZEROSHOT["zeroshot_digit"][1]
 
 
 class BadExample(Exception):
@@ -221,58 +229,78 @@ class ArrayRecordSource:
 
 
 class ArraySource:
-  """Small labelled sets held in memory: uint8 [N, H, W] or [N, H, W, 3] images and int labels."""
+  """A small labelled set held in memory: uint8 images [N, H, W] (grey) or [N, H, W, 3] and int labels [N].
 
-  def __init__(self, name: str, images, labels, class_names: tuple[str, ...], templates: tuple[str, ...]):
-    self._name, self._images, self._labels = name, images, labels
-    self.class_names, self.templates = class_names, templates
+  The arrays are public: the classification evaluators read them whole, the pipeline record by record.
+  """
+
+  def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+               templates: Sequence[str]):
+    self.name, self.images, self.labels = name, images, np.asarray(labels, np.int32)
+    self.class_names, self.templates = tuple(class_names), tuple(templates)
 
   def __len__(self) -> int:
-    return len(self._images)
+    return len(self.images)
 
   def __getitem__(self, index: int) -> dict:
-    return {"image": self._images[index], "captions": [], "id": index, "label": int(self._labels[index])}
+    return {"image": self.images[index], "captions": [], "id": index, "label": int(self.labels[index])}
 
   def annotations(self, index: int) -> dict:
-    return {"label": int(self._labels[index])}
+    return {"label": int(self.labels[index])}
 
   def __repr__(self) -> str:
-    return f"ArraySource({self._name}, {len(self)} images)"
+    return f"ArraySource({self.name}, {len(self)} images)"
 
 
-def sklearn_digits() -> ArraySource:
-  """scikit-learn's 1,797 handwritten 8x8 digits (values 0..16), bright on black, for zero-shot and probes."""
+def sklearn_digits(ink: str = "dark") -> ArraySource:
+  """scikit-learn's 1,797 handwritten 8x8 digits (its copy of the UCI set), labels 0-9.
+
+  ink='dark': black strokes on white, as the scenes draw digits; 'light': the original bright strokes on black.
+  """
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
   digits = load_digits()
-  images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-  return ArraySource("sklearn_digits", images, digits.target, scenes_lib.DIGITS,
-                     ("a {}.", "the digit {}.", "a photo of the number {}.", "a handwritten {}."))
+  grey = digits.images / 16.0  # 0 background .. 1 ink
+  if ink == "dark":
+    grey = 1.0 - grey
+  elif ink != "light":
+    raise ValueError(f"ink={ink!r}: use 'dark' or 'light'.")
+  images = np.round(grey * 255).astype(np.uint8)
+  return ArraySource("sklearn_digits", images, digits.target, scenes_lib.DIGITS, DIGIT_TEMPLATES)
 
 
 def lfw_subset() -> ArraySource:
-  """scikit-image's lfw_subset: 100 face crops then 100 non-face crops, 25x25 grey."""
+  """scikit-image's lfw_subset: 200 grey 25x25 crops, 100 faces (label 1) then 100 non-faces (label 0)."""
   import skimage.data  # pylint: disable=g-import-not-at-top
 
-  images = np.round(skimage.data.lfw_subset() * 255).astype(np.uint8)
-  labels = np.repeat([0, 1], [100, len(images) - 100])
-  return ArraySource("lfw_subset", images, labels, ("face", "background"), ("a photo of a {}.", "a {}."))
+  images = np.round(np.clip(skimage.data.lfw_subset(), 0, 1) * 255).astype(np.uint8)
+  labels = np.r_[np.ones(100, np.int32), np.zeros(len(images) - 100, np.int32)]
+  return ArraySource("lfw_subset", images, labels, ("something else", "face"), PHOTO_TEMPLATES)
 
 
 class EasyVqaSource:
-  """The easy-vqa package's shapes VQA set: 64x64 images, several single-word-answer questions each."""
+  """The easy-vqa package's shapes VQA set (its data ships in the wheel): 64x64 images, several single-word
+  answer questions each.
+
+  Images are in sorted id order. Besides the source protocol (annotations: an image's (question, answer) pairs),
+  every question in the package's order: `questions`, `question_answers` and `question_image` (the position of
+  its image); `answers` is the answer vocabulary.
+  """
 
   def __init__(self, split: str):
-    import easy_vqa  # pylint: disable=g-import-not-at-top  (optional: pip install easy-vqa)
+    import easy_vqa  # pylint: disable=g-import-not-at-top
 
     get_questions, get_paths = {"train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
                                 "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths)}[split]
-    paths = get_paths()
-    qa = {image_id: [] for image_id in paths}
-    for question, answer, image_id in zip(*get_questions()):
-      qa[image_id].append((question, answer))
-    self._ids = sorted(paths)
-    self._paths, self._qa = paths, qa
+    questions, answers, image_ids = get_questions()
+    self._paths = get_paths()
+    self._ids = sorted(self._paths)
+    position = {image_id: k for k, image_id in enumerate(self._ids)}
+    self.questions, self.question_answers = list(questions), list(answers)
+    self.question_image = np.asarray([position[i] for i in image_ids], np.int32)
+    self._qa = [[] for _ in self._ids]
+    for question, answer, k in zip(self.questions, self.question_answers, self.question_image):
+      self._qa[k].append((question, answer))
     self.answers = tuple(easy_vqa.get_answers())
 
   def __len__(self) -> int:
@@ -282,7 +310,7 @@ class EasyVqaSource:
     return {"image_path": self._paths[self._ids[index]], "captions": [], "id": index}
 
   def annotations(self, index: int) -> dict:
-    return {"qa": list(self._qa[self._ids[index]])}
+    return {"qa": list(self._qa[index])}
 
   def __repr__(self) -> str:
     return f"EasyVqaSource({len(self)} images)"
@@ -295,6 +323,27 @@ OFFLINE_SPLITS = {
     "easy_vqa_train": lambda: EasyVqaSource("train"),
     "easy_vqa_test": lambda: EasyVqaSource("test"),
 }
+
+
+class HeadSource:
+  """The first n records of a source (same protocol), for evaluating on a slice."""
+
+  def __init__(self, source: Source, n: int):
+    self._source, self._n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < self._n:
+      raise IndexError(index)
+    return self._source[index]
+
+  def annotations(self, index: int) -> dict:
+    return self._source.annotations(index)
+
+  def __getattr__(self, name):  # class_names, templates, scene(), ...
+    return getattr(self._source, name)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch

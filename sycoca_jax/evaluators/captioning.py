@@ -47,11 +47,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sycoca_jax import decoding
+from sycoca_jax import evaluators
 from sycoca_jax import paths
+from sycoca_jax.data import pipeline
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.evaluators import common
-from sycoca_jax.evaluators import register
 
 # ------------------------------------------------------------------------------------------------ COCO metrics
 
@@ -211,11 +212,10 @@ def scene_graph_f1(captions: Sequence[str], graphs: Sequence[Mapping]) -> dict[s
 
 
 def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      type="captioning", log_steps=0, split="test", batch_size=64, max_examples=0,
-      sampler="beam", beam_size=4, alpha=0.6, min_len=0, max_len=0,
-      tokenization="ptb", meteor=True, scene_graph=True, cache_images=True, predictions_path="", prefix="",
-      data=ml_collections.ConfigDict()))
+  return evaluators.eval_config(
+      "captioning", split="test", batch_size=64, max_examples=0, sampler="beam", beam_size=4, alpha=0.6,
+      min_len=0, max_len=0, tokenization="ptb", meteor=True, scene_graph=True, cache_images=True,
+      predictions_path="")
 
 
 _COCO_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
@@ -223,24 +223,19 @@ _SG_KEYS = ("sg_precision", "sg_recall", "sg_f1")
 _OTHER_KEYS = ("mean_log_prob", "mean_length", "num_images")
 
 
-@register("captioning")
+@evaluators.register("captioning", default_config)
 class Captioning:
   """Generates a caption per image of an eval split and scores them (module docstring)."""
 
-  def __init__(self, model, model_config, eval_config, data_config):
-    del model_config  # the model carries its geometry
-    cfg = default_config()
-    cfg.update(eval_config)
-    self.cfg, self.model = cfg, model
-    self.prefix = common.prefix(cfg, "captioning")
-    self.data_config = common.eval_data_config(data_config, cfg)
-    split, _ = common.load_split(self.data_config, cfg.split, cfg.max_examples)
+  def __init__(self, model, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict, prefix: str):
+    self.model, self.cfg, self.prefix = model, cfg, prefix
+    split = pipeline.load_eval_split(data_config, cfg.split, cfg.max_examples)
     if split.captions is None:
-      raise ValueError(f"Split {cfg.split!r} of {self.data_config.name!r} has no reference captions.")
+      raise ValueError(f"Split {cfg.split!r} of {data_config.name!r} has no reference captions.")
     self.references = split.captions
     self.scene_graphs = split.scene_graphs if cfg.scene_graph else None
     self.num_images = len(split)
-    self.tokenizer = tokenizer_from_config(self.data_config)
+    self.tokenizer = tokenizer_from_config(data_config)
     self.batch_size = common.round_batch_size(cfg.batch_size)
     self.images = common.CachedSplitImages(split, self.batch_size, cache=cfg.cache_images)
     max_len = min(cfg.max_len or self.tokenizer.max_len, model.text_encoder.context_length)

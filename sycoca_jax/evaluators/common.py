@@ -18,16 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
-import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from sycoca_jax import sharding as sharding_lib
 from sycoca_jax.data import pipeline
-from sycoca_jax.data import sources as sources_lib
 
 
 def data_sharding(params=None) -> NamedSharding:
@@ -49,12 +47,6 @@ def round_batch_size(batch_size: int) -> int:
   """The smallest multiple of the device count that is >= batch_size (every device gets whole rows)."""
   n = jax.device_count()
   return max(n, -(-batch_size // n) * n)
-
-
-def to_global(local: Mapping[str, np.ndarray], sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
-  """This process's slice of a batch -> global arrays (jax.make_array_from_process_local_data)."""
-  sharding = sharding or data_sharding()
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -93,7 +85,7 @@ def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int,
       local = dict(transform(local))
     local["index"] = np.where(valid, rows, -1).astype(np.int32)
     local["mask"] = valid
-    yield to_global(local, sharding)
+    yield sharding_lib.global_batch(local, sharding)
 
 
 class CachedSplitImages:
@@ -136,7 +128,7 @@ class CachedSplitImages:
           chunk = np.asarray(value)[rows]
           chunk[pad] = 0
           local[key] = chunk
-      yield to_global(local, sharding)
+      yield sharding_lib.global_batch(local, sharding)
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return self.iterate()
@@ -165,39 +157,6 @@ def collect(fn: Callable[[dict[str, jax.Array]], Mapping[str, jax.Array]], batch
   return out
 
 
-# ------------------------------------------------------------------------------------------------ splits
-
-
-class _Head:
-  """The first n records of a source (same protocol), for evaluating on a slice."""
-
-  def __init__(self, source, n: int):
-    self._source, self._n = source, min(n, len(source))
-
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, index: int) -> dict:
-    if not 0 <= index < self._n:
-      raise IndexError(index)
-    return self._source[index]
-
-  def annotations(self, index: int) -> dict:
-    return self._source.annotations(index)
-
-  def __getattr__(self, name):  # class_names, templates, scene(), ...
-    return getattr(self._source, name)
-
-
-def load_split(data_config: ml_collections.ConfigDict, split: str,
-               max_examples: int = 0) -> tuple[pipeline.EvalSplit, sources_lib.Source]:
-  """The split as an EvalSplit, limited to its first `max_examples` (0: all), and the source behind it."""
-  source = sources_lib.build_source(data_config, split)
-  if max_examples:
-    source = _Head(source, max_examples)
-  return pipeline.EvalSplit(split, source, data_config.image_size), source
-
-
 # ------------------------------------------------------------------------------------------------ images
 
 
@@ -223,64 +182,3 @@ def load_image_file(path: str, image_size: int) -> np.ndarray:
   with open(path, "rb") as f:
     image = pipeline.decode_image(f.read(), min_side=image_size)
   return pipeline.normalize(pipeline.resize_center_crop(image, image_size))
-
-
-# ------------------------------------------------------------------------------------------------ configs
-
-
-def eval_data_config(data_config: ml_collections.ConfigDict,
-                     eval_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The data config an evaluator reads: the run's, with `eval_config.data` (if any) merged over it.
-
-  Lets a run that trains on CC12M evaluate retrieval on COCO: evals.retrieval_coco.data = {'name': 'coco_json',
-  'path': ...}; the tokenizer and image size stay the run's unless overridden.
-  """
-  merged = ml_collections.ConfigDict(data_config.to_dict())
-  overrides = eval_config.get("data")
-  if overrides:
-    merged.update(overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides))
-  return merged
-
-
-def prefix(eval_config: ml_collections.ConfigDict, default: str) -> str:
-  """Metric-name prefix: eval_config.prefix if set (e.g. 'retrieval_coco'), else the evaluator's name."""
-  return eval_config.get("prefix") or default
-
-
-# ------------------------------------------------------------------------------------------------ fine-tuning
-
-
-def finetune_optimizer(weight_decay: float, head_lr_mult: float) -> optax.GradientTransformation:
-  """AdamW over a {'head': ..., <others>: ...} tree, with the learning rate fed in at every step.
-
-  The head (a new linear layer) learns head_lr_mult times faster and without weight decay. The learning
-  rate is a hyperparameter of the optimizer state (optax.inject_hyperparams; set it with `set_learning_rate`)
-  rather than a schedule baked into the program, so one compiled step serves any number of steps.
-  """
-
-  def labels(tree):
-    return {k: jax.tree.map(lambda _: "head" if k == "head" else "body", v) for k, v in tree.items()}
-
-  def decay_mask(tree):
-    return {k: jax.tree.map(lambda _: k != "head", v) for k, v in tree.items()}
-
-  def make(learning_rate):
-    return optax.chain(
-        optax.scale_by_adam(),
-        optax.add_decayed_weights(weight_decay, mask=decay_mask),
-        optax.multi_transform({"head": optax.scale(head_lr_mult), "body": optax.identity()}, labels),
-        optax.scale_by_learning_rate(learning_rate))
-
-  return optax.inject_hyperparams(make)(learning_rate=0.0)
-
-
-def set_learning_rate(opt_state, learning_rate):
-  """The optimizer state of `finetune_optimizer` with its learning rate replaced (traceable)."""
-  return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": learning_rate})
-
-
-def warmup_cosine(peak: float, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-  """Linear warmup from 0 to `peak` over min(warmup_steps, total - 1) steps, then cosine decay to 0."""
-  warmup = min(int(warmup_steps), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
-  return lambda step: float(schedule(step))

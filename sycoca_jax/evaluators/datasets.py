@@ -4,8 +4,8 @@ An `ImageSet` is either small raw images held in memory (uint8, any size, grey o
 model's normalised S x S RGB batch by batch, so only the originals stay in memory) or an EvalSplit of the data
 layer (decoded on demand). Either way it yields padded, masked global batches (see common.py).
 
-Sets that work offline, from data that pip packages ship:
-  sklearn_digits   1,797 handwritten digits, 8 x 8 grey (scikit-learn's copy of the UCI set), 10 classes
+Sets that work offline, from data that pip packages ship (defined in data/sources.py):
+  sklearn_digits   1,797 handwritten digits, 8 x 8, dark ink on white, 10 classes
   lfw_subset       200 grey 25 x 25 crops, 100 faces then 100 non-faces (scikit-image), 2 classes
   scenes_shape / scenes_colour / scenes_digit   the built-in one-object zero-shot splits
   scenes_count     the number of objects (1-4) in built-in scenes (train: 'train', test: 'test')
@@ -22,10 +22,9 @@ import numpy as np
 
 from sycoca_jax.data import pipeline
 from sycoca_jax.data import scenes as scenes_lib
+from sycoca_jax.data import sources
 from sycoca_jax.evaluators import common
 
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
-DIGIT_TEMPLATES = scenes_lib.ZEROSHOT["zeroshot_digit"][1]
 _SCENES_ZEROSHOT = {"scenes_shape": "zeroshot_shape", "scenes_colour": "zeroshot_colour",
                     "scenes_digit": "zeroshot_digit"}
 
@@ -34,7 +33,7 @@ class ImageSet:
   """Labelled images: raw arrays in memory, or an EvalSplit. See the module docstring."""
 
   def __init__(self, name: str, labels: np.ndarray, class_names: Sequence[str],
-               templates: Sequence[str] = DEFAULT_TEMPLATES, *, raw: np.ndarray | None = None,
+               templates: Sequence[str] = sources.PHOTO_TEMPLATES, *, raw: np.ndarray | None = None,
                split: pipeline.EvalSplit | None = None, image_size: int = 0, cache: bool = True):
     if (raw is None) == (split is None):
       raise ValueError("An ImageSet holds either raw images or an EvalSplit.")
@@ -93,33 +92,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) ->
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def sklearn_digits(image_size: int, ink: str = "dark") -> ImageSet:
-  """scikit-learn's handwritten digits (ships with the package). ink='dark': black strokes on white."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-
-  digits = load_digits()
-  grey = digits.images / 16.0  # 0 background .. 1 ink
-  if ink == "dark":
-    grey = 1.0 - grey
-  elif ink != "light":
-    raise ValueError(f"ink={ink!r}: use 'dark' or 'light'.")
-  raw = np.round(grey * 255).astype(np.uint8)
-  return ImageSet("sklearn_digits", digits.target, scenes_lib.DIGITS, DIGIT_TEMPLATES, raw=raw,
-                  image_size=image_size)
-
-
-def lfw_subset(image_size: int) -> ImageSet:
-  """scikit-image's lfw_subset: 100 face crops, then 100 non-face crops (ships with the package)."""
-  import skimage.data  # pylint: disable=g-import-not-at-top
-
-  images = skimage.data.lfw_subset()  # float [200, 25, 25] in [0, 1]
-  labels = np.r_[np.ones(100, np.int32), np.zeros(100, np.int32)]
-  raw = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
-  return ImageSet("lfw_subset", labels, ("something else", "face"), DEFAULT_TEMPLATES, raw=raw,
-                  image_size=image_size)
-
-
-def _scenes_config(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def scenes_config(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The run's data config pointed at the built-in scenes (same image size and tokenizer)."""
   base = pipeline.default_data_config()
   cfg = ml_collections.ConfigDict(data_config.to_dict())
@@ -132,10 +105,10 @@ def _scenes_config(data_config: ml_collections.ConfigDict) -> ml_collections.Con
 
 def scenes_count(data_config: ml_collections.ConfigDict, split: str, max_examples: int) -> ImageSet:
   """Built-in scenes labelled with their number of objects: class c = c + 1 objects."""
-  cfg = _scenes_config(data_config)
+  cfg = scenes_config(data_config)
   if split == "train":
     cfg.scenes.num_train = max_examples or 2000
-  eval_split, _ = common.load_split(cfg, split, max_examples)
+  eval_split = pipeline.load_eval_split(cfg, split, max_examples)
   labels = np.asarray([len(g["objects"]) - 1 for g in eval_split.scene_graphs], np.int32)
   return ImageSet(f"scenes_count_{split}", labels, scenes_lib.NUMBER_WORDS[1:], split=eval_split)
 
@@ -143,23 +116,22 @@ def scenes_count(data_config: ml_collections.ConfigDict, split: str, max_example
 def load(name: str, data_config: ml_collections.ConfigDict, *, max_examples: int = 0,
          class_names: Sequence[str] | None = None) -> ImageSet:
   """A labelled set by name (module docstring): sklearn_digits, lfw_subset, scenes_*, tfds:<name>[:<split>]."""
-  size = data_config.image_size
-  if name == "sklearn_digits":
-    out = sklearn_digits(size)
-  elif name == "lfw_subset":
-    out = lfw_subset(size)
+  if name in ("sklearn_digits", "lfw_subset"):
+    source = sources.OFFLINE_SPLITS[name]()
+    out = ImageSet(name, source.labels, source.class_names, source.templates, raw=source.images,
+                   image_size=data_config.image_size)
   elif name in _SCENES_ZEROSHOT:
-    split, _ = common.load_split(_scenes_config(data_config), _SCENES_ZEROSHOT[name], max_examples)
+    split = pipeline.load_eval_split(scenes_config(data_config), _SCENES_ZEROSHOT[name], max_examples)
     return ImageSet(name, split.labels, split.class_names, split.templates, split=split)
   elif name.startswith("tfds:"):
     _, tfds_name, *rest = name.split(":")
     cfg = ml_collections.ConfigDict(data_config.to_dict())
     cfg.update(name="tfds", tfds_name=tfds_name)
-    split, _ = common.load_split(cfg, rest[0] if rest else "test", max_examples)
+    split = pipeline.load_eval_split(cfg, rest[0] if rest else "test", max_examples)
     names = class_names or split.class_names
     if split.labels is None or not names:
       raise ValueError(f"TFDS dataset {tfds_name!r} has no 'label' feature with class names; give class_names.")
-    return ImageSet(name.replace(":", "_"), split.labels, names, DEFAULT_TEMPLATES, split=split)
+    return ImageSet(name.replace(":", "_"), split.labels, names, sources.PHOTO_TEMPLATES, split=split)
   else:
     raise ValueError(f"Unknown image set {name!r}: use sklearn_digits, lfw_subset, "
                      f"{', '.join(_SCENES_ZEROSHOT)}, scenes_count or tfds:<name>[:<split>].")

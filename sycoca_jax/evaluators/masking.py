@@ -49,11 +49,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from sycoca_jax import evaluators
+from sycoca_jax.data import pipeline
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.evaluators import captioning
 from sycoca_jax.evaluators import common
-from sycoca_jax.evaluators import register
 from sycoca_jax.models.sycoca import SyCoCa
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -123,9 +124,8 @@ def _pair_masks(module: SyCoCa, images, texts, rng):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      type="masking", log_steps=0, split="test", max_examples=200, batch_size=64, ic_ratio=0.0, mim_ratio=0.0,
-      seed=0, cache_images=True, prefix="", data=ml_collections.ConfigDict()))
+  return evaluators.eval_config("masking", split="test", max_examples=200, batch_size=64, ic_ratio=0.0,
+                                mim_ratio=0.0, seed=0, cache_images=True)
 
 
 def resolve_ratios(model: SyCoCa, cfg: ml_collections.ConfigDict) -> tuple[float, float]:
@@ -138,31 +138,27 @@ def resolve_ratios(model: SyCoCa, cfg: ml_collections.ConfigDict) -> tuple[float
   return float(ic), float(mim)
 
 
-@register("masking")
+@evaluators.register("masking", default_config)
 class MaskQuality:
   """Attentive vs random masking against the objects each test caption names (module docstring)."""
 
-  def __init__(self, model: SyCoCa, model_config, eval_config, data_config):
-    del model_config  # the model carries its geometry
-    cfg = default_config()
-    cfg.update(eval_config)
-    self.cfg, self.model = cfg, model
-    self.prefix = common.prefix(cfg, "masking")
-    self.data_config = common.eval_data_config(data_config, cfg)
-    if self.data_config.name != "scenes":
+  def __init__(self, model: SyCoCa, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+               prefix: str):
+    self.model, self.cfg, self.prefix, self.data_config = model, cfg, prefix, data_config
+    if data_config.name != "scenes":
       raise ValueError(f"evals.{self.prefix}: mask quality needs the built-in scenes (data.name='scenes'), which "
-                       f"know each object's pixels; got {self.data_config.name!r}.")
+                       f"know each object's pixels; got {data_config.name!r}.")
     self.enabled = model.image_encoder.pool == "tok"
     if not self.enabled:
       logging.warning("evals.%s: model.vision.pool=%r has no per-patch tokens to rank; mask quality is skipped.",
                       self.prefix, model.image_encoder.pool)
     self.ic_ratio, self.mim_ratio = resolve_ratios(model, cfg)
 
-    split, source = common.load_split(self.data_config, cfg.split, cfg.max_examples)
+    split = pipeline.load_eval_split(data_config, cfg.split, cfg.max_examples)
     self.num_images = len(split)
     self.batch_size = common.round_batch_size(cfg.batch_size)
     self.images = common.CachedSplitImages(split, self.batch_size, cache=cfg.cache_images)
-    self.texts, self.coverage, self.scene_coverage, self.pair_valid = self._pairs(split, source)
+    self.texts, self.coverage, self.scene_coverage, self.pair_valid = self._pairs(split)
 
     scorer = model.clone(masking="attentive", ic_ratio=self.ic_ratio, mim_ratio=self.mim_ratio)
     randomiser = model.clone(masking="random", ic_ratio=self.ic_ratio, mim_ratio=self.mim_ratio)
@@ -174,7 +170,7 @@ class MaskQuality:
 
     self._masks_fn = jax.jit(both)
 
-  def _pairs(self, split, source):
+  def _pairs(self, split):
     """Tokenised captions [N, C, L], named-object coverage [N, C, P], all-object coverage [N, P], valid [N, C]."""
     tokenizer = tokenizer_from_config(self.data_config)
     patch_size, size = self.model.image_encoder.patch_size, self.data_config.image_size
@@ -185,7 +181,7 @@ class MaskQuality:
     scene_coverage = np.zeros((n, num_patches), np.float32)
     valid = np.zeros((n, num_captions), bool)
     for i, (captions, graph) in enumerate(zip(split.captions, split.scene_graphs)):
-      _, pixel_masks = scenes_lib.render_scene(source.scene(i), size, with_masks=True)
+      _, pixel_masks = scenes_lib.render_scene(split.source.scene(i), size, with_masks=True)
       objects = scenes_lib.patch_masks(pixel_masks, patch_size).reshape(len(pixel_masks), num_patches)  # [K, P]
       scene_coverage[i] = np.clip(objects.sum(0), 0.0, 1.0)
       texts[i, : len(captions)] = tokenizer.encode(list(captions))

@@ -38,9 +38,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from sycoca_jax import evaluators
 from sycoca_jax.evaluators import common
 from sycoca_jax.evaluators import datasets as datasets_lib
-from sycoca_jax.evaluators import register
+from sycoca_jax.evaluators import finetune
 from sycoca_jax.models.sycoca import SyCoCa
 
 FEATURES = ("embedding", "pooled", "tokens_mean")
@@ -124,91 +125,28 @@ def image_features(module: SyCoCa, images, *, features: str = "embedding"):
   return out[features].astype(jnp.float32)
 
 
-class Finetuner:
-  """Trains the image encoder + a new linear head; the jitted step is built once and reused every run."""
-
-  def __init__(self, model: SyCoCa, cfg: ml_collections.ConfigDict, features: str = "embedding"):
-    self.model, self.cfg = model, cfg
-    self.steps, self.batch_size = int(cfg.steps), common.round_batch_size(cfg.batch_size)
-    self.feature_fn = functools.partial(image_features, features=features)
-    self.schedule = common.warmup_cosine(cfg.learning_rate, cfg.warmup_steps, self.steps)
-    self.tx = common.finetune_optimizer(cfg.weight_decay, cfg.head_lr_mult)
-
-    def loss_fn(trainable, params, images, labels, mask):
-      full = dict(params) | {"image_encoder": trainable["image_encoder"]}
-      feats = model.apply({"params": full}, images, method=self.feature_fn)
-      logits = feats @ trainable["head"]["kernel"] + trainable["head"]["bias"]
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return jnp.sum(ce * mask) / jnp.maximum(mask.sum(), 1.0)
-
-    def step(trainable, opt_state, params, images, labels, mask, learning_rate):
-      loss, grads = jax.value_and_grad(loss_fn)(trainable, params, images, labels, mask)
-      opt_state = common.set_learning_rate(opt_state, learning_rate)
-      updates, opt_state = self.tx.update(grads, opt_state, trainable)
-      return optax.apply_updates(trainable, updates), opt_state, loss
-
-    self._step = jax.jit(step)
-
-  def train(self, params, train_set: datasets_lib.ImageSet, seed: int = 0):
-    """Returns (params, head) after cfg.steps steps (the input params are not changed).
-
-    Every process draws the same batch indices (seeded by step) and feeds its own slice of each global batch,
-    so all processes step together and the result does not depend on the process count.
-    """
-    size = self.model.image_encoder.image_size
-    dim = jax.eval_shape(lambda p: self.model.apply({"params": p}, jnp.zeros((1, size, size, 3)),
-                                                    method=self.feature_fn), params).shape[-1]
-    head = {"kernel": jnp.zeros((dim, train_set.num_classes), jnp.float32),
-            "bias": jnp.zeros((train_set.num_classes,), jnp.float32)}
-    trainable = {"image_encoder": params["image_encoder"], "head": head}
-    opt_state = self.tx.init(trainable)
-    pc, pi = jax.process_count(), jax.process_index()
-    b, n, loss = self.batch_size // pc, len(train_set), None
-    sharding = common.data_sharding(params)
-    for k in range(self.steps):
-      rows = np.random.default_rng([seed, k]).choice(n, size=self.batch_size, replace=self.batch_size > n)
-      local_rows = rows[pi * b:(pi + 1) * b]
-      batch = common.to_global({"image": train_set.images(local_rows), "label": train_set.labels[local_rows],
-                                "mask": np.ones(b, np.float32)}, sharding)
-      trainable, opt_state, loss = self._step(trainable, opt_state, params, batch["image"], batch["label"],
-                                              batch["mask"], np.float32(self.schedule(k)))
-    if loss is not None and not np.isfinite(float(loss)):
-      raise FloatingPointError(f"Fine-tuning loss became {float(loss)}; lower evals.<name>.finetune.learning_rate.")
-    return dict(params) | {"image_encoder": trainable["image_encoder"]}, trainable["head"]
-
-
-def finetune_classifier(model: SyCoCa, params, train_set: datasets_lib.ImageSet, cfg: ml_collections.ConfigDict,
-                        *, features: str = "embedding", seed: int = 0):
-  """One-off fine-tuning of image encoder + linear head (see Finetuner): returns (params, head)."""
-  return Finetuner(model, cfg, features).train(params, train_set, seed)
-
-
 def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      type="probe", log_steps=0, datasets=("sklearn_digits", "lfw_subset", "scenes_count"),
-      methods=("ridge",), features="embedding",
-      l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), logistic_c_grid=(0.01, 0.1, 1.0, 10.0),
-      test_fraction=0.5, num_train=2000, max_examples=0, seed=0, batch_size=64, cache_images=True, prefix="",
+  return evaluators.eval_config(
+      "probe", datasets=("sklearn_digits", "lfw_subset", "scenes_count"), methods=("ridge",),
+      features="embedding", l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+      logistic_c_grid=(0.01, 0.1, 1.0, 10.0), test_fraction=0.5, num_train=2000, max_examples=0, seed=0,
+      batch_size=64, cache_images=True,
       finetune=ml_collections.ConfigDict(dict(steps=200, batch_size=64, learning_rate=1e-4, weight_decay=0.05,
-                                               warmup_steps=20, head_lr_mult=10.0)),
-      data=ml_collections.ConfigDict()))
+                                               warmup_steps=20, head_lr_mult=10.0)))
 
 
-@register("probe")
+@evaluators.register("probe", default_config)
 class Probe:
   """Linear-probe / fine-tuned classification accuracy on labelled image sets."""
 
-  def __init__(self, model: SyCoCa, model_config, eval_config, data_config):
-    cfg = default_config()
-    cfg.update(eval_config)
-    self.cfg, self.model = cfg, model
-    self.prefix = common.prefix(cfg, "probe")
+  def __init__(self, model: SyCoCa, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+               prefix: str):
+    self.model, self.cfg, self.prefix = model, cfg, prefix
     if cfg.features not in FEATURES:
       raise ValueError(f"evals.{self.prefix}.features={cfg.features!r}: use one of {FEATURES}.")
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
       raise ValueError(f"evals.{self.prefix}.methods: unknown {sorted(unknown)}; use any of {METHODS}.")
-    data_config = common.eval_data_config(data_config, cfg)
     self.batch_size = common.round_batch_size(cfg.batch_size)
     self.sets = []  # (name, train ImageSet, test ImageSet)
     for name in cfg.datasets:
@@ -224,9 +162,31 @@ class Probe:
         train, test = whole.subset(train_idx), whole.subset(test_idx)
       train.cache = test.cache = cfg.cache_images
       self.sets.append((name.replace(":", "_"), train, test))
-    self.finetuner = Finetuner(model, cfg.finetune, cfg.features) if "finetune" in cfg.methods else None
     fn = functools.partial(image_features, features=cfg.features)
-    self._feature_fn = jax.jit(lambda params, images: model.apply({"params": params}, images, method=fn))
+    self._apply_features = lambda params, images: model.apply({"params": params}, images, method=fn)
+    self._feature_fn = jax.jit(self._apply_features)
+
+    def loss_fn(params, head, batch):
+      logits = self._apply_features(params, batch["image"]) @ head["kernel"] + head["bias"]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+      return jnp.sum(ce * batch["mask"]) / jnp.maximum(batch["mask"].sum(), 1.0)
+
+    ft = cfg.finetune
+    self.finetuner = finetune.Finetuner(
+        loss_fn, batch_size=ft.batch_size, learning_rate=ft.learning_rate, warmup_steps=ft.warmup_steps,
+        weight_decay=ft.weight_decay, head_lr_mult=ft.head_lr_mult,
+        config_key=f"evals.{prefix}.finetune.learning_rate")
+
+  def finetune_copy(self, params, train_set: datasets_lib.ImageSet):
+    """(params, head) after cfg.finetune.steps steps on the image encoder + a new linear head (a copy)."""
+    size = self.model.image_encoder.image_size
+    head = finetune.zero_head(self._apply_features, train_set.num_classes, params, jnp.zeros((1, size, size, 3)))
+
+    def local_batch(rows):
+      return {"image": train_set.images(rows), "label": train_set.labels[rows]}
+
+    return self.finetuner.train(params, head, ("image_encoder",), len(train_set), local_batch,
+                                int(self.cfg.finetune.steps), self.cfg.seed)
 
   def features(self, params, image_set: datasets_lib.ImageSet) -> tuple[np.ndarray, np.ndarray]:
     """(features [N', F], labels [N']) of the examples that could be read."""
@@ -250,7 +210,7 @@ class Probe:
           else:
             predicted = logistic_probe(x_train, y_train, x_test, tuple(cfg.logistic_c_grid), cfg.seed)
         else:
-          tuned, head = self.finetuner.train(params, train, cfg.seed)
+          tuned, head = self.finetune_copy(params, train)
           x_test, y_test = self.features(tuned, test)
           predicted = (x_test @ np.asarray(head["kernel"]) + np.asarray(head["bias"])).argmax(-1)
         out[f"{self.prefix}/{name}_{method}_acc"] = float(np.mean(predicted == y_test))

@@ -42,10 +42,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from sycoca_jax import evaluators
+from sycoca_jax.data import pipeline
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.evaluators import common
-from sycoca_jax.evaluators import register
 from sycoca_jax.models import layers
 from sycoca_jax.models.sycoca import SyCoCa
 
@@ -173,28 +174,24 @@ def _text_pass(module: SyCoCa, text):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      type="retrieval", log_steps=0, split="test", batch_size=64, max_examples=0, ks=(1, 5, 10),
-      fine_grained=True, fine_grained_kinds=scenes_lib.NEGATIVE_KINDS, fine_grained_seed=0,
-      caption_tokens="all", cache_images=True, prefix="", data=ml_collections.ConfigDict()))
+  return evaluators.eval_config(
+      "retrieval", split="test", batch_size=64, max_examples=0, ks=(1, 5, 10), fine_grained=True,
+      fine_grained_kinds=scenes_lib.NEGATIVE_KINDS, fine_grained_seed=0, caption_tokens="all", cache_images=True)
 
 
-@register("retrieval")
+@evaluators.register("retrieval", default_config)
 class Retrieval:
   """Image <-> text retrieval on an eval split with several captions per image (+ scenes fine-grained)."""
 
-  def __init__(self, model: SyCoCa, model_config, eval_config, data_config):
-    cfg = default_config()
-    cfg.update(eval_config)
-    self.cfg, self.model = cfg, model
-    self.prefix = common.prefix(cfg, "retrieval")
-    self.data_config = common.eval_data_config(data_config, cfg)
+  def __init__(self, model: SyCoCa, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+               prefix: str):
+    self.model, self.cfg, self.prefix = model, cfg, prefix
     if cfg.caption_tokens not in ("all", "masked"):
       raise ValueError(f"evals.{self.prefix}.caption_tokens={cfg.caption_tokens!r}: use 'all' or 'masked'.")
-    split, source = common.load_split(self.data_config, cfg.split, cfg.max_examples)
+    split = pipeline.load_eval_split(data_config, cfg.split, cfg.max_examples)
     if split.captions is None:
-      raise ValueError(f"Split {cfg.split!r} of {self.data_config.name!r} has no captions to retrieve.")
-    self.tokenizer = tokenizer_from_config(self.data_config)
+      raise ValueError(f"Split {cfg.split!r} of {data_config.name!r} has no captions to retrieve.")
+    self.tokenizer = tokenizer_from_config(data_config)
     texts, owner = [], []
     for i, captions in enumerate(split.captions):
       texts += captions
@@ -206,9 +203,9 @@ class Retrieval:
     self.images = common.CachedSplitImages(split, self.batch_size, cache=cfg.cache_images)
 
     self.kinds = tuple(cfg.fine_grained_kinds)
-    self.fine_grained = bool(cfg.fine_grained) and self.data_config.name == "scenes"
+    self.fine_grained = bool(cfg.fine_grained) and data_config.name == "scenes"
     if self.fine_grained:
-      self.fg_texts, self.fg_valid = fine_grained_pairs(source, self.tokenizer, self.kinds, cfg.fine_grained_seed)
+      self.fg_texts, self.fg_valid = fine_grained_pairs(split.source, self.tokenizer, self.kinds, cfg.fine_grained_seed)
 
     apply = functools.partial(model.apply, method=_image_pass, caption_tokens=cfg.caption_tokens)
     self._image_fn = jax.jit(lambda params, images, texts=None: apply({"params": params}, images, texts))

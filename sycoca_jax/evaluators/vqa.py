@@ -43,12 +43,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from sycoca_jax import evaluators
 from sycoca_jax.data import pipeline
 from sycoca_jax.data import scenes as scenes_lib
+from sycoca_jax.data import sources
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.evaluators import common
 from sycoca_jax.evaluators import datasets as datasets_lib
-from sycoca_jax.evaluators import register
+from sycoca_jax.evaluators import finetune
 from sycoca_jax.models.sycoca import SyCoCa
 
 POOLS = ("mean", "last")
@@ -92,6 +94,11 @@ class VqaData:
                                answer_ids=self.answer_ids[:n], answer_scores=self.answer_scores[:n])
 
 
+def _raw_images(source: sources.Source) -> np.ndarray:
+  """Every image of a source, uint8 [I, H, W, 3] (small sets: held whole in memory)."""
+  return np.stack([np.asarray(pipeline.load_image(source[i])) for i in range(len(source))])
+
+
 def _single_answers(answers: Sequence[str], vocabulary: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
   index = {a: i for i, a in enumerate(vocabulary)}
   ids = np.asarray([[index.get(a, -1)] for a in answers], np.int32)
@@ -100,11 +107,11 @@ def _single_answers(answers: Sequence[str], vocabulary: Sequence[str]) -> tuple[
 
 def load_scenes_vqa(data_config: ml_collections.ConfigDict, split: str, num_scenes: int) -> VqaData:
   """The built-in scenes' template questions (4 per scene); answers index scenes.VQA_ANSWERS."""
-  cfg = datasets_lib._scenes_config(data_config)  # pylint: disable=protected-access
+  cfg = datasets_lib.scenes_config(data_config)
   if split == "train":
     cfg.scenes.num_train = num_scenes or 2000
-  eval_split, source = common.load_split(cfg, split, num_scenes)
-  raw = np.stack([np.asarray(pipeline.load_image(source[i])) for i in range(len(source))])
+  eval_split = pipeline.load_eval_split(cfg, split, num_scenes)
+  raw = _raw_images(eval_split.source)
   questions, answers, image_index = [], [], []
   for i, pairs in enumerate(eval_split.qa):
     for q, a in pairs:
@@ -116,26 +123,11 @@ def load_scenes_vqa(data_config: ml_collections.ConfigDict, split: str, num_scen
 
 
 def load_easy_vqa(split: str) -> tuple[VqaData, tuple[str, ...]]:
-  """easy-VQA from its wheel (no download): (data, answer vocabulary)."""
-  try:
-    import easy_vqa  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("The easy_vqa VQA set needs `pip install easy-vqa` (its data ships in the wheel).") from e
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  if split == "train":
-    questions, answers, image_ids = easy_vqa.get_train_questions()
-    paths = easy_vqa.get_train_image_paths()
-  else:
-    questions, answers, image_ids = easy_vqa.get_test_questions()
-    paths = easy_vqa.get_test_image_paths()
-  vocabulary = tuple(easy_vqa.get_answers())
-  order = sorted(paths)
-  position = {image_id: k for k, image_id in enumerate(order)}
-  raw = np.stack([np.asarray(Image.open(paths[image_id]).convert("RGB")) for image_id in order])
-  ids, scores = _single_answers(answers, vocabulary)
-  index = np.asarray([position[i] for i in image_ids], np.int32)
-  return VqaData(f"easy_vqa_{split}", list(questions), index, ids, scores, raw_images=raw), vocabulary
+  """easy-VQA (data.sources.EasyVqaSource, from its wheel): (data, answer vocabulary)."""
+  source = sources.EasyVqaSource(split)
+  ids, scores = _single_answers(source.question_answers, source.answers)
+  return VqaData(f"easy_vqa_{split}", list(source.questions), source.question_image, ids, scores,
+                 raw_images=_raw_images(source)), source.answers
 
 
 def normalize_answer(answer: str) -> str:
@@ -225,84 +217,42 @@ class VqaClassifier:
     self.model, self.cfg, self.image_size, self.head_width = model, cfg, image_size, head_width
     self.batch_size = common.round_batch_size(cfg.batch_size)
     pooled = functools.partial(_pooled, pool=cfg.pool)
+    self._features = lambda params, images, question: model.apply({"params": params}, images, question,
+                                                                  method=pooled)
 
     def logits_fn(params, head, images, question, answer_bias):
-      feats = model.apply({"params": params}, images, question, method=pooled)
-      return feats @ head["kernel"] + head["bias"] + answer_bias
+      return self._features(params, images, question) @ head["kernel"] + head["bias"] + answer_bias
 
-    self._logits_fn = logits_fn
+    def loss_fn(params, head, batch, answer_bias):
+      logits = logits_fn(params, head, batch["image"], batch["question"], answer_bias)
+      return soft_cross_entropy(logits, batch["target"], batch["mask"])
+
     self._predict = jax.jit(lambda params, head, images, question, answer_bias: {
         "answer": jnp.argmax(logits_fn(params, head, images, question, answer_bias), axis=-1)})
     # One optimizer and one compiled step for every run and set (the learning rate is an input).
-    self._tx = common.finetune_optimizer(cfg.weight_decay, cfg.head_lr_mult)
-    self._step = self._build_step()
-    self._width = None
-
-  def _trainable(self, params, head):
-    if self.cfg.train == "all":
-      return {"params": params, "head": head}
-    if self.cfg.train == "decoder":
-      return {"params": {"text_decoder": params["text_decoder"]}, "head": head}
-    return {"params": {}, "head": head}
-
-  def _build_step(self):
-    tx = self._tx
-
-    def loss_fn(trainable, frozen, images, question, targets, mask, answer_bias):
-      params = dict(frozen) | dict(trainable["params"])
-      logits = self._logits_fn(params, trainable["head"], images, question, answer_bias)
-      return soft_cross_entropy(logits, targets, mask)
-
-    @jax.jit
-    def step(trainable, opt_state, frozen, images, question, targets, mask, answer_bias, learning_rate):
-      loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, question, targets, mask, answer_bias)
-      opt_state = common.set_learning_rate(opt_state, learning_rate)
-      updates, opt_state = tx.update(grads, opt_state, trainable)
-      return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step
+    self.finetuner = finetune.Finetuner(
+        loss_fn, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult, config_key="evals.<vqa>.learning_rate")
 
   @staticmethod
   def answer_bias(num_answers: int, width: int) -> jax.Array:
     """0 for the set's answers, -1e9 for the head's unused columns (out of softmax and argmax)."""
     return jnp.where(jnp.arange(width) < num_answers, 0.0, -1e9).astype(jnp.float32)
 
-  def width(self, params) -> int:
-    if self._width is None:
-      s = self.image_size
-      shape = jax.eval_shape(
-          lambda p: self.model.apply({"params": p}, jnp.zeros((1, s, s, 3)), jnp.ones((1, 2), jnp.int32),
-                                     method=functools.partial(_pooled, pool=self.cfg.pool)), params)
-      self._width = shape.shape[-1]
-    return self._width
-
   def finetune(self, params, data: VqaData, question_ids: np.ndarray, num_answers: int, steps: int,
                seed: int = 0):
-    """Returns (params, head) after `steps` AdamW steps; every process draws the same batches (seed, step)."""
-    width = max(self.head_width, num_answers)
-    head = {"kernel": jnp.zeros((self.width(params), width), jnp.float32),
-            "bias": jnp.zeros((width,), jnp.float32)}
-    answer_bias = self.answer_bias(num_answers, width)
-    trainable = self._trainable(params, head)
-    frozen = {k: v for k, v in params.items() if k not in trainable["params"]}
-    schedule = common.warmup_cosine(self.cfg.learning_rate, self.cfg.warmup_steps, steps)
-    opt_state = self._tx.init(trainable)
-    pc, pi = jax.process_count(), jax.process_index()
-    b = self.batch_size // pc
-    loss, sharding = None, common.data_sharding(params)
-    for k in range(steps):
-      rows = np.random.default_rng([seed, k]).choice(len(data), size=self.batch_size,
-                                                     replace=self.batch_size > len(data))
-      local_rows = rows[pi * b:(pi + 1) * b]
-      local = {"image": data.images(data.image_index[local_rows], self.image_size),
-               "question": question_ids[local_rows], "target": data.targets(local_rows, width),
-               "mask": np.ones(b, np.float32)}
-      batch = common.to_global(local, sharding)
-      trainable, opt_state, loss = self._step(trainable, opt_state, frozen, batch["image"], batch["question"],
-                                              batch["target"], batch["mask"], answer_bias, np.float32(schedule(k)))
-    if loss is not None and not np.isfinite(float(loss)):
-      raise FloatingPointError(f"VQA fine-tuning loss became {float(loss)}; lower the learning rate.")
-    return dict(frozen) | dict(trainable["params"]), trainable["head"]
+    """Returns (params, head) after `steps` AdamW steps on a copy (finetune.Finetuner)."""
+    width, size = max(self.head_width, num_answers), self.image_size
+    head = finetune.zero_head(self._features, width, params, jnp.zeros((1, size, size, 3)),
+                              jnp.ones((1, 2), jnp.int32))
+    towers = {"all": tuple(params), "decoder": ("text_decoder",), "head": ()}[self.cfg.train]
+
+    def local_batch(rows):
+      return {"image": data.images(data.image_index[rows], size), "question": question_ids[rows],
+              "target": data.targets(rows, width)}
+
+    return self.finetuner.train(params, head, towers, len(data), local_batch, steps, seed,
+                                args=(self.answer_bias(num_answers, width),))
 
   def predict(self, params, head, data: VqaData, question_ids: np.ndarray, num_answers: int) -> np.ndarray:
     """Predicted answer index per question, int [Q] (among the first num_answers columns of the head)."""
@@ -327,27 +277,23 @@ def vqa_accuracy(predicted: np.ndarray, data: VqaData) -> float:
 
 
 def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      type="vqa", log_steps=0, datasets=("scenes", "easy_vqa"), pool="mean", train="all", steps=300,
-      batch_size=64, learning_rate=1e-4, weight_decay=0.05, warmup_steps=30, head_lr_mult=10.0,
-      num_train=2000, max_train_questions=0, max_test_questions=0, seed=0, prefix="",
+  return evaluators.eval_config(
+      "vqa", datasets=("scenes", "easy_vqa"), pool="mean", train="all", steps=300, batch_size=64,
+      learning_rate=1e-4, weight_decay=0.05, warmup_steps=30, head_lr_mult=10.0, num_train=2000,
+      max_train_questions=0, max_test_questions=0, seed=0,
       vqav2=ml_collections.ConfigDict(dict(
           train_questions="", train_annotations="", train_image_dir="",
           test_questions="", test_annotations="", test_image_dir="",
-          image_pattern="COCO_{data_subtype}_{image_id:012d}.jpg", num_answers=3129)),
-      data=ml_collections.ConfigDict()))
+          image_pattern="COCO_{data_subtype}_{image_id:012d}.jpg", num_answers=3129)))
 
 
-@register("vqa")
+@evaluators.register("vqa", default_config)
 class Vqa:
   """Fine-tuned VQA accuracy on each configured question set."""
 
-  def __init__(self, model: SyCoCa, model_config, eval_config, data_config):
-    cfg = default_config()
-    cfg.update(eval_config)
-    self.cfg, self.model = cfg, model
-    self.prefix = common.prefix(cfg, "vqa")
-    data_config = common.eval_data_config(data_config, cfg)
+  def __init__(self, model: SyCoCa, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+               prefix: str):
+    self.model, self.cfg, self.prefix = model, cfg, prefix
     self.tokenizer = tokenizer_from_config(data_config)
     self.sets = []  # (name, train, test, vocabulary)
     for name in cfg.datasets:

@@ -25,10 +25,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from sycoca_jax import evaluators
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.evaluators import common
 from sycoca_jax.evaluators import datasets as datasets_lib
-from sycoca_jax.evaluators import register
 from sycoca_jax.models.sycoca import SyCoCa
 
 
@@ -60,23 +60,18 @@ def _encode_texts(module: SyCoCa, text):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      type="zeroshot", log_steps=0,
-      datasets=("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits"),
-      templates=(), class_names=(), ks=(1, 5), batch_size=64, max_examples=0, cache_images=True, prefix="",
-      data=ml_collections.ConfigDict()))
+  return evaluators.eval_config(
+      "zeroshot", datasets=("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits"), templates=(),
+      class_names=(), ks=(1, 5), batch_size=64, max_examples=0, cache_images=True)
 
 
-@register("zeroshot")
+@evaluators.register("zeroshot", default_config)
 class ZeroShot:
   """Top-k zero-shot accuracy of prompt-ensemble classifiers on one or more labelled image sets."""
 
-  def __init__(self, model: SyCoCa, model_config, eval_config, data_config):
-    cfg = default_config()
-    cfg.update(eval_config)
-    self.cfg, self.model = cfg, model
-    self.prefix = common.prefix(cfg, "zeroshot")
-    data_config = common.eval_data_config(data_config, cfg)
+  def __init__(self, model: SyCoCa, cfg: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict,
+               prefix: str):
+    self.model, self.cfg, self.prefix = model, cfg, prefix
     self.tokenizer = tokenizer_from_config(data_config)
     self.batch_size = common.round_batch_size(cfg.batch_size)
     self.sets, self.prompts = [], []
