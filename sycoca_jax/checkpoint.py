@@ -151,8 +151,7 @@ class Checkpointer:
     folder = self.workdir / "checkpoints" / str(step)
     # Without its tree metadata orbax reports a "pytree structure error" that points at the caller's tree.
     if not (folder / "state" / "_METADATA").exists():
-      raise CheckpointUnreadable(f"Checkpoint {folder} is damaged: state/_METADATA is missing. Move the folder "
-                                 "aside to resume from the previous checkpoint.")
+      raise CheckpointUnreadable(f"Checkpoint {folder} is damaged: state/_METADATA is missing.")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if (folder / "checksums").exists():  # checkpoints written before checksums were recorded have none
       items["checksums"] = ocp.args.JsonRestore()
@@ -160,8 +159,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, OSError) as e:
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise CheckpointUnreadable(f"Checkpoint {folder} cannot be read ({first_line}). Move the folder aside to "
-                                 "resume from the previous checkpoint.") from e
+      raise CheckpointUnreadable(f"Checkpoint {folder} cannot be read ({first_line}).") from e
     if "checksums" in items:
       verify(restored.state, restored.checksums, step)
     path = self._data_path(step, jax.process_index())
@@ -180,21 +178,22 @@ class Checkpointer:
     """
     failed: list[tuple[int, CheckpointUnreadable]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      if check is not None:
-        check(step)
       try:
+        if check is not None:
+          check(step)
         state, data_state = self.restore(step, abstract_state)
       except CheckpointUnreadable as e:
-        logging.warning("%s", e)
         failed.append((step, e))
         continue
       for bad, error in failed:
         self._move_aside(bad)
-        logging.warning("Checkpoint step %d is damaged (%s); moved it to %s and resumed from step %d instead.",
-                        bad, error, self.workdir / "damaged_checkpoints" / str(bad), step)
+        logging.warning("Resumed from step %d instead of step %d: %s Moved step %d to %s.", step, bad, error, bad,
+                        self.workdir / "damaged_checkpoints" / str(bad))
       return step, state, data_state
     if failed:
-      raise failed[0][1]
+      raise CheckpointUnreadable(f"{failed[0][1]} No other checkpoint in the workdir can be restored: move "
+                                 f"{self.workdir / 'checkpoints'} aside, or use another workdir, to start "
+                                 "afresh.") from failed[0][1]
     return None, None, None
 
   def _move_aside(self, step: int):
@@ -211,9 +210,13 @@ class Checkpointer:
 
   def saved_config(self, step: int) -> Optional[dict]:
     """The run config saved with `step` (as JSON: tuples read back as lists), or None if it has none."""
-    if not (self.workdir / "checkpoints" / str(step) / "config").exists():
+    folder = self.workdir / "checkpoints" / str(step)
+    if not (folder / "config").exists():
       return None
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    except (ValueError, KeyError, OSError) as e:
+      raise CheckpointUnreadable(f"Checkpoint {folder} cannot be read (its config: {e}).") from e
 
   def _drop_stale_data_states(self):
     root = self.workdir / "data_state"
