@@ -2,10 +2,13 @@
 
 import math
 
+import pytest
+
 from sycoca_jax.tools import object_probe
 from tests.helpers import small_train_config
 
 
+@pytest.mark.slow  # 80 training steps
 def test_probe_learns_colour_of_large_objects_on_smooth_backgrounds():
   config = small_train_config(global_batch_size=32)
   config.data.scenes.backgrounds = ("gradient",)
