@@ -17,5 +17,6 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-  # Subprocess tests that train for real; `-m "not slow"` keeps the inner loop short.
-  config.addinivalue_line("markers", "slow: spawns training subprocesses (tens of seconds or more).")
+  # Tests that train for real (in subprocesses, on several processes, or for many steps); `-m "not slow"` leaves
+  # them out and keeps the inner loop near a minute.
+  config.addinivalue_line("markers", "slow: trains for real (subprocesses, several processes, many steps).")
