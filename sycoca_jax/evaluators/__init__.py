@@ -52,6 +52,11 @@ def register(name: str, default_config: Callable[[], ml_collections.ConfigDict])
   return wrap
 
 
+def metric_prefix(eval_config: ml_collections.ConfigDict) -> str:
+  """The prefix of an eval config's metric names: its `prefix`, else its type."""
+  return eval_config.get("prefix") or eval_config.type
+
+
 def _lookup(name: str) -> tuple[type, Callable[[], ml_collections.ConfigDict]]:
   if name not in _REGISTRY:
     for module in _MODULES:
@@ -72,7 +77,7 @@ def from_config(evals: Mapping[str, ml_collections.ConfigDict], model,
     data = ml_collections.ConfigDict(data_config.to_dict())
     if cfg.data:
       data.update(cfg.data.to_dict())
-    prefix, log_steps = cfg.prefix or cfg.type, int(cfg.log_steps)
+    prefix, log_steps = metric_prefix(cfg), int(cfg.log_steps)
     for key in SHARED_KEYS:
       del cfg[key]
     built.append((name, cls(model, cfg, data, prefix), log_steps))

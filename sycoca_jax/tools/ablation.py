@@ -48,6 +48,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from sycoca_jax import config_lib
+from sycoca_jax import evaluators
 
 FLAGS = flags.FLAGS
 
@@ -242,10 +243,6 @@ def _check_same_config(run_dir: epath.Path, run: Run, spec: str) -> None:
                      "Use a new --workdir, or delete that run to retrain it.")
 
 
-def _eval_prefix(ev: ml_collections.ConfigDict) -> str:
-  return ev.get("prefix") or ev.type
-
-
 def final_evals(run: Run, extra_evals: str, spec: str) -> ml_collections.ConfigDict:
   """The run's evaluators plus those of --extra_evals (renamed where a same-named one differs)."""
   evals = ml_collections.ConfigDict(copy.deepcopy(run.config.evals.to_dict()))
@@ -260,8 +257,9 @@ def final_evals(run: Run, extra_evals: str, spec: str) -> ml_collections.ConfigD
     mine = evals.get(name)
     if mine is not None and settings(mine) == settings(ev):
       continue  # the run's own evaluator, with the same settings
-    if mine is not None or any(_eval_prefix(e) == _eval_prefix(ev) for e in evals.values()):
-      ev.prefix = f"{_eval_prefix(ev)}_extra"
+    prefix = evaluators.metric_prefix(ev)
+    if mine is not None or any(evaluators.metric_prefix(e) == prefix for e in evals.values()):
+      ev.prefix = f"{prefix}_extra"
       name = f"{name}_extra"
     evals[name] = ev
   return evals
@@ -286,8 +284,9 @@ def train_and_evaluate_run(run: Run, workdir: str, spec: str, extra_evals: str =
   for row in rows:
     if row.get("step") == num_steps:
       last.update({k: v for k, v in row.items() if k != "step"})
-  done = {_eval_prefix(ev) for ev in evals.values() if any(k.startswith(_eval_prefix(ev) + "/") for k in last)}
-  todo = {name: ev for name, ev in evals.items() if _eval_prefix(ev) not in done}
+  prefixes = {name: evaluators.metric_prefix(ev) for name, ev in evals.items()}
+  done = {p for p in prefixes.values() if any(k.startswith(p + "/") for k in last)}
+  todo = {name: ev for name, ev in evals.items() if prefixes[name] not in done}
   results = {k: v for k, v in last.items() if k.split("/")[0] in done}
   t0 = time.time()
   if todo:
