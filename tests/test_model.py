@@ -1,5 +1,6 @@
 """The SyCoCa towers: output shapes and dtypes, and that no information leaks where it must not."""
 
+import dataclasses
 import re
 
 import jax
@@ -146,7 +147,8 @@ def test_padding_is_masked(legacy):
 
 def _with_attention(model, impl):
   towers = ("image_encoder", "text_encoder", "text_decoder", "image_decoder")
-  return model.clone(**{t: getattr(model, t).clone(attention_impl=impl) for t in towers})
+  with_impl = lambda m: m.clone(tower=dataclasses.replace(m.tower, attention_impl=impl))
+  return model.clone(**{t: with_impl(getattr(model, t)) for t in towers})
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -189,7 +191,8 @@ def test_attention_impl_is_validated():
     build_model(tiny_model_config(attention_impl="cudnn"))
   with pytest.raises(ValueError, match=r"config.model.text.heads: 'cudnn' attention needs a head width"):
     build_model(tiny_model_config(attention_impl="cudnn", dtype="bfloat16", **{"text.heads": 8}))
-  assert build_model(tiny_model_config(attention_impl="cudnn", dtype="bfloat16")).text_encoder.attention_impl == "cudnn"
+  model = build_model(tiny_model_config(attention_impl="cudnn", dtype="bfloat16"))
+  assert model.text_encoder.tower.attention_impl == "cudnn"
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])

@@ -169,6 +169,31 @@ class Attention(nn.Module):
     return dense("out", "proj")(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+  """What every transformer tower shares, declared once: a setting added here reaches each tower's blocks.
+
+  width D, depth (layers), num_heads and mlp_ratio come from config.model.<tower>; the rest from the model-wide
+  keys: act (a name in ACTIVATIONS), norm_eps, remat and scan (see Transformer), attention_impl (ATTENTION_IMPLS),
+  and dtype, the compute type.
+  """
+
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  act: str = "gelu"
+  norm_eps: float = 1e-5
+  remat: Any = False   # False | True | a name in REMAT_POLICIES
+  scan: bool = False
+  attention_impl: str = "xla"
+  dtype: Dtype = jnp.float32
+
+  def layer_norm(self, name: Optional[str] = None) -> nn.LayerNorm:
+    """A LayerNorm of the tower's eps, computing in its dtype."""
+    return nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=name)
+
+
 class Block(nn.Module):
   """Pre-LN residual block: x + attn(ln_1(x) [, ln_1_kv(kv)]); x + mlp(ln_2(x)).
 
@@ -176,25 +201,20 @@ class Block(nn.Module):
   queries never attend to each other.
   """
 
-  num_heads: int
-  mlp_ratio: float = 4.0
-  act: str = "gelu"
-  norm_eps: float = 1e-5
+  config: TowerConfig
   cross: bool = False
   init_stds: Optional[InitStds] = None
-  attention_impl: str = "xla"
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, kv=None, mask=None, *, causal: bool = False, kv_lengths=None, decode: bool = False):
-    norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=name)
+    c = self.config
     if self.cross:
-      kv = norm("ln_1_kv")(kv)
-    attn = Attention(self.num_heads, init_stds=self.init_stds, implementation=self.attention_impl,
-                     dtype=self.dtype, name="attn")
-    x = x + attn(norm("ln_1")(x), kv, mask, causal=causal, kv_lengths=kv_lengths, decode=decode)
-    mlp = Mlp(self.mlp_ratio, self.act, init_stds=self.init_stds, dtype=self.dtype, name="mlp")
-    return x + mlp(norm("ln_2")(x))
+      kv = c.layer_norm("ln_1_kv")(kv)
+    attn = Attention(c.num_heads, init_stds=self.init_stds, implementation=c.attention_impl, dtype=c.dtype,
+                     name="attn")
+    x = x + attn(c.layer_norm("ln_1")(x), kv, mask, causal=causal, kv_lengths=kv_lengths, decode=decode)
+    mlp = Mlp(c.mlp_ratio, c.act, init_stds=self.init_stds, dtype=c.dtype, name="mlp")
+    return x + mlp(c.layer_norm("ln_2")(x))
 
 
 # What a rematerialised layer keeps for the backward pass (model.remat_policy). 'full': only the layer's input, all
@@ -205,46 +225,37 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_bat
 
 
 class Transformer(nn.Module):
-  """`depth` blocks; each layer is a self-attention block, followed by a cross-attention block if `cross`.
+  """`config.depth` blocks; each layer is a self-attention block, followed by a cross-attention block if `cross`.
 
-  `scan=True` stacks the layers' parameters on a leading axis and runs them with one `nn.scan` (faster
-  compiles on deep models); `remat` recomputes each layer's activations in the backward pass: True or 'full'
-  keeps only the layer's input, another name of REMAT_POLICIES keeps what that policy saves. `init_stds`
+  `config.scan` stacks the layers' parameters on a leading axis and runs them with one `nn.scan` (faster
+  compiles on deep models); `config.remat` recomputes each layer's activations in the backward pass: True or
+  'full' keeps only the layer's input, another name of REMAT_POLICIES keeps what that policy saves. `init_stds`
   sets every block's kernel init (cross-attention blocks included, as open_clip's MultimodalTransformer).
 
   Self-attention sees keys by `causal`, `lengths` [B] and `mask`; cross-attention by `kv_lengths` [B] and
   `kv_mask` (see Attention).
   """
 
-  depth: int
-  num_heads: int
-  mlp_ratio: float = 4.0
-  act: str = "gelu"
-  norm_eps: float = 1e-5
+  config: TowerConfig
   cross: bool = False
-  remat: Any = False   # False | True | a name in REMAT_POLICIES
-  scan: bool = False
   init_stds: Optional[InitStds] = None
-  attention_impl: str = "xla"
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, kv=None, mask=None, kv_mask=None, *, causal: bool = False, lengths=None, kv_lengths=None,
                decode: bool = False):
+    c = self.config
     layer_cls = _Layer
-    if self.remat:
-      policy = REMAT_POLICIES[self.remat if isinstance(self.remat, str) else "full"]
-      layer_cls = nn.remat(_Layer, prevent_cse=not self.scan, policy=policy)
-    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, act=self.act, norm_eps=self.norm_eps,
-              cross=self.cross, causal=causal, decode=decode, init_stds=self.init_stds,
-              attention_impl=self.attention_impl, dtype=self.dtype)
+    if c.remat:
+      policy = REMAT_POLICIES[c.remat if isinstance(c.remat, str) else "full"]
+      layer_cls = nn.remat(_Layer, prevent_cse=not c.scan, policy=policy)
+    kw = dict(config=c, cross=self.cross, causal=causal, decode=decode, init_stds=self.init_stds)
     args = (kv, mask, lengths, kv_mask, kv_lengths)
-    if self.scan:
+    if c.scan:
       stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * len(args), length=self.depth)
+                      in_axes=(nn.broadcast,) * len(args), length=c.depth)
       x, _ = stack(**kw, name="layers")(x, *args)
     else:
-      for i in range(self.depth):
+      for i in range(c.depth):
         x, _ = layer_cls(**kw, name=f"layers_{i}")(x, *args)
     return x
 
@@ -252,24 +263,18 @@ class Transformer(nn.Module):
 class _Layer(nn.Module):
   """One layer of `Transformer`, with the (carry, out) signature that nn.scan wants."""
 
-  num_heads: int
-  mlp_ratio: float
-  act: str
-  norm_eps: float
+  config: TowerConfig
   cross: bool
   causal: bool
   decode: bool
   init_stds: Optional[InitStds]
-  attention_impl: str
-  dtype: Dtype
 
   @nn.compact
   def __call__(self, x, kv, mask, lengths, kv_mask, kv_lengths):
-    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, act=self.act, norm_eps=self.norm_eps,
-              init_stds=self.init_stds, attention_impl=self.attention_impl, dtype=self.dtype)
-    x = Block(**kw, name="self")(x, None, mask, causal=self.causal, kv_lengths=lengths, decode=self.decode)
+    block = functools.partial(Block, self.config, init_stds=self.init_stds)
+    x = block(name="self")(x, None, mask, causal=self.causal, kv_lengths=lengths, decode=self.decode)
     if self.cross:
-      x = Block(**kw, cross=True, name="cross")(x, kv, kv_mask, kv_lengths=kv_lengths, decode=self.decode)
+      x = block(cross=True, name="cross")(x, kv, kv_mask, kv_lengths=kv_lengths, decode=self.decode)
     return x, None
 
 

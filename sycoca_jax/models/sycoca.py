@@ -220,22 +220,26 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
 def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
   """The SyCoCa module for a model config (see `default_model_config`)."""
   validate_model_config(cfg)
-  dtype = jnp.dtype(cfg.dtype)
-  # The towers hand `remat` to their Transformer, which takes a policy name in its place.
-  common = dict(act=cfg.act, norm_eps=cfg.norm_eps, remat=cfg.remat and cfg.remat_policy, scan=cfg.scan_layers,
-                attention_impl=cfg.attention_impl, dtype=dtype)
+
+  def tower(c: ml_collections.ConfigDict) -> layers.TowerConfig:
+    """A tower's own geometry (config.model.<tower>) with the model-wide settings."""
+    # `remat` takes the policy's name in place of True.
+    return layers.TowerConfig(
+        c.width, c.depth, c.heads, c.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps,
+        remat=cfg.remat and cfg.remat_policy, scan=cfg.scan_layers, attention_impl=cfg.attention_impl,
+        dtype=jnp.dtype(cfg.dtype))
+
   v, t, d, i = cfg.vision, cfg.text, cfg.text_decoder, cfg.image_decoder
   return SyCoCa(
       image_encoder=VisionTransformer(
-          v.image_size, v.patch_size, v.width, v.depth, v.heads, cfg.embed_dim, v.mlp_ratio, pool=v.pool,
-          attn_pooler_queries=v.attn_pooler_queries, attn_pooler_heads=v.attn_pooler_heads, **common),
+          tower(v), v.image_size, v.patch_size, cfg.embed_dim, pool=v.pool,
+          attn_pooler_queries=v.attn_pooler_queries, attn_pooler_heads=v.attn_pooler_heads),
       text_encoder=TextEncoder(
-          t.vocab_size, t.context_length, t.width, t.depth, t.heads, cfg.embed_dim, t.mlp_ratio,
-          pad_id=cfg.pad_id, legacy_cls_mask=t.legacy_cls_mask, **common),
-      text_decoder=TextDecoder(t.vocab_size, d.width, d.depth, d.heads, d.mlp_ratio, **common),
+          tower(t), t.vocab_size, t.context_length, cfg.embed_dim, pad_id=cfg.pad_id,
+          legacy_cls_mask=t.legacy_cls_mask),
+      text_decoder=TextDecoder(tower(d), t.vocab_size),
       image_decoder=ImageDecoder(
-          (v.image_size // v.patch_size) ** 2, v.patch_size ** 2 * 3, i.width, i.depth, i.heads, i.mlp_ratio,
-          cross_attention=i.cross_attention, **common),
+          tower(i), (v.image_size // v.patch_size) ** 2, v.patch_size ** 2 * 3, cross_attention=i.cross_attention),
       masking=cfg.masking.strategy,
       ic_ratio=cfg.masking.ic_ratio,
       mim_ratio=cfg.masking.mim_ratio,

@@ -4,15 +4,13 @@ Shapes as in layers.py. Both towers are causal, so a caption's token i only ever
 that is what lets D_t be trained with teacher forcing and sampled one token at a time with a KV cache.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sycoca_jax.models import layers
-
-Dtype = Any
 
 
 class TextEncoder(nn.Module):
@@ -26,34 +24,23 @@ class TextEncoder(nn.Module):
   key j is hidden iff token j - 1 is padding, and key 0 always visible. Use it only for imported weights.
   """
 
+  tower: layers.TowerConfig
   vocab_size: int
   context_length: int
-  width: int
-  depth: int
-  num_heads: int
   embed_dim: int
-  mlp_ratio: float = 4.0
-  act: str = "gelu"
-  norm_eps: float = 1e-5
   pad_id: int = 0
   legacy_cls_mask: bool = False
-  remat: bool = False
-  scan: bool = False
-  attention_impl: str = "xla"
-  dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02))
-    self.cls_emb = self.param("cls_emb", nn.initializers.normal(0.01), (self.width,))
+    t = self.tower
+    self.token_embedding = nn.Embed(self.vocab_size, t.width, embedding_init=nn.initializers.normal(0.02))
+    self.cls_emb = self.param("cls_emb", nn.initializers.normal(0.01), (t.width,))
     self.positional_embedding = self.param(
-        "positional_embedding", nn.initializers.normal(0.01), (self.context_length + 1, self.width))
-    self.transformer = layers.Transformer(
-        self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, remat=self.remat, scan=self.scan,
-        init_stds=layers.InitStds.open_clip(self.width, self.depth), attention_impl=self.attention_impl,
-        dtype=self.dtype)
-    self.ln_final = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
+        "positional_embedding", nn.initializers.normal(0.01), (self.context_length + 1, t.width))
+    self.transformer = layers.Transformer(t, init_stds=layers.InitStds.open_clip(t.width, t.depth))
+    self.ln_final = t.layer_norm()
     self.text_projection = self.param(
-        "text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.embed_dim))
+        "text_projection", nn.initializers.normal(t.width ** -0.5), (t.width, self.embed_dim))
 
   def __call__(self, text: jax.Array) -> dict[str, jax.Array]:
     """text [B, L] token ids -> pooled [B, E] (CLS, unnormalised, float32), tokens [B, L, D], token_embeddings
@@ -64,12 +51,12 @@ class TextEncoder(nn.Module):
     masking compares patches with.
     """
     batch, length = text.shape
-    x = self.token_embedding(text).astype(self.dtype)
-    x = jnp.concatenate([x, jnp.broadcast_to(self.cls_emb.astype(x.dtype), (batch, 1, self.width))], axis=1)
+    x = self.token_embedding(text).astype(self.tower.dtype)
+    x = jnp.concatenate([x, jnp.broadcast_to(self.cls_emb.astype(x.dtype), (batch, 1, self.tower.width))], axis=1)
     x = x + self.positional_embedding[: length + 1].astype(x.dtype)
 
     valid = text != self.pad_id
-    if self.attention_impl == "xla":
+    if self.tower.attention_impl == "xla":
       # Causal, and padding keys hidden by a [B, 1, 1, L + 1] mask: exact for any padding. (XLA forms the full
       # mask inside the kernel either way.)
       cls_valid = jnp.ones((batch, 1), bool)
@@ -115,7 +102,7 @@ class TextEncoder(nn.Module):
     caches hold the earlier ones. Sampling never puts padding inside a prefix, so no padding mask is needed.
     """
     length = text.shape[1]
-    x = self.token_embedding(text).astype(self.dtype)
+    x = self.token_embedding(text).astype(self.tower.dtype)
     x = x + jax.lax.dynamic_slice_in_dim(self.positional_embedding, start, length).astype(x.dtype)
     return self.transformer(x, causal=True, decode=decode)
 
@@ -128,17 +115,8 @@ class TextDecoder(nn.Module):
   N(0, width ** -0.5).
   """
 
+  tower: layers.TowerConfig
   vocab_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_ratio: float = 4.0
-  act: str = "gelu"
-  norm_eps: float = 1e-5
-  remat: bool = False
-  scan: bool = False
-  attention_impl: str = "xla"
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, text_tokens: jax.Array, image_tokens: jax.Array, *, decode: bool = False,
@@ -148,13 +126,11 @@ class TextDecoder(nn.Module):
     return_features=True returns the final normalised features [B, L, D] instead (VQA / pooling heads).
     """
     # Every image token is a real one (the IC set has a fixed size): cross-attention needs no mask.
-    x = layers.Transformer(
-        self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, cross=True, remat=self.remat,
-        scan=self.scan, init_stds=layers.InitStds.open_clip(self.width, self.depth),
-        attention_impl=self.attention_impl, dtype=self.dtype, name="transformer",
-    )(text_tokens.astype(self.dtype), image_tokens.astype(self.dtype), causal=True, decode=decode)
-    x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_final")(x)
+    t = self.tower
+    x = layers.Transformer(t, cross=True, init_stds=layers.InitStds.open_clip(t.width, t.depth), name="transformer")(
+        text_tokens.astype(t.dtype), image_tokens.astype(t.dtype), causal=True, decode=decode)
+    x = t.layer_norm("ln_final")(x)
     if return_features:
       return x
-    proj = self.param("text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.vocab_size))
+    proj = self.param("text_projection", nn.initializers.normal(t.width ** -0.5), (t.width, self.vocab_size))
     return layers.matmul_f32(x, proj)

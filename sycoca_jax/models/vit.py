@@ -4,7 +4,7 @@ Shapes as in layers.py. Positions are added before the gather and the CLS token 
 `ids_keep` is exactly "the same ViT, looking only at those patches" (MAE / FLIP style).
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import einops
 import flax.linen as nn
@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from sycoca_jax.models import layers
-
-Dtype = Any
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -31,20 +29,19 @@ def unpatchify(patches: jax.Array, patch_size: int, channels: int = 3) -> jax.Ar
 class AttentionalPooler(nn.Module):
   """n learned queries cross-attending to the encoder's tokens (open_clip's CoCa pooler): [B, S, D] -> [B, Q, E]."""
 
+  tower: layers.TowerConfig  # the encoder's: norms and attention kernel as its blocks'
   num_queries: int
   out_dim: int
   num_heads: int
-  norm_eps: float = 1e-5
-  attention_impl: str = "xla"
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    t = self.tower
     query = self.param("query", nn.initializers.normal(1.0), (self.num_queries, self.out_dim))
-    x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_k")(x)
-    q = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="ln_q")(query)
+    x = t.layer_norm("ln_k")(x)
+    q = t.layer_norm("ln_q")(query)
     q = jnp.broadcast_to(q, (x.shape[0], *q.shape))
-    return layers.Attention(self.num_heads, implementation=self.attention_impl, dtype=self.dtype, name="attn")(q, x)
+    return layers.Attention(self.num_heads, implementation=t.attention_impl, dtype=t.dtype, name="attn")(q, x)
 
 
 class VisionTransformer(nn.Module):
@@ -56,22 +53,13 @@ class VisionTransformer(nn.Module):
     transformer's outputs for the kept patches, what the TG-MIM decoder rebuilds the image from.
   """
 
+  tower: layers.TowerConfig
   image_size: int
   patch_size: int
-  width: int
-  depth: int
-  num_heads: int
   embed_dim: int
-  mlp_ratio: float = 4.0
-  act: str = "gelu"
-  norm_eps: float = 1e-5
   pool: str = "tok"
   attn_pooler_queries: int = 256
   attn_pooler_heads: int = 8
-  remat: bool = False
-  scan: bool = False
-  attention_impl: str = "xla"
-  dtype: Dtype = jnp.float32
 
   @property
   def num_patches(self) -> int:
@@ -81,24 +69,22 @@ class VisionTransformer(nn.Module):
     # open_clip's ViT: conv1 keeps PyTorch's default Conv2d init, kaiming_uniform(a=sqrt(5)), which is
     # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = 3 p p, i.e. variance 1 / (3 fan_in); the embeddings and
     # the projection are width ** -0.5 * randn. Its blocks keep PyTorch's defaults (no depth scaling).
-    scale = self.width ** -0.5
+    t = self.tower
+    scale = t.width ** -0.5
     # A linear map of flattened patches == open_clip's bias-free strided conv1.
-    self.conv1 = nn.Dense(self.width, use_bias=False, dtype=self.dtype,
+    self.conv1 = nn.Dense(t.width, use_bias=False, dtype=t.dtype,
                           kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
-    self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (self.width,))
+    self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (t.width,))
     self.positional_embedding = self.param(
-        "positional_embedding", nn.initializers.normal(scale), (self.num_patches + 1, self.width))
-    self.ln_pre = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
-    self.transformer = layers.Transformer(
-        self.depth, self.num_heads, self.mlp_ratio, self.act, self.norm_eps, remat=self.remat, scan=self.scan,
-        attention_impl=self.attention_impl, dtype=self.dtype)
+        "positional_embedding", nn.initializers.normal(scale), (self.num_patches + 1, t.width))
+    self.ln_pre = t.layer_norm()
+    self.transformer = layers.Transformer(t)
     if self.pool == "attn":
-      self.attn_pool = AttentionalPooler(self.attn_pooler_queries, self.embed_dim, self.attn_pooler_heads,
-                                         self.norm_eps, attention_impl=self.attention_impl, dtype=self.dtype)
+      self.attn_pool = AttentionalPooler(t, self.attn_pooler_queries, self.embed_dim, self.attn_pooler_heads)
       pool_dim = self.embed_dim
     else:
-      pool_dim = self.width
-    self.ln_post = nn.LayerNorm(self.norm_eps, dtype=self.dtype)
+      pool_dim = t.width
+    self.ln_post = t.layer_norm()
     self.proj = self.param("proj", nn.initializers.normal(scale), (pool_dim, self.embed_dim))
 
   def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
@@ -108,11 +94,11 @@ class VisionTransformer(nn.Module):
     patch_embeddings [B, K, E]: each token projected into the joint space (what attentive masking scores);
     with pool="attn", patch_tokens [B, K, D] (with pool="tok" the tokens are the patch tokens).
     """
-    x = self.conv1(patchify(images.astype(self.dtype), self.patch_size))
+    x = self.conv1(patchify(images.astype(self.tower.dtype), self.patch_size))
     x = x + self.positional_embedding[1:].astype(x.dtype)
     x = layers.take_tokens(x, ids_keep)
     cls = (self.class_embedding + self.positional_embedding[0]).astype(x.dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.tower.width)), x], axis=1)
     x = self.transformer(self.ln_pre(x))
 
     if self.pool == "attn":
