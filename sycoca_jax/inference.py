@@ -27,11 +27,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sycoca_jax import decoding, paths
+from sycoca_jax import decoding, losses, paths
 from sycoca_jax.data import CLIP_MEAN
 from sycoca_jax.data import CLIP_STD
 from sycoca_jax.data import pipeline
@@ -137,10 +136,8 @@ class Inference:
   def _token_log_likelihood_fn(self, params, images, tokens):
     image_tokens = self.model.apply({"params": params}, images, method=SyCoCa.encode_image)["tokens"]
     logits = self.model.apply({"params": params}, image_tokens, tokens, method=SyCoCa.caption_logits)
-    target = tokens[:, 1:]
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), target[..., None], axis=-1)[..., 0]
-    real = target != self.tokenizer.pad_id
-    return {"sum": jnp.sum(jnp.where(real, lp, 0.0), axis=1), "count": jnp.sum(real, axis=1)}
+    total, count = losses.sequence_log_likelihood(logits, tokens, self.tokenizer.pad_id)
+    return {"sum": total, "count": count}
 
   # -- the API --------------------------------------------------------------------------------------------------
 

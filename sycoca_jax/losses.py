@@ -6,7 +6,8 @@ P pixels per patch, E joint embedding.
 
   L = w_itc * L_ITC + w_ic * L_IC + w_mim * L_TG-MIM        (paper: 1, 2, 1)
 
-A weight of 0 switches that objective off, and its head is not even run.
+A weight of 0 switches that objective off, and its head is not even run. The captioner's next-token
+log-likelihood (`sequence_log_likelihood`) is the one that evaluation and inference score captions with.
 """
 
 from typing import Any, Callable
@@ -31,13 +32,28 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax
   return (i2t + t2i) / 2
 
 
+def next_token_log_probs(logits: jax.Array, text: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array]:
+  """log p(token t + 1 | image, tokens <= t) and which of those tokens are real (not padding).
+
+  logits [B, L - 1, V] (position t predicts token t + 1), text [B, L] -> (float32 [B, L - 1], bool [B, L - 1]).
+  """
+  labels = text[:, 1:]
+  log_probs = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return log_probs, labels != pad_id
+
+
+def sequence_log_likelihood(logits: jax.Array, text: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """log p(text | image) summed over each caption's real tokens, and their number: -> (float32 [B], int32 [B])."""
+  log_probs, real = next_token_log_probs(logits, text, pad_id)
+  return jnp.sum(jnp.where(real, log_probs, 0.0), axis=-1), jnp.sum(real, axis=-1)
+
+
 def caption_loss(logits: jax.Array, text: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array]:
   """Next-token cross-entropy, mean over real tokens: logits [B, L - 1, V], text [B, L] -> (loss, #tokens)."""
-  labels = text[:, 1:]
-  weights = (labels != pad_id).astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  log_probs, real = next_token_log_probs(logits, text, pad_id)
+  weights = real.astype(jnp.float32)
   count = weights.sum()
-  return (ce * weights).sum() / jnp.maximum(count, 1.0), count
+  return (-log_probs * weights).sum() / jnp.maximum(count, 1.0), count
 
 
 def mim_targets(images: jax.Array, patch_size: int, norm_pix: bool = True) -> jax.Array:
@@ -81,6 +97,39 @@ def enabled_heads(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   return heads
 
 
+# Each objective's named term and the config.loss key of its weight, in the order they are summed.
+LOSS_WEIGHTS = {"contrastive_loss": "itc_weight", "caption_loss": "ic_weight", "mim_loss": "mim_weight"}
+
+
+def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str, Any],
+               batch: dict[str, jax.Array], heads: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Named scalars of one forward pass `out` on `batch`.
+
+  The loss terms of `heads` (with 'ic', caption_tokens: how many target tokens are real), the temperature and
+  the masking diagnostics.
+  """
+  terms: dict[str, jax.Array] = {"temperature": out["logit_scale"]}
+  if "itc" in heads:
+    terms["contrastive_loss"] = contrastive_loss(out["image_embedding"], out["text_embedding"], out["logit_scale"])
+  if "ic" in heads:
+    terms["caption_loss"], terms["caption_tokens"] = caption_loss(out["caption_logits"], batch["text"], model.pad_id)
+  if "mim" in heads:
+    target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)
+    terms["mim_loss"] = mim_loss(out["mim_pred"], target, out["masks"].mim_mask, loss_cfg.mim_loss)
+  if "masks" in out:
+    terms.update(masking_diagnostics(out["masks"]))
+  return terms
+
+
+def total_loss(terms: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict) -> jax.Array:
+  """L = w_itc * contrastive_loss + w_ic * caption_loss + w_mim * mim_loss, over the terms present."""
+  total = jnp.zeros((), jnp.float32)
+  for key, weight in LOSS_WEIGHTS.items():
+    if key in terms:
+      total += loss_cfg[weight] * terms[key]
+  return total
+
+
 def make_loss_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict) -> LossFn:
   """Returns loss_fn(params, batch, rng) -> (total loss, aux) for use inside one jit.
 
@@ -91,24 +140,9 @@ def make_loss_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict) -> LossFn:
 
   def loss_fn(params, batch, rng):
     out = model.apply({"params": params}, batch["image"], batch["text"], rng=rng, heads=heads)
-    aux: dict[str, jax.Array] = {"temperature": out["logit_scale"]}
-    total = jnp.zeros((), jnp.float32)
-    if "itc" in heads:
-      aux["contrastive_loss"] = contrastive_loss(out["image_embedding"], out["text_embedding"], out["logit_scale"])
-      total += loss_cfg.itc_weight * aux["contrastive_loss"]
-    if "ic" in heads:
-      aux["caption_loss"], aux["caption_tokens"] = caption_loss(
-          out["caption_logits"], batch["text"], model.pad_id)
-      total += loss_cfg.ic_weight * aux["caption_loss"]
-    if "mim" in heads:
-      masks = out["masks"]
-      target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)
-      aux["mim_loss"] = mim_loss(out["mim_pred"], target, masks.mim_mask, loss_cfg.mim_loss)
-      total += loss_cfg.mim_weight * aux["mim_loss"]
-    if "masks" in out:
-      aux.update(masking_diagnostics(out["masks"]))
-    aux["loss"] = total
-    return total, aux
+    aux = loss_terms(model, loss_cfg, out, batch, heads)
+    aux["loss"] = total_loss(aux, loss_cfg)
+    return aux["loss"], aux
 
   return loss_fn
 
@@ -173,31 +207,26 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
 
       def surrogate(p):
         out = model.apply({"params": p}, mb["image"], mb["text"], rng=r, heads=heads)
-        total, parts = jnp.zeros(()), {}
-        if "itc" in heads:
-          total += loss_cfg.itc_weight * ((out["image_embedding"] * gi).sum() + (out["text_embedding"] * gt).sum()
-                                          + g_temp * out["logit_scale"] / accum_steps)
+        # ITC was taken on the whole batch above; the other terms are this micro-batch's share of the batch's
+        # means (the caption loss: of its mean over all the batch's real tokens).
+        terms = loss_terms(model, loss_cfg, out, mb, tuple(h for h in heads if h != "itc"))
+        count = terms.pop("caption_tokens", None)
+        parts = {k: v / accum_steps for k, v in terms.items()}
         if "ic" in heads:
-          mean, count = caption_loss(out["caption_logits"], mb["text"], model.pad_id)
-          parts["caption_loss"] = mean * count / num_tokens
-          total += loss_cfg.ic_weight * parts["caption_loss"]
-        if "mim" in heads:
-          target = mim_targets(mb["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)
-          parts["mim_loss"] = mim_loss(out["mim_pred"], target, out["masks"].mim_mask, loss_cfg.mim_loss) / accum_steps
-          total += loss_cfg.mim_weight * parts["mim_loss"]
-        if "masks" in out:
-          parts.update({k: v / accum_steps for k, v in masking_diagnostics(out["masks"]).items()})
-        parts["temperature"] = out["logit_scale"] / accum_steps
-        return total, parts
+          parts["caption_loss"] = terms["caption_loss"] * count / num_tokens
+        weighted = dict(parts)
+        if "itc" in heads:
+          # Its gradient reaches the parameters through the embeddings', computed above.
+          weighted["contrastive_loss"] = ((out["image_embedding"] * gi).sum() + (out["text_embedding"] * gt).sum()
+                                          + g_temp * out["logit_scale"] / accum_steps)
+        return total_loss(weighted, loss_cfg), parts
 
       grads, parts = jax.grad(surrogate, has_aux=True)(params)
       return jax.tree.map(jnp.add, acc, grads), parts
 
     grads, parts = jax.lax.scan(micro_grads, jax.tree.map(jnp.zeros_like, params), (micro, rngs, g_img, g_txt))
     aux.update({k: v.sum() for k, v in parts.items()})
-    weights = {"contrastive_loss": loss_cfg.itc_weight, "caption_loss": loss_cfg.ic_weight,
-               "mim_loss": loss_cfg.mim_weight}
-    aux["loss"] = sum(weights[k] * aux[k] for k in weights if k in aux)
+    aux["loss"] = total_loss(aux, loss_cfg)
     if "ic" in heads:
       aux["caption_tokens"] = num_tokens
     return grads, aux

@@ -44,6 +44,18 @@ def test_caption_loss_ignores_padding():
   np.testing.assert_allclose(losses.caption_loss(jnp.asarray(logits), jnp.asarray(text), 0)[0], want, rtol=1e-5)
 
 
+def test_sequence_log_likelihood_sums_real_tokens():
+  v = 7
+  text = jnp.array([[1, 5, 6, 2, 0, 0], [1, 2, 0, 0, 0, 0]])
+  uniform = jnp.zeros((2, 5, v))
+  total, count = losses.sequence_log_likelihood(uniform, text)
+  np.testing.assert_allclose(total, [-3 * np.log(v), -np.log(v)], rtol=1e-6)
+  np.testing.assert_array_equal(count, [3, 1])
+  # A model certain of every next token scores ~0; padding positions are ignored whatever they predict.
+  certain = jnp.where(jnp.arange(v) == text[:, 1:, None], 30.0, -30.0)
+  assert np.all(np.asarray(losses.sequence_log_likelihood(certain, text)[0]) > -1e-6)
+
+
 @pytest.mark.parametrize("norm_pix,kind", [(True, "mse"), (False, "mse"), (True, "l1")])
 def test_mim_loss_matches_numpy_on_hidden_patches_only(norm_pix, kind):
   rng = np.random.RandomState(2)

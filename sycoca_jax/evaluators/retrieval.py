@@ -15,8 +15,9 @@ changed and checked false (data.scenes.negative_caption). Accuracy = how often t
 higher, scored two ways: ITC cosine similarity, and caption likelihood (sum of log p(token | image, prefix)
 from the multimodal decoder). Ties count one half; chance is 0.5.
 
-Metric functions (`retrieval_ranks`, `recall_metrics`, `pairwise_accuracy`, `sequence_log_likelihood`) take
-arrays, not models, so they are tested on analytic embeddings. `Retrieval` runs the model.
+Metric functions (`retrieval_ranks`, `recall_metrics`, `pairwise_accuracy`) take arrays, not models, so they
+are tested on analytic embeddings. `Retrieval` runs the model; the caption likelihood is
+losses.sequence_log_likelihood.
 
 Config (config.evals.<name>, type='retrieval'):
   split          eval split name ('test' for scenes, COCO / Flickr30k Karpathy 'test' via coco_json or tfds)
@@ -40,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from sycoca_jax import evaluators
+from sycoca_jax import losses
 from sycoca_jax.data import pipeline
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import tokenizer_from_config
@@ -108,13 +109,6 @@ def pairwise_accuracy(positive: np.ndarray, negative: np.ndarray, valid: np.ndar
   return float(score[valid].mean())
 
 
-def sequence_log_likelihood(logits: jax.Array, text: jax.Array, pad_id: int = 0) -> jax.Array:
-  """Sum of log p(token) over real tokens: logits [B, L - 1, V] (position t predicts t + 1), text [B, L] -> [B]."""
-  labels = text[:, 1:]
-  logp = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  return jnp.sum(jnp.where(labels != pad_id, logp, 0.0), axis=-1)
-
-
 # ------------------------------------------------------------------------------------------------ negatives
 
 
@@ -165,7 +159,7 @@ def _image_pass(module: SyCoCa, images, texts=None, *, caption_tokens: str = "al
   else:
     image_tokens = repeat(image_tokens)
   logits = module.text_decoder(text_out["tokens"][:, :-1], image_tokens)
-  out["loglik"] = sequence_log_likelihood(logits, flat, module.pad_id).reshape(b, k, two)
+  out["loglik"] = losses.sequence_log_likelihood(logits, flat, module.pad_id)[0].reshape(b, k, two)
   return out
 
 
