@@ -104,6 +104,7 @@ def test_restore_latest_raises_and_moves_nothing_when_no_checkpoint_verifies(tmp
   checkpointer.close()
 
 
+@pytest.mark.slow
 def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, caplog):
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(small_train_config(total_steps=4, async_checkpointing=False), workdir)

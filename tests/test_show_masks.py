@@ -38,6 +38,7 @@ def _scene(viewer):
   return image
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_shows_all_five_panels(trained):
   viewer = show_masks.MaskViewer.load(trained)
   assert viewer.step == 2 and viewer.has_image_decoder

@@ -55,6 +55,7 @@ def _wait_for(predicate, proc, timeout=300):
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path):
   """The global batch and the math do not depend on how the work is laid out."""
   overrides = {"total_steps": 3}
@@ -74,6 +75,7 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path):
   assert one[3] != one[1]  # the runs really trained
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
   _run(workdir=str(tmp_path / "straight"), devices=2)  # the scenes decode in-process by default
   killed = tmp_path / "killed"
@@ -85,8 +87,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
   assert checkpoint.Checkpointer(str(killed)).latest_step() < 6
   _run(workdir=str(killed), devices=2, overrides=workers)
   want, got = _params(tmp_path / "straight", 6), _params(killed, 6)
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), want, got)
   # The resumed run logged every step once, with the losses of the uninterrupted run.
   straight = _losses(tmp_path / "straight")
   resumed = _losses(killed)
@@ -94,6 +95,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
     np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step(tmp_path):
   workdir = tmp_path / "term"
   proc = _spawn(workdir=str(workdir), devices=1, batch_delay=0.3,
@@ -107,6 +109,7 @@ def test_sigterm_checkpoints_the_current_step(tmp_path):
   assert max(_losses(workdir)) == step
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
   workdir = tmp_path / "nan"
   proc = _spawn(workdir=str(workdir), devices=1, nan_from_step=3,
@@ -120,7 +123,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
 
 
 # Weights that are merely huge, weights that overflow to inf.
-@pytest.mark.parametrize("lr", [1e8, pytest.param(1e30, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("lr", [1e8, 1e30])
+@pytest.mark.slow
 def test_blown_up_weights_are_never_checkpointed(tmp_path, lr):
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
@@ -176,6 +180,7 @@ def test_train_step_compiles_once(tmp_path, monkeypatch):
   assert sorted(_losses(tmp_path / "once")) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_logged_learning_rate_is_the_one_the_optimizer_used():
   """A skipped (non-finite) step does not advance the optimizer, so the rate logged after it must not run ahead."""
   config = small_train_config()  # 2 warm-up steps: the rate differs at each of the first steps
@@ -197,6 +202,7 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used():
   assert schedule(1) != schedule(2)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_exact():
   """Micro-batching (with contrastive negatives from the whole batch) gives the full-batch gradient."""
   config = small_train_config()
@@ -209,8 +215,7 @@ def test_gradient_accumulation_is_exact():
   acc, aux_acc = jax.jit(losses.make_grad_fn(model, config.loss, 4))(params, batch, jax.random.PRNGKey(0))
   for k in ("loss", "contrastive_loss", "caption_loss", "mim_loss"):
     np.testing.assert_allclose(aux_acc[k], aux_full[k], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(acc)):
-    np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-6), full, acc)
 
 
 def test_durations_in_any_unit():
@@ -225,6 +230,7 @@ def test_durations_in_any_unit():
   assert config_lib.every(10, 5, 12) and config_lib.every(12, 5, 12) and not config_lib.every(11, 5, 12)
 
 
+@pytest.mark.slow
 def test_init_from_another_run_with_a_frozen_tower(tmp_path):
   """config.init_from copies the named towers; optim.freeze keeps one fixed while the rest trains."""
   source = str(tmp_path / "source")
@@ -236,13 +242,13 @@ def test_init_from_another_run_with_a_frozen_tower(tmp_path):
   config.optim.freeze = (r"^image_encoder/",)
   train.train_and_evaluate(config, target)
   src, dst = _params(source), _params(target)
-  for a, b in zip(jax.tree.leaves(src["image_encoder"]), jax.tree.leaves(dst["image_encoder"])):
-    np.testing.assert_array_equal(a, b)  # copied, then frozen
-  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(src["text_encoder"]),
-                                                    jax.tree.leaves(dst["text_encoder"]))]
+  jax.tree.map(np.testing.assert_array_equal, src["image_encoder"], dst["image_encoder"])  # copied, then frozen
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), src["text_encoder"],
+                                       dst["text_encoder"]))
   assert any(moved)  # copied, then trained on
 
 
+@pytest.mark.slow
 def test_resuming_with_total_steps_below_the_checkpoint_fails(tmp_path):
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
@@ -250,6 +256,7 @@ def test_resuming_with_total_steps_below_the_checkpoint_fails(tmp_path):
     train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), workdir)
 
 
+@pytest.mark.slow
 def test_resume_compares_the_config_with_the_checkpoints(tmp_path, caplog):
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), workdir)
@@ -264,6 +271,7 @@ def test_resume_compares_the_config_with_the_checkpoints(tmp_path, caplog):
   assert checkpoint.Checkpointer(workdir).latest_step() == 2
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_each_step_once(tmp_path):
   workdir = tmp_path / "w"
   train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), str(workdir))
@@ -277,6 +285,7 @@ def test_resumed_run_logs_each_step_once(tmp_path):
   assert sum("hparams" in r for r in rows) == 1
 
 
+@pytest.mark.slow
 def test_checkpoint_without_its_metadata_is_reported_as_damaged(tmp_path):
   workdir = tmp_path / "w"
   train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), str(workdir))
