@@ -321,9 +321,9 @@ def _init_image_decoder(model: sycoca.SyCoCa, seed: int) -> Any:
   """Fresh image-decoder params, initialised on its own (the inputs only need the shapes SyCoCa feeds it)."""
   enc, txt = model.image_encoder, model.text_encoder
   num_patches = enc.num_patches
-  visible = jnp.zeros((1, num_patches // 2, enc.width), jnp.float32)  # per-patch encoder tokens
+  visible = jnp.zeros((1, num_patches // 2, enc.tower.width), jnp.float32)  # per-patch encoder tokens
   restore = jnp.arange(num_patches, dtype=jnp.int32)[None]
-  text_tokens = jnp.zeros((1, txt.context_length, txt.width), jnp.float32)
+  text_tokens = jnp.zeros((1, txt.context_length, txt.tower.width), jnp.float32)
   text_valid = jnp.ones((1, txt.context_length), bool)
   init = jax.jit(model.image_decoder.init)
   return jax.device_get(init(jax.random.PRNGKey(seed), visible, restore, text_tokens, text_valid)["params"])
