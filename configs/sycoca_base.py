@@ -9,8 +9,8 @@ multimodal decoder, embed dim 512, context 76, CLIP BPE (49,408). TG-MIM decoder
 1 TG-MIM, mask ratios 50 / 50 (paper). AdamW (0.9, 0.98, 1e-6), lr 5e-4, wd 0.2, 2k warmup, cosine, bf16
 compute, global batch 2048, 20 epochs of CC12M (~10.9M pairs available today -> ~106k steps).
 
-Hardware: TPU v4-64, v5e-64 or v5p-32 (batch 2048 = 64, 32 or 128 per chip), or 32-64 A100/H100 GPUs.
-`:slice=v4-64 | v5e-64 | v5p-32` picks the setting found fastest for that slice (SLICES below); compiled ahead
+Hardware: TPU v4-64, v5e-64, v5p-32 or v6e-64 (batch 2048 = 64, 32, 128 or 32 per chip), or 32-64 A100/H100 GPUs.
+`:slice=v4-64 | v5e-64 | v5p-32 | v6e-64` picks the setting found fastest for that slice (SLICES below); compiled ahead
 of time for it, the step leaves 35-46 % of HBM free (README, "Scaling out"). Without `slice=` the v5e-64
 setting runs (it also fits v5p-32, not v4-64). Check any other slice first, e.g.
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-128
@@ -42,6 +42,7 @@ SLICES = {
     "v4-64": dict(mesh=DP, remat=True, remat_policy="dots"),   # no remat: 5.7 % headroom (DP), 6.2 % (FSDP)
     "v5e-64": dict(mesh=FSDP, remat=False, remat_policy="full"),
     "v5p-32": dict(mesh=DP, remat=False, remat_policy="full"),
+    "v6e-64": dict(mesh=DP, remat=False, remat_policy="full"),
 }
 DEFAULT_SLICE = "v5e-64"   # also fits v5p-32; v4-64 needs slice=v4-64
 

@@ -143,7 +143,7 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list
   learning-rate schedule; anything else (cadences, evals, data paths, ...).
   """
   # Through JSON, as the checkpoint stored it, so that a tuple and the list it was saved as compare equal.
-  old, new = _flat(saved), _flat(json.loads(json.dumps(config.to_dict(), default=str)))
+  old, new = flatten(saved), flatten(json.loads(json.dumps(config.to_dict(), default=str)))
   refused, schedule, other = [], [], []
   for key in sorted(set(old) | set(new)):
     if old.get(key, "<unset>") == new.get(key, "<unset>"):
@@ -159,11 +159,12 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list
   return refused, schedule, other
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}: a nested config dict keyed by dotted paths."""
   out: dict[str, Any] = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
+      out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out

@@ -98,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first_step = int(jax.device_get(state["step"]))
   writer = metrics.create_writer(workdir, resume_step=first_step)  # drops rows a killed run logged past it
   if first_step == 0:
-    writer.write_hparams(_flatten(config.to_dict()))
+    writer.write_hparams(_hparams(config))
   preempted = _install_sigterm_handler()
   pending: list[dict[str, jax.Array]] = []
   nonfinite_total = 0
@@ -300,15 +300,10 @@ def _schedule_count(opt_state: Any) -> jax.Array:
       opt_state, "count", filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}, values as TensorBoard's hparams accept them."""
-  flat: dict[str, Any] = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-  return flat
+def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config keyed by dotted paths, values as TensorBoard's hparams accept them."""
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+          for k, v in config_lib.flatten(config.to_dict()).items()}
 
 
 def _install_sigterm_handler():

@@ -207,16 +207,10 @@ def _write_json(path: epath.Path, obj: Any) -> None:
   tmp.replace(path)
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-  return {prefix[:-1]: tree}
-
-
 def training_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a run learns from, as flat JSON values (bookkeeping keys left out)."""
   tree = {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
-  return json.loads(json.dumps(_flat(tree), default=str))
+  return json.loads(json.dumps(config_lib.flatten(tree), default=str))
 
 
 def is_finished(run_dir: epath.Path, num_steps: int) -> bool:
