@@ -84,6 +84,7 @@ ABLATIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_gradients_reach_exactly_the_used_towers(name):
   weights, used, unused = ABLATIONS[name]

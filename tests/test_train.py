@@ -161,6 +161,7 @@ def test_bad_config_fails_before_compiling_and_names_the_key(tmp_path, key, valu
   assert not os.path.exists(tmp_path / "bad")  # failed before touching anything
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once(tmp_path, monkeypatch):
   traces = []
   make = losses.make_grad_fn
