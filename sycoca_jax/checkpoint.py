@@ -36,6 +36,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sycoca_jax import optim, paths
+from sycoca_jax.models.sycoca import default_model_config
 
 
 class CheckpointUnreadable(RuntimeError):
@@ -259,6 +260,11 @@ def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[
     raise FileNotFoundError(f"No checkpoint under {paths.resolve(directory) / 'checkpoints'}.")
   config = ml_collections.ConfigDict(
       manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+  if "model" in config:
+    # A checkpoint written before a model key existed lacks it: such keys take their defaults.
+    model = default_model_config()
+    model.update(config.model)
+    config.model = model
   metadata = manager.item_metadata(step)["state"]
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),

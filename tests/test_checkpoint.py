@@ -11,6 +11,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 from sycoca_jax import checkpoint, train
+from sycoca_jax.models.sycoca import default_model_config
 from tests import distributed
 from tests.helpers import small_train_config
 
@@ -147,3 +148,12 @@ def test_two_processes_verify_and_fall_back_together(tmp_path, monkeypatch):
     assert result["step"] == 1 and result["data_state"] == {"process": i}
     assert result["checksums"] == single  # split over two hosts, the same sums as on one device
   assert os.listdir(tmp_path / "w" / "damaged_checkpoints") == ["2"]
+
+
+def test_a_model_key_added_after_saving_takes_its_default(tmp_path):
+  saved = default_model_config().to_dict()
+  del saved["remat_policy"], saved["vision"]["pool"]   # keys this checkpoint's code did not have yet
+  checkpoint.save_params(tmp_path, _state(0)["params"], ml_collections.ConfigDict({"model": saved}))
+  config, _, _ = checkpoint.load_params(tmp_path)
+  assert config.model.remat_policy == default_model_config().remat_policy
+  assert config.model.vision.pool == default_model_config().vision.pool

@@ -49,7 +49,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sycoca_jax import inference
 from sycoca_jax.models.sycoca import SyCoCa
-from sycoca_jax.models.sycoca import default_model_config
 from sycoca_jax.models.vit import patchify, unpatchify
 
 FLAGS = flags.FLAGS
@@ -148,13 +147,10 @@ class MaskViewer:
     from sycoca_jax.data import tokenizer_from_config  # pylint: disable=g-import-not-at-top
 
     config, params, step = checkpoint.load_params(workdir, step)
-    # A checkpoint written before a model key existed lacks it: such keys take their defaults.
-    model_config = default_model_config()
-    model_config.update(config.model)
     # Step 0 is an import (or untrained weights): the image decoder was never fit. A run without a TG-MIM loss
     # did not train it either.
     trained_decoder = step > 0 and "mim" in losses.enabled_heads(config.loss)
-    viewer = cls(model_config, params, tokenizer_from_config(config.data), has_image_decoder=trained_decoder,
+    viewer = cls(config.model, params, tokenizer_from_config(config.data), has_image_decoder=trained_decoder,
                  norm_pix=bool(config.loss.get("norm_pix", True)))
     viewer.config, viewer.step = config, step
     return viewer
