@@ -144,9 +144,10 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list
   """
   # Through JSON, as the checkpoint stored it, so that a tuple and the list it was saved as compare equal.
   old, new = flatten(saved), flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+  added = keys_added_at_default(old, new)
   refused, schedule, other = [], [], []
   for key in sorted(set(old) | set(new)):
-    if old.get(key, "<unset>") == new.get(key, "<unset>"):
+    if old.get(key, "<unset>") == new.get(key, "<unset>") or key in added:
       continue
     change = f"{key} ({old.get(key, '<unset>')} -> {new.get(key, '<unset>')})"
     if ((key.startswith("model.") and key not in _RESUME_FREE_MODEL_KEYS) or key.startswith("loss.")
@@ -157,6 +158,15 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list
     else:
       other.append(change)
   return refused, schedule, other
+
+
+def keys_added_at_default(saved: dict[str, Any], current: dict[str, Any]) -> set[str]:
+  """Keys of `current` that `saved` predates and that hold the schema's default (both flat, through JSON).
+
+  A key added to the schema after a run was saved defaults to the behaviour the run had, so it is no change.
+  """
+  defaults = flatten(json.loads(json.dumps(default_config().to_dict(), default=str)))
+  return {k for k, v in current.items() if k not in saved and k in defaults and defaults[k] == v}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 import glob
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -157,3 +158,13 @@ def test_unknown_override_ends_in_one_line(tmp_path, override, message):
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and re.search(message, lines[0]), out.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_a_key_added_to_the_schema_after_saving_is_no_change_at_its_default():
+  config = config_lib.default_config()
+  saved = json.loads(json.dumps(config.to_dict(), default=str))
+  del saved["model"]["remat_policy"], saved["max_param_norm_growth"]   # keys older code did not have
+  assert config_lib.resume_changes(saved, config) == ([], [], [])
+  config.model.remat_policy = "dots"   # the same new key away from its default is a change of the model
+  refused, _, _ = config_lib.resume_changes(saved, config)
+  assert refused == ["model.remat_policy (<unset> -> dots)"]

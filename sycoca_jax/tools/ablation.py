@@ -229,10 +229,12 @@ def _check_same_config(run_dir: epath.Path, run: Run, spec: str) -> None:
                                        "sweep_key": run.sweep_key, "sweep_value": run.sweep_value,
                                        "training_config": wanted})
     return
-  diff = sorted(k for k in set(wanted) | set(recorded["training_config"])
-                if wanted.get(k) != recorded["training_config"].get(k))
+  recorded_config = recorded["training_config"]
+  added = config_lib.keys_added_at_default(recorded_config, wanted)  # newer code, same behaviour
+  diff = sorted(k for k in set(wanted) | set(recorded_config)
+                if wanted.get(k) != recorded_config.get(k) and k not in added)
   if diff:
-    shown = ", ".join(f"{k}: {recorded['training_config'].get(k)!r} -> {wanted.get(k)!r}" for k in diff[:5])
+    shown = ", ".join(f"{k}: {recorded_config.get(k)!r} -> {wanted.get(k)!r}" for k in diff[:5])
     raise ValueError(f"{run_dir} was trained with another config ({shown}{', ...' if len(diff) > 5 else ''}). "
                      "Use a new --workdir, or delete that run to retrain it.")
 
