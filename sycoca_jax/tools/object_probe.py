@@ -2,6 +2,7 @@ r"""Can a config's image tower learn what the scenes draw? A supervised check, b
 
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --steps=800
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --label=colour --steps=300
+  python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --tower=cnn --steps=400
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py \
       "--config.data.scenes.backgrounds=('gradient',)" --size=large
 
@@ -14,7 +15,9 @@ last `--every` steps.
 Contrastive and captioning objectives can teach the image tower at most what it can pick up from the pixels
 within the run's budget; a direct label is the strongest signal there is. If this probe stays at chance for as
 many examples as a pretraining run sees, the objectives are not what stops the tower from learning object
-identity: the images are (resolution per object, clutter) or the tower is.
+identity: the images are (resolution per object, clutter) or the tower is. `--tower=cnn` tells the two apart:
+it trains a small reference CNN (`ReferenceCNN`: five 3x3 conv + BatchNorm + ReLU layers, two max-pools, a
+global max-pool) on the same scenes, with the same optimiser and batches, in place of the ViT.
 """
 
 import dataclasses
@@ -46,6 +49,7 @@ def define_flags():
   flags.DEFINE_integer("every", 50, "Print the mean loss / accuracy of every this many steps.")
   flags.DEFINE_enum("label", "kind", ["kind", "colour"], "What the head names: object kind or colour.")
   flags.DEFINE_enum("size", "", ["", "small", "medium", "large"], "Draw every object at this size (default: all).")
+  flags.DEFINE_enum("tower", "vit", ["vit", "cnn"], "The config's ViT, or the reference CNN (ReferenceCNN).")
   flags.mark_flags_as_required(["config"])
 
 
@@ -57,6 +61,21 @@ class _Probe(nn.Module):
   @nn.compact
   def __call__(self, images):
     return nn.Dense(self.num_classes)(self.image_encoder(images)["pooled"])
+
+
+class ReferenceCNN(nn.Module):
+  """A small CNN with the inductive biases a ViT lacks (locality, translation-invariant max-pooling):
+  images [B, S, S, 3] -> features [B, 128]. BatchNorm uses the batch's statistics (the probe only trains)."""
+
+  @nn.compact
+  def __call__(self, images):
+    x = images
+    for i, width in enumerate((32, 32, 64, 64, 128)):
+      x = nn.Conv(width, (3, 3))(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=False)(x))
+      if i in (1, 3):
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return {"pooled": x.max(axis=(1, 2))}
 
 
 def _batch(config, label: str, size: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,13 +94,21 @@ def _batch(config, label: str, size: str, start: int, count: int) -> tuple[np.nd
   return np.stack(images), np.asarray(labels, np.int32)
 
 
-def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 50) -> Iterator[dict]:
-  """Trains the probe, yielding one {'step', 'loss', 'accuracy', 'seconds'} row per `every` steps."""
+def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 50,
+          tower: str = "vit") -> Iterator[dict]:
+  """Trains the probe, yielding one {'step', 'loss', 'accuracy', 'seconds'} row per `every` steps.
+
+  tower: "vit", the config's image encoder, or "cnn", ReferenceCNN.
+  """
   config_lib.validate(config)
   num_classes = len(scenes_lib.KINDS) if label == "kind" else len(scenes_lib.COLOUR_NAMES)
-  model = _Probe(sycoca.build_model(config.model).image_encoder, num_classes)
+  towers = {"vit": lambda: sycoca.build_model(config.model).image_encoder, "cnn": ReferenceCNN}
+  if tower not in towers:
+    raise ValueError(f"tower={tower!r}: choose from {sorted(towers)}.")
+  model = _Probe(towers[tower](), num_classes)
   batch_size, image_size = config.global_batch_size, config.data.image_size
-  params = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, image_size, image_size, 3)))
+  variables = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((2, image_size, image_size, 3)))
+  params = variables["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.optim.lr, min(config.optim.warmup_steps, steps // 4),
                                                 steps)
   tx = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
@@ -90,7 +117,8 @@ def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 
   @jax.jit
   def step(params, opt_state, images, labels):
     def loss_fn(p):
-      logits = model.apply(p, images)
+      # BatchNorm's running statistics (the CNN's) are never read: the probe only trains.
+      logits, _ = model.apply({**variables, "params": p}, images, mutable=["batch_stats"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -112,11 +140,11 @@ def main(argv):
   del argv
   config = FLAGS.config
   chance = np.log(len(scenes_lib.KINDS) if FLAGS.label == "kind" else len(scenes_lib.COLOUR_NAMES))
-  print(f"probe: {FLAGS.label} of one-object scenes, {config.data.image_size} px, patch "
-        f"{config.model.vision.patch_size}, backgrounds {tuple(config.data.scenes.backgrounds)}, size "
+  tower = f"ViT patch {config.model.vision.patch_size}" if FLAGS.tower == "vit" else "reference CNN"
+  print(f"probe: {FLAGS.label} of one-object scenes, {config.data.image_size} px, {tower}, backgrounds {tuple(config.data.scenes.backgrounds)}, size "
         f"{FLAGS.size or 'all'}; batch {config.global_batch_size}, lr {config.optim.lr}; chance loss {chance:.2f}")
   print(f"{'step':>6} {'loss':>7} {'accuracy':>9} {'seconds':>8}")
-  for row in probe(config, FLAGS.steps, FLAGS.label, FLAGS.size, FLAGS.every):
+  for row in probe(config, FLAGS.steps, FLAGS.label, FLAGS.size, FLAGS.every, FLAGS.tower):
     print(f"{row['step']:>6} {row['loss']:>7.3f} {100 * row['accuracy']:>8.1f}% {row['seconds']:>8.0f}", flush=True)
 
 
