@@ -142,7 +142,8 @@ def main(argv):
   chance = np.log(len(scenes_lib.KINDS) if FLAGS.label == "kind" else len(scenes_lib.COLOUR_NAMES))
   tower = f"ViT patch {config.model.vision.patch_size}" if FLAGS.tower == "vit" else "reference CNN"
   print(f"probe: {FLAGS.label} of one-object scenes, {config.data.image_size} px, {tower}, backgrounds "
-        f"{tuple(config.data.scenes.backgrounds)}, size {FLAGS.size or 'all'}; batch {config.global_batch_size}, lr {config.optim.lr}; chance loss {chance:.2f}")
+        f"{tuple(config.data.scenes.backgrounds)}, size {FLAGS.size or 'all'}; batch {config.global_batch_size}, "
+        f"lr {config.optim.lr}; chance loss {chance:.2f}")
   print(f"{'step':>6} {'loss':>7} {'accuracy':>9} {'seconds':>8}")
   for row in probe(config, FLAGS.steps, FLAGS.label, FLAGS.size, FLAGS.every, FLAGS.tower):
     print(f"{row['step']:>6} {row['loss']:>7.3f} {100 * row['accuracy']:>8.1f}% {row['seconds']:>8.0f}", flush=True)
