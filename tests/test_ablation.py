@@ -107,6 +107,41 @@ def test_tables_and_chart_from_finished_runs(tmp_path):
   assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_welch_matches_the_textbook_formula():
+  a, b = [14.7, 14.7, 13.8], [14.0, 13.9, 11.5]
+  va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
+  t = (np.mean(a) - np.mean(b)) / np.sqrt(va + vb)
+  dof = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)  # Welch-Satterthwaite
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  diff, p = ablation.welch(a, b)
+  np.testing.assert_allclose(diff, np.mean(a) - np.mean(b))
+  np.testing.assert_allclose(p, 2 * stats.t.sf(abs(t), dof))
+  assert 0.2 < p < 0.3  # a 1.3-point gap with these spreads is not significant
+  assert np.isnan(ablation.welch([1.0], b)[1])
+  assert ablation.welch([2.0, 2.0], [2.0, 2.0]) == (0.0, 1.0)
+
+
+def test_rows_are_compared_with_the_baseline(tmp_path):
+  for seed, (coca, sycoca) in enumerate(((0.10, 0.20), (0.12, 0.22), (0.11, 0.21))):
+    _fake_run(tmp_path, "coca", seed, {"retrieval/i2t_r1": coca, "captioning/cider": 0.5})
+    _fake_run(tmp_path, "sycoca", seed, {"retrieval/i2t_r1": sycoca, "captioning/cider": 0.5})
+  _fake_run(tmp_path, "clip", 0, {"retrieval/i2t_r1": 0.3}, heads=("itc",))
+  summary = ablation.write_outputs(str(tmp_path), baseline="coca")
+  versus = summary["versus_baseline"]
+  assert set(versus) == {"clip", "sycoca"}
+  np.testing.assert_allclose(versus["sycoca"]["retrieval/i2t_r1"]["diff"], 10.0)
+  assert versus["sycoca"]["retrieval/i2t_r1"]["p"] < 1e-3  # same spread, 10 points apart
+  assert versus["sycoca"]["captioning/cider"] == {"diff": 0.0, "p": 1.0}
+  assert "captioning/cider" not in versus["clip"]  # no captioner
+  table = (tmp_path / "ablation.md").read_text()
+  assert "### Against coca" in table
+  assert "| sycoca | 3 | +10.0 (p 0.00) | – | – | – | +0.0 (p 1.00) | – | – |" in table
+  assert "| clip | 1 | +19.0 | – |" in table  # one seed: the difference, no p
+  # A baseline with one seed, or none: no comparison.
+  assert ablation.write_outputs(str(tmp_path), baseline="clip")["versus_baseline"] == {}
+  assert "Against" not in ablation.markdown(summary["groups"])
+
+
 def test_a_run_dir_trained_with_another_config_is_refused(tmp_path):
   run, = ablation.plan(f"{TINY}:runlocal", ["coca"], [0])
   ablation._check_same_config(epath.Path(tmp_path) / run.name, run, TINY)

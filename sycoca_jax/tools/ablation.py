@@ -65,6 +65,8 @@ def define_flags():
                             "would be (e.g. total_steps=500). A tuple value keeps its commas: data.crop_scale=(0.8,1).")
   flags.DEFINE_string("extra_evals", "", "An eval config file (e.g. configs/eval_all.py) whose evaluators also run "
                       "on each final checkpoint; its `runlocal` follows --config's.")
+  flags.DEFINE_string("baseline", "coca", "The row every other row is compared with (difference of means and Welch's "
+                      "t-test over seeds), when it has 2+ seeds; '' for none.")
   flags.DEFINE_bool("table_only", False, "Only rebuild ablation.json / .md / .png from the finished runs in workdir.")
   flags.DEFINE_bool("subprocess", True, "Train each run in a child process (false: all in this process).")
   flags.DEFINE_bool("child", False, "Internal: this process is one run of a study; its parent writes the tables.")
@@ -352,6 +354,10 @@ CHART = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/fg_object_itc", "ret
          "zeroshot/scenes_shape_top1", "captioning/cider", "captioning/sg_f1", "masking/ic_object_recall"]
 # Chance level (%) drawn as a dashed line: a pair of captions, 8 shapes, 10 digits.
 _CHANCE = {"retrieval/fg_object_itc": 50.0, "retrieval/fg_relation_itc": 50.0, "zeroshot/scenes_shape_top1": 12.5}
+# Compared with the baseline row (difference of means, Welch's t-test): the paper's claims, retrieval and
+# fine-grained alignment.
+COMPARED = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/mTR", "retrieval/mIR", "captioning/cider",
+            "retrieval/fg_object_itc", "retrieval/fg_relation_itc"]
 _TITLES = {metric: column for rows in TABLES.values() for column, metric, _ in rows}
 _NEEDS = {metric: needs for rows in TABLES.values() for _, metric, needs in rows}
 
@@ -391,6 +397,50 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
   return out
 
 
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+  """Difference of means mean(a) - mean(b) and the two-sided p-value of Welch's t-test (unequal variances).
+
+  NaN p with fewer than two values on a side; p = 1 for two constant, equal samples, 0 for constant, unequal ones.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (scipy comes with scikit-learn)
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  diff = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+  if len(a) < 2 or len(b) < 2:
+    return diff, float("nan")
+  if a.var() == 0 and b.var() == 0:
+    return diff, 1.0 if diff == 0 else 0.0
+  return diff, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def compare(runs: Sequence[dict], groups: Sequence[dict], baseline: str) -> dict[str, dict]:
+  """Each group against the baseline variant's unswept group: {label: {metric: {"diff", "p"}}}, in percent.
+
+  Empty when the baseline has fewer than two seeds; groups with one seed get a difference and a NaN p.
+  """
+  def values(group, metric):
+    return [100 * r["metrics"][metric] for r in runs
+            if (r["variant"], r["sweep_key"], r["sweep_value"], r["step"]) == (group["variant"], group["sweep_key"],
+                                                                               group["sweep_value"], group["step"])
+            and r["metrics"].get(metric) is not None]
+  base = [g for g in groups if g["variant"] == baseline and not g["sweep_key"]]
+  if not base or len(base[0]["seeds"]) < 2:
+    return {}
+  out = {}
+  for g in groups:
+    if g is base[0]:
+      continue
+    out[g["label"]] = {}
+    for metric in COMPARED:
+      needs = _NEEDS.get(metric)
+      if needs and (needs not in g["heads"] or needs not in base[0]["heads"]):
+        continue
+      a, b = values(g, metric), values(base[0], metric)
+      if a and b:  # a metric either side never logged is left out, as the tables leave it
+        diff, p = welch(a, b)
+        out[g["label"]][metric] = {"diff": diff, "p": p}
+  return out
+
+
 def _cell(group: dict, metric: str, needs: Optional[str]) -> str:
   if needs and needs not in group["heads"] or metric not in group["mean"]:
     return "–"
@@ -398,8 +448,9 @@ def _cell(group: dict, metric: str, needs: Optional[str]) -> str:
   return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def markdown(groups: Sequence[dict]) -> str:
-  """The Markdown tables: one row per group, cells 'mean ± std' in percent (CIDEr x 100)."""
+def markdown(groups: Sequence[dict], comparison: Optional[dict] = None, baseline: str = "") -> str:
+  """The Markdown tables: one row per group, cells 'mean ± std' in percent (CIDEr x 100); with a comparison,
+  a table of each row against the baseline."""
   lines = ["<!-- Written by sycoca_jax.tools.ablation; rebuilt after every finished run. -->", ""]
   steps = sorted({g["step"] for g in groups})
   lines.append(f"Mean ± std over seeds (sample std; one seed: mean only), in percent; CIDEr-D x 100. "
@@ -409,6 +460,20 @@ def markdown(groups: Sequence[dict]) -> str:
               "|---|---|" + "---:|" * len(columns)]
     for g in groups:
       cells = [_cell(g, metric, needs) for _, metric, needs in columns]
+      lines.append(f"| {g['label']} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
+  if comparison:
+    lines += ["", f"### Against {baseline}", "",
+              f"Difference of means from the `{baseline}` row, in points, and the two-sided p-value of Welch's t-test "
+              "over seeds (no correction for the number of comparisons; one seed: no p).", "",
+              "| run | seeds | " + " | ".join(_TITLES[m] for m in COMPARED) + " |",
+              "|---|---|" + "---:|" * len(COMPARED)]
+    for g in groups:
+      if g["label"] not in comparison:
+        continue
+      cells = []
+      for metric in COMPARED:
+        c = comparison[g["label"]].get(metric)
+        cells.append("–" if c is None else f"{c['diff']:+.1f}" + ("" if math.isnan(c["p"]) else f" (p {c['p']:.2f})"))
       lines.append(f"| {g['label']} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -460,17 +525,20 @@ def chart(groups: Sequence[dict], path: epath.Path) -> bool:
 
 
 def write_outputs(workdir: str, planned: Sequence[Run] = (), failed: Sequence[str] = (),
-                  variants: Sequence[str] = ()) -> dict:
-  """DIR/ablation.json, ablation.md and ablation.png from every finished run in DIR (rows in `variants` order)."""
+                  variants: Sequence[str] = (), baseline: str = "coca") -> dict:
+  """DIR/ablation.json, ablation.md and ablation.png from every finished run in DIR (rows in `variants` order),
+  each row compared with the `baseline` variant's when it has two or more seeds."""
   runs = finished_runs(workdir, variants)
   groups = summarise(runs)
+  comparison = compare(runs, groups, baseline) if baseline else {}
   done = {r["name"] for r in runs}
   summary = {"runs": runs, "groups": groups, "pending": [r.name for r in planned if r.name not in done],
-             "failed": list(failed), "columns": {t: [[c, m] for c, m, _ in cols] for t, cols in TABLES.items()}}
+             "failed": list(failed), "columns": {t: [[c, m] for c, m, _ in cols] for t, cols in TABLES.items()},
+             "baseline": baseline, "versus_baseline": comparison}
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   _write_json(root / "ablation.json", summary)
-  (root / "ablation.md").write_text(markdown(groups))
+  (root / "ablation.md").write_text(markdown(groups, comparison, baseline))
   chart(groups, root / "ablation.png")
   return summary
 
@@ -487,7 +555,7 @@ def main(argv):
   if FLAGS.table_only:
     planned = plan(FLAGS.config, FLAGS.variants, [int(s) for s in FLAGS.seeds], FLAGS.sweep,
                    FLAGS.overrides) if FLAGS.config else []
-    summary = write_outputs(workdir, planned, variants=order)
+    summary = write_outputs(workdir, planned, variants=order, baseline=FLAGS.baseline)
     print(f"{len(summary['runs'])} finished runs -> {workdir}/ablation.{{json,md,png}}")
     return
   if not FLAGS.config:
@@ -495,7 +563,7 @@ def main(argv):
   runs = plan(FLAGS.config, FLAGS.variants, [int(s) for s in FLAGS.seeds], FLAGS.sweep, FLAGS.overrides)
   failed = []
   if not FLAGS.child:
-    write_outputs(workdir, runs, failed, order)  # what an earlier, interrupted study finished
+    write_outputs(workdir, runs, failed, order, FLAGS.baseline)  # what an earlier, interrupted study finished
   for i, run in enumerate(runs, 1):
     run_dir = epath.Path(workdir) / run.name
     if is_finished(run_dir, run.num_steps):
@@ -514,7 +582,7 @@ def main(argv):
     else:
       print(f"[{i}/{len(runs)}] {run.name}: done in {time.time() - t0:.0f} s.", flush=True)
     if not FLAGS.child:  # partial results on disk after every run
-      write_outputs(workdir, runs, failed, order)
+      write_outputs(workdir, runs, failed, order, FLAGS.baseline)
   if failed:
     raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}.")
 
