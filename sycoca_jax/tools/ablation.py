@@ -378,11 +378,16 @@ def _num(value: str) -> tuple:
     return (1, 0.0, value)
 
 
+def _group_key(run_or_group: dict) -> tuple:
+  """What makes runs one row of the table: everything but the seed."""
+  return tuple(run_or_group[k] for k in ("variant", "sweep_key", "sweep_value", "step"))
+
+
 def summarise(runs: Sequence[dict]) -> list[dict]:
   """One group per (variant, sweep value): seeds, and mean / std (ddof 1; NaN for one seed) of every metric."""
   groups: dict[tuple, list[dict]] = collections.OrderedDict()
   for r in runs:
-    groups.setdefault((r["variant"], r["sweep_key"], r["sweep_value"], r["step"]), []).append(r)
+    groups.setdefault(_group_key(r), []).append(r)
   out = []
   for (variant, key, value, step), members in groups.items():
     label = variant + (f" {key.rsplit('.', 1)[-1]}={value}" if key else "")
@@ -419,9 +424,7 @@ def compare(runs: Sequence[dict], groups: Sequence[dict], baseline: str) -> dict
   """
   def values(group, metric):
     return [100 * r["metrics"][metric] for r in runs
-            if (r["variant"], r["sweep_key"], r["sweep_value"], r["step"]) == (group["variant"], group["sweep_key"],
-                                                                               group["sweep_value"], group["step"])
-            and r["metrics"].get(metric) is not None]
+            if _group_key(r) == _group_key(group) and r["metrics"].get(metric) is not None]
   base = [g for g in groups if g["variant"] == baseline and not g["sweep_key"]]
   if not base or len(base[0]["seeds"]) < 2:
     return {}
