@@ -92,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("Initialised %s from %s (step %d).", towers, config.init_from.workdir, source_step)
 
   # --------------------------------------------------------------------------------------- evaluators
-  evals = evaluators.from_config(config.evals, model, config.data)
+  evals = evaluators.from_config(config.evals, model, config.data, scheduled_only=True)
 
   # --------------------------------------------------------------------------------------------- loop
   first_step = int(jax.device_get(state["step"]))
@@ -163,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_images(step, jax.device_get(visualise(state["params"], batch)))
 
       for _, evaluator, cadence in evals:
-        if config_lib.every(step, cadence, num_steps) and cadence:
+        if config_lib.every(step, cadence, num_steps):
           results = evaluator.run(state["params"])
           writer.write_scalars(step, results)
           last_metrics.update(results)

@@ -6,6 +6,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# One persistent compilation cache for every program the suite compiles: the xdist workers, the training
+# subprocesses and the two-process runs inherit these variables, so a program compiled once (the tiny train step
+# on 2 devices, an evaluator's forward pass) is read back everywhere else, in this run and in the next. Small
+# programs are cached too (jax's defaults skip those under a second of compile time). CI points the variable at
+# a fresh folder; locally it lives in the user's cache folder, so the quick loop starts warm.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sycoca_jax", "jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import importlib.util  # noqa: E402
 
 # With torch installed, open_clip -> torchvision -> torch._dynamo imports triton. triton's extension segfaults
@@ -20,3 +30,32 @@ def pytest_configure(config):
   # Tests that train for real (in subprocesses, on several processes, or for many steps); `-m "not slow"` leaves
   # them out and keeps the inner loop near a minute.
   config.addinivalue_line("markers", "slow: trains for real (subprocesses, several processes, many steps).")
+
+
+def pytest_collection_modifyitems(config, items):
+  # The slow tests first (stable within each group): xdist hands the long training runs out while every worker
+  # is busy, instead of leaving one of them to finish a two-minute run alone at the end.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """The workdir of a tiny run trained for 2 steps (tests/helpers.trained_run_config), trained once per test run.
+
+  The xdist workers share it: the first to ask trains it under a file lock, the others wait and read it. Tests
+  that change a workdir take their own copy (helpers.copy_run); tests that only read it use it in place.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from sycoca_jax import train  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+
+  # Under xdist each worker's base folder sits in the run's own folder; without it, the base folder is the run's.
+  root = tmp_path_factory.getbasetemp()
+  root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+  workdir, done = root / "trained_run", root / "trained_run.done"
+  with open(root / "trained_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      train.train_and_evaluate(helpers.trained_run_config(), str(workdir))
+      done.touch()
+  return workdir

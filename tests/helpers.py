@@ -7,6 +7,7 @@ targets), so importing it sets nothing up: conftest.py alone fakes the eight CPU
 import functools
 import importlib.util
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +117,15 @@ def small_train_config(**overrides):
   for key, value in overrides.items():
     config_lib.set_by_path(config, key, value)
   return config
+
+
+def trained_run_config(**overrides):
+  """The config of the shared `trained_run` fixture (tests/conftest.py): small_train_config for 2 steps, with
+  checkpoints at steps 1 and 2 written synchronously. Resuming its workdir with this config trains nothing more."""
+  return small_train_config(**{"total_steps": 2, "ckpt_steps": 1, "async_checkpointing": False, **overrides})
+
+
+def copy_run(workdir, destination):
+  """A private copy of a run's workdir (e.g. the shared `trained_run`), for a test that changes or resumes it."""
+  shutil.copytree(workdir, destination)
+  return destination

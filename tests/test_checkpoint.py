@@ -13,7 +13,8 @@ from jax.experimental import multihost_utils
 from sycoca_jax import checkpoint, train
 from sycoca_jax.models.sycoca import default_model_config
 from tests import distributed
-from tests.helpers import small_train_config
+from tests.helpers import copy_run
+from tests.helpers import trained_run_config
 
 
 def _flip_a_byte(workdir, step, offset=1000):
@@ -106,16 +107,15 @@ def test_restore_latest_raises_and_moves_nothing_when_no_checkpoint_verifies(tmp
 
 
 @pytest.mark.slow
-def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, caplog):
-  workdir = str(tmp_path / "w")
-  train.train_and_evaluate(small_train_config(total_steps=4, async_checkpointing=False), workdir)
-  _flip_a_byte(workdir, 4)
+def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, trained_run, caplog):
+  workdir = str(copy_run(trained_run, tmp_path / "w"))  # checkpoints at steps 1 and 2
+  _flip_a_byte(workdir, 2)
   with caplog.at_level(logging.WARNING):
-    train.train_and_evaluate(small_train_config(total_steps=4, async_checkpointing=False), workdir)
-  assert "Resumed from step 2 instead of step 4: Checkpoint step 4 failed verification" in caplog.text
-  assert checkpoint.Checkpointer(workdir).manager.all_steps() == [2, 4]
-  _, params, step = checkpoint.load_params(workdir)  # the new step 4 verifies
-  assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    train.train_and_evaluate(trained_run_config(), workdir)
+  assert "Resumed from step 1 instead of step 2: Checkpoint step 2 failed verification" in caplog.text
+  assert checkpoint.Checkpointer(workdir).manager.all_steps() == [1, 2]
+  _, params, step = checkpoint.load_params(workdir)  # the new step 2 verifies
+  assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 def two_process_target():

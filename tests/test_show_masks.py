@@ -5,31 +5,24 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from sycoca_jax import train
 from sycoca_jax.data import get_tokenizer
 from sycoca_jax.models.sycoca import build_model
 from sycoca_jax.tools import show_masks
 from tests.helpers import ROOT
 from tests.helpers import random_params
-from tests.helpers import small_train_config
 from tests.helpers import tiny_model_config
 
 CAPTIONS = ["a red circle", "two blue stars left of a green square"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A sycoca_tiny:runlocal checkpoint (32 px, patch 8: 16 patches) after two steps; no evaluators."""
-  workdir = tmp_path_factory.mktemp("trained")
-  config = small_train_config(total_steps=2, ckpt_steps=2, log_steps=2)
-  config.evals = ml_collections.ConfigDict()
-  train.train_and_evaluate(config, str(workdir))
-  return str(workdir)
+@pytest.fixture
+def trained(trained_run):
+  """A sycoca_tiny:runlocal checkpoint (32 px, patch 8: 16 patches) after two steps, only read here."""
+  return str(trained_run)
 
 
 def _scene(viewer):

@@ -16,7 +16,9 @@ from configs import common
 from sycoca_jax import checkpoint, config_lib, losses, metrics, optim, sharding, train
 from sycoca_jax.models import sycoca
 from tests import distributed
+from tests.helpers import copy_run
 from tests.helpers import small_train_config
+from tests.helpers import trained_run_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,16 +127,15 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
 # Weights that are merely huge, weights that overflow to inf.
 @pytest.mark.parametrize("lr", [1e8, 1e30])
 @pytest.mark.slow
-def test_blown_up_weights_are_never_checkpointed(tmp_path, lr):
-  workdir = str(tmp_path / "w")
-  train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
+def test_blown_up_weights_are_never_checkpointed(tmp_path, trained_run, lr):
+  workdir = str(copy_run(trained_run, tmp_path / "w"))  # checkpoints at steps 1 and 2
   good = _params(workdir, 2)
   # A finite loss at good weights takes a huge update: the bad-step guard does not see it, the save check does.
   config = small_train_config(total_steps=6, async_checkpointing=False, **{"optim.lr": lr})
   with pytest.raises(train.TooManyBadSteps,
                      match=r"Step 4: the parameter norm is .* at step 2 .* last good checkpoint, step 2, is kept"):
     train.train_and_evaluate(config, workdir)
-  assert checkpoint.Checkpointer(workdir).manager.all_steps() == [2]
+  assert checkpoint.Checkpointer(workdir).manager.all_steps() == [1, 2]
   jax.tree.map(np.testing.assert_array_equal, _params(workdir, 2), good)
   # From the start: nothing is checkpointed at all.
   fresh = str(tmp_path / "fresh")
@@ -162,7 +163,7 @@ def test_bad_config_fails_before_compiling_and_names_the_key(tmp_path, key, valu
 
 
 @pytest.mark.slow
-def test_train_step_compiles_once(tmp_path, monkeypatch):
+def test_train_step_compiles_once(tmp_path, trained_run, monkeypatch):
   traces = []
   make = losses.make_grad_fn
 
@@ -176,9 +177,11 @@ def test_train_step_compiles_once(tmp_path, monkeypatch):
     return grad_fn
 
   monkeypatch.setattr(train.losses, "make_grad_fn", counting)
-  train.train_and_evaluate(small_train_config(total_steps=4, ckpt_steps=100), str(tmp_path / "once"))
+  # Resumed at step 2 of 4: the restored state feeds the step it was saved from without a second trace.
+  workdir = copy_run(trained_run, tmp_path / "once")
+  train.train_and_evaluate(trained_run_config(total_steps=4, ckpt_steps=100), str(workdir))
   assert len(traces) == 1
-  assert sorted(_losses(tmp_path / "once")) == [1, 2, 3, 4]
+  assert sorted(_losses(workdir)) == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -232,12 +235,11 @@ def test_durations_in_any_unit():
 
 
 @pytest.mark.slow
-def test_init_from_another_run_with_a_frozen_tower(tmp_path):
+def test_init_from_another_run_with_a_frozen_tower(tmp_path, trained_run):
   """config.init_from copies the named towers; optim.freeze keeps one fixed while the rest trains."""
-  source = str(tmp_path / "source")
-  train.train_and_evaluate(small_train_config(total_steps=2, ckpt_steps=2), source)
+  source = str(trained_run)  # only read
   target = str(tmp_path / "target")
-  config = small_train_config(total_steps=2, ckpt_steps=2)
+  config = trained_run_config()
   config.init_from.workdir = source
   config.init_from.towers = ("image_encoder", "text_encoder")
   config.optim.freeze = (r"^image_encoder/",)
@@ -250,36 +252,33 @@ def test_init_from_another_run_with_a_frozen_tower(tmp_path):
 
 
 @pytest.mark.slow
-def test_resuming_with_total_steps_below_the_checkpoint_fails(tmp_path):
-  workdir = str(tmp_path / "w")
-  train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
+def test_resuming_with_total_steps_below_the_checkpoint_fails(tmp_path, trained_run):
+  workdir = str(copy_run(trained_run, tmp_path / "w"))
   with pytest.raises(ValueError, match=r"config.total_steps: the run now lasts 1 steps, but .* at step 2"):
-    train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), workdir)
+    train.train_and_evaluate(trained_run_config(total_steps=1), workdir)
 
 
 @pytest.mark.slow
-def test_resume_compares_the_config_with_the_checkpoints(tmp_path, caplog):
-  workdir = str(tmp_path / "w")
-  train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), workdir)
-  other = small_train_config(total_steps=1, **{"model.embed_dim": 64})
+def test_resume_compares_the_config_with_the_checkpoints(tmp_path, trained_run, caplog):
+  workdir = str(copy_run(trained_run, tmp_path / "w"))
+  other = trained_run_config(**{"model.embed_dim": 64})
   common.apply_variant(other, "coca")
-  with pytest.raises(ValueError, match=r"holds step 1 of a run with another model or objective; changed: "
+  with pytest.raises(ValueError, match=r"holds step 2 of a run with another model or objective; changed: "
                                        r"loss.mim_weight \(1.0 -> 0.0\), .*model.embed_dim \(32 -> 64\)"):
     train.train_and_evaluate(other, workdir)
   # A new length is allowed, and explained.
-  train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), workdir)
-  assert "total_steps (1 -> 2). The learning-rate schedule is recomputed" in caplog.text
-  assert checkpoint.Checkpointer(workdir).latest_step() == 2
+  train.train_and_evaluate(trained_run_config(total_steps=4), workdir)
+  assert "total_steps (2 -> 4). The learning-rate schedule is recomputed" in caplog.text
+  assert checkpoint.Checkpointer(workdir).latest_step() == 4
 
 
 @pytest.mark.slow
-def test_resumed_run_logs_each_step_once(tmp_path):
-  workdir = tmp_path / "w"
-  train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), str(workdir))
+def test_resumed_run_logs_each_step_once(tmp_path, trained_run):
+  workdir = copy_run(trained_run, tmp_path / "w")
   # What a run killed after its step-2 checkpoint leaves: rows of steps the resumed run logs again.
   with open(workdir / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n" + json.dumps({"step": 4, "loss": -1.0}) + "\n")
-  train.train_and_evaluate(small_train_config(total_steps=4, async_checkpointing=False), str(workdir))
+  train.train_and_evaluate(trained_run_config(total_steps=4), str(workdir))
   rows = metrics.read_jsonl(workdir)
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows if "loss" in r)
@@ -287,9 +286,9 @@ def test_resumed_run_logs_each_step_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_without_its_metadata_is_reported_as_damaged(tmp_path):
-  workdir = tmp_path / "w"
-  train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), str(workdir))
-  os.remove(workdir / "checkpoints" / "1" / "state" / "_METADATA")
-  with pytest.raises(checkpoint.CheckpointUnreadable, match=r"checkpoints/1 is damaged: state/_METADATA is missing"):
-    train.train_and_evaluate(small_train_config(total_steps=2, async_checkpointing=False), str(workdir))
+def test_checkpoint_without_its_metadata_is_reported_as_damaged(tmp_path, trained_run):
+  workdir = copy_run(trained_run, tmp_path / "w")
+  for step in (1, 2):
+    os.remove(workdir / "checkpoints" / str(step) / "state" / "_METADATA")
+  with pytest.raises(checkpoint.CheckpointUnreadable, match=r"checkpoints/2 is damaged: state/_METADATA is missing"):
+    train.train_and_evaluate(trained_run_config(total_steps=4), str(workdir))

@@ -66,9 +66,13 @@ def _lookup(name: str) -> tuple[type, Callable[[], ml_collections.ConfigDict]]:
   return _REGISTRY[name]
 
 
-def from_config(evals: Mapping[str, ml_collections.ConfigDict], model,
-                data_config: ml_collections.ConfigDict) -> list[tuple[str, Any, int]]:
-  """(name, evaluator, log_steps) of every eval config in `evals` (a run's config.evals), in order."""
+def from_config(evals: Mapping[str, ml_collections.ConfigDict], model, data_config: ml_collections.ConfigDict,
+                scheduled_only: bool = False) -> list[tuple[str, Any, int]]:
+  """(name, evaluator, log_steps) of every eval config in `evals` (a run's config.evals), in order.
+
+  `scheduled_only` (the trainer's choice) leaves out evaluators whose log_steps is 0: they would never run, and
+  building one already renders or loads its data.
+  """
   built = []
   for name, config in evals.items():
     cls, default_config = _lookup(config.type)
@@ -78,6 +82,8 @@ def from_config(evals: Mapping[str, ml_collections.ConfigDict], model,
     if cfg.data:
       data.update(cfg.data.to_dict())
     prefix, log_steps = metric_prefix(cfg), int(cfg.log_steps)
+    if scheduled_only and not log_steps:
+      continue
     for key in SHARED_KEYS:
       del cfg[key]
     built.append((name, cls(model, cfg, data, prefix), log_steps))
