@@ -27,12 +27,16 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-  # Tests that train for real (in subprocesses, on several processes, or for many steps); `-m "not slow"` leaves
-  # them out and keeps the inner loop near a minute.
-  config.addinivalue_line("markers", "slow: trains for real (subprocesses, several processes, many steps).")
+  # Tests that train or compile for real (subprocesses, several processes, many steps); `-m "not slow"` leaves
+  # them out and keeps the inner loop under a minute. Each says why it is slow: @pytest.mark.slow(reason="...").
+  config.addinivalue_line("markers", "slow(reason): trains or compiles for real; the reason says what takes long.")
 
 
 def pytest_collection_modifyitems(config, items):
+  unexplained = sorted({item.nodeid.split("[")[0] for item in items
+                        if (mark := item.get_closest_marker("slow")) and not mark.kwargs.get("reason")})
+  if unexplained:
+    raise pytest.UsageError("Mark slow tests with @pytest.mark.slow(reason=...): " + ", ".join(unexplained))
   # The slow tests first (stable within each group): xdist hands the long training runs out while every worker
   # is busy, instead of leaving one of them to finish a two-minute run alone at the end.
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)

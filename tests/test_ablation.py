@@ -168,7 +168,7 @@ def _study(workdir):
   return out.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="two ablation studies in subprocesses, each training and evaluating two rows")
 def test_study_trains_evaluates_tabulates_and_skips_finished_runs(tmp_path):
   log = _study(tmp_path)
   assert "clip_seed0: done" in log and "coca_seed0: done" in log

@@ -41,7 +41,7 @@ def test_v4_slices_have_one_device_per_chip():
   assert len(devices) == 32 and len({d.process_index for d in devices}) == 8
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="compiles the train step three times (scanned, unrolled, rematerialised)")
 def test_flop_count_unrolls_scanned_layers_and_includes_remat():
   config = small_train_config()
   plain = aot.count_flops(config)
@@ -53,7 +53,7 @@ def test_flop_count_unrolls_scanned_layers_and_includes_remat():
   assert plain < aot.count_flops(config) < full and full > 1.1 * plain
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="compiles the train step for a TPU slice with libtpu")
 @needs_libtpu
 def test_train_step_compiles_for_a_v5e_slice_and_fits():
   config = small_train_config()  # sycoca_tiny:runlocal, batch 16
@@ -69,7 +69,7 @@ def test_train_step_compiles_for_a_v5e_slice_and_fits():
 
 
 @needs_libtpu
-@pytest.mark.slow
+@pytest.mark.slow(reason="compiles the train step for a TPU slice in a subprocess")
 def test_a_batch_too_large_for_the_slice_fails_and_says_what_to_change():
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)

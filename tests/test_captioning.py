@@ -129,7 +129,7 @@ def two_process_target() -> dict:
   return {"metrics": evaluator.run(params), "captions": evaluator.last_predictions}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="two processes over loopback, each compiling the captioner")
 def test_evaluator_one_process_equals_two(tmp_path):
   def one_process():  # this process, 8 devices, while the two one-device workers run
     evaluator, params = build_evaluator(predictions_path=str(tmp_path / "pred.json"))

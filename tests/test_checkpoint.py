@@ -106,7 +106,7 @@ def test_restore_latest_raises_and_moves_nothing_when_no_checkpoint_verifies(tmp
   checkpointer.close()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="resumes and trains the shared tiny run")
 def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, trained_run, caplog):
   workdir = str(copy_run(trained_run, tmp_path / "w"))  # checkpoints at steps 1 and 2
   _flip_a_byte(workdir, 2)
@@ -139,7 +139,7 @@ def two_process_target():
   return {"step": step, "data_state": data_state, "checksums": checkpoint.checksums(state)}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="two processes over loopback")
 def test_two_processes_verify_and_fall_back_together(tmp_path, monkeypatch):
   monkeypatch.setenv("SYCOCA_CHECKPOINT_TEST_DIR", str(tmp_path / "w"))
   single, workers = distributed.run_on_processes("tests.test_checkpoint:two_process_target", tmp_path,

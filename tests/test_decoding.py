@@ -172,7 +172,7 @@ def _teacher_forced_log_prob(model, params, image_tokens, tokens):
   return jnp.sum(jnp.where(target != PAD, lp, 0.0), axis=1)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="compiles the decoder with and without its KV cache at every length")
 def test_kv_cache_matches_recomputation():
   _, model, params, image_tokens = _tiny()
   first = _decode(params, image_tokens, EOS, "greedy", True)

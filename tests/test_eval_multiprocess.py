@@ -33,7 +33,7 @@ def two_process_target() -> dict:
   return {"metrics": run_all()}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="two processes over loopback, each compiling every evaluator")
 def test_two_processes_equal_one(tmp_path):
   # This process (8 devices) computes the reference while the two one-device workers run.
   single, workers = distributed.run_on_processes("tests.test_eval_multiprocess:two_process_target", tmp_path,

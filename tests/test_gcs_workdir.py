@@ -297,7 +297,7 @@ def _tree(root) -> set[str]:
   return {os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="trains, resumes and evaluates against a fake Cloud Storage server")
 def test_train_resume_and_evaluate_in_a_bucket(fake_gcs, tmp_path, monkeypatch):
   root, server = fake_gcs
   run = f"gs://{_BUCKET}/run"

@@ -84,7 +84,7 @@ ABLATIONS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="compiles the gradient of every ablation row")
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_gradients_reach_exactly_the_used_towers(name):
   weights, used, unused = ABLATIONS[name]

@@ -28,7 +28,7 @@ def _setup(**overrides):
   return cfg, model, init_params(model, jax.random.PRNGKey(0))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="builds and runs each model geometry, bf16 and scanned included")
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_output_shapes_and_dtypes(name):
   cfg, model, params = _setup(**GEOMETRIES[name])
@@ -95,7 +95,7 @@ def test_open_clip_coca_geometries_build():
   assert params["text_encoder"]["positional_embedding"].shape == (cfg.text.context_length + 1, 32)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="three full forward passes of the model")
 def test_tg_mim_encoder_ignores_hidden_pixels():
   cfg, model, params = _setup()
   images, text = random_batch(cfg)
@@ -197,7 +197,7 @@ def test_attention_impl_is_validated():
   assert model.text_encoder.tower.attention_impl == "cudnn"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="compiles the gradient with and without rematerialisation")
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_policies_recompute_the_same_gradients(policy):
   """A remat policy changes what the backward pass keeps and what it recomputes, never the gradients."""

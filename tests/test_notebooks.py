@@ -44,7 +44,7 @@ def shared_workdir(tmp_path_factory):
   return tmp_path_factory.mktemp("notebook_runs")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="executes a notebook in a Jupyter kernel")
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_short_mode(name, shared_workdir, tmp_path, monkeypatch):
   nbclient = pytest.importorskip("nbclient", reason="needs nbclient (pip install 'sycoca_jax[notebooks]')")

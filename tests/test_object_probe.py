@@ -8,7 +8,7 @@ from sycoca_jax.tools import object_probe
 from tests.helpers import small_train_config
 
 
-@pytest.mark.slow  # 80 training steps
+@pytest.mark.slow(reason="80 training steps")
 @pytest.mark.parametrize("tower", ["vit", "cnn"])
 def test_probe_learns_colour_of_large_objects_on_smooth_backgrounds(tower):
   config = small_train_config(global_batch_size=32)

@@ -245,7 +245,7 @@ def test_kv_cached_greedy_matches_open_clip(mixed_widths):
   np.testing.assert_array_equal(np.asarray(caption(imported["params"], jnp.asarray(images)).tokens), ref)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the conversion command line in a subprocess (imports torch)")
 def test_cli_writes_a_loadable_scanned_checkpoint(mixed_widths, tmp_path):
   imported = mixed_widths
   out = tmp_path / "imported"

@@ -31,7 +31,7 @@ def _scene(viewer):
   return image
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="reads the shared tiny trained run")
 def test_trained_checkpoint_shows_all_five_panels(trained):
   viewer = show_masks.MaskViewer.load(trained)
   assert viewer.step == 2 and viewer.has_image_decoder
@@ -52,7 +52,7 @@ def test_trained_checkpoint_shows_all_five_panels(trained):
   assert (random.ic_keep.sum(1) == 12).all() and (random.mim_visible.sum(1) == 4).all()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the show_masks command line in a subprocess, on the shared tiny trained run")
 def test_command_line_writes_the_grid(trained, tmp_path):
   image_path, out = tmp_path / "scene.png", tmp_path / "masks.png"
   Image.new("RGB", (40, 30), (200, 30, 30)).save(image_path)  # any size: resized and centre-cropped

@@ -57,7 +57,7 @@ def _wait_for(predicate, proc, timeout=300):
     time.sleep(0.05)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="three training subprocesses, two of them over loopback")
 def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run):
   """The global batch and the math do not depend on how the work is laid out."""
   overrides = trained_run_config().to_dict()  # the shared trained_run is the 8-device run
@@ -77,7 +77,7 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run
   assert one[2] != one[1]  # the runs really trained
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="three training subprocesses with input worker processes")
 def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
   _run(workdir=str(tmp_path / "straight"), devices=2)  # the scenes decode in-process by default
   killed = tmp_path / "killed"
@@ -97,7 +97,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
     np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a training subprocess, stopped by a signal")
 def test_sigterm_checkpoints_the_current_step(tmp_path):
   workdir = tmp_path / "term"
   proc = _spawn(workdir=str(workdir), devices=1, batch_delay=0.3,
@@ -111,11 +111,12 @@ def test_sigterm_checkpoints_the_current_step(tmp_path):
   assert max(_losses(workdir)) == step
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a training subprocess")
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
   workdir = tmp_path / "nan"
+  # It stops at step 5; 1000 steps make its train step the SIGTERM test's program, compiled once for both.
   proc = _spawn(workdir=str(workdir), devices=1, nan_from_step=3,
-                overrides={"ckpt_steps": 1, "max_bad_steps": 3, "total_steps": 8})
+                overrides={"ckpt_steps": 1, "max_bad_steps": 3, "total_steps": 1000})
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 3 and "3 steps in a row" in out, out[-3000:]
   rows = {r["step"]: r for r in metrics.read_jsonl(workdir) if "loss" in r}
@@ -126,7 +127,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
 
 # Weights that are merely huge, weights that overflow to inf.
 @pytest.mark.parametrize("lr", [1e8, 1e30])
-@pytest.mark.slow
+@pytest.mark.slow(reason="trains twice (resumed and from scratch) until the guard stops the run")
 def test_blown_up_weights_are_never_checkpointed(tmp_path, trained_run, lr):
   workdir = str(copy_run(trained_run, tmp_path / "w"))  # checkpoints at steps 1 and 2
   good = _params(workdir, 2)
@@ -162,7 +163,7 @@ def test_bad_config_fails_before_compiling_and_names_the_key(tmp_path, key, valu
   assert not os.path.exists(tmp_path / "bad")  # failed before touching anything
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="resumes and trains the shared tiny run")
 def test_train_step_compiles_once(tmp_path, trained_run, monkeypatch):
   traces = []
   make = losses.make_grad_fn
@@ -184,7 +185,7 @@ def test_train_step_compiles_once(tmp_path, trained_run, monkeypatch):
   assert sorted(_losses(workdir)) == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="compiles and runs the train step")
 def test_logged_learning_rate_is_the_one_the_optimizer_used():
   """A skipped (non-finite) step does not advance the optimizer, so the rate logged after it must not run ahead."""
   config = small_train_config()  # 2 warm-up steps: the rate differs at each of the first steps
@@ -206,7 +207,7 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used():
   assert schedule(1) != schedule(2)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="compiles the full-batch and the accumulated gradient")
 def test_gradient_accumulation_is_exact():
   """Micro-batching (with contrastive negatives from the whole batch) gives the full-batch gradient."""
   config = small_train_config()
@@ -234,7 +235,7 @@ def test_durations_in_any_unit():
   assert config_lib.every(10, 5, 12) and config_lib.every(12, 5, 12) and not config_lib.every(11, 5, 12)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="trains a run initialised from the shared tiny run")
 def test_init_from_another_run_with_a_frozen_tower(tmp_path, trained_run):
   """config.init_from copies the named towers; optim.freeze keeps one fixed while the rest trains."""
   source = str(trained_run)  # only read
@@ -251,14 +252,14 @@ def test_init_from_another_run_with_a_frozen_tower(tmp_path, trained_run):
   assert any(moved)  # copied, then trained on
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="needs the shared tiny trained run")
 def test_resuming_with_total_steps_below_the_checkpoint_fails(tmp_path, trained_run):
   workdir = str(copy_run(trained_run, tmp_path / "w"))
   with pytest.raises(ValueError, match=r"config.total_steps: the run now lasts 1 steps, but .* at step 2"):
     train.train_and_evaluate(trained_run_config(total_steps=1), workdir)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="resumes and trains the shared tiny run")
 def test_resume_compares_the_config_with_the_checkpoints(tmp_path, trained_run, caplog):
   workdir = str(copy_run(trained_run, tmp_path / "w"))
   other = trained_run_config(**{"model.embed_dim": 64})
@@ -272,7 +273,7 @@ def test_resume_compares_the_config_with_the_checkpoints(tmp_path, trained_run, 
   assert checkpoint.Checkpointer(workdir).latest_step() == 4
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="resumes and trains the shared tiny run")
 def test_resumed_run_logs_each_step_once(tmp_path, trained_run):
   workdir = copy_run(trained_run, tmp_path / "w")
   # What a run killed after its step-2 checkpoint leaves: rows of steps the resumed run logs again.
@@ -285,7 +286,7 @@ def test_resumed_run_logs_each_step_once(tmp_path, trained_run):
   assert sum("hparams" in r for r in rows) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="needs the shared tiny trained run")
 def test_checkpoint_without_its_metadata_is_reported_as_damaged(tmp_path, trained_run):
   workdir = copy_run(trained_run, tmp_path / "w")
   for step in (1, 2):

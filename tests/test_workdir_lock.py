@@ -59,7 +59,7 @@ def test_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, caplog):
   assert not (workdir / "LOCK").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="trains a tiny run")
 def test_training_run_releases_the_lock(tmp_path):
   workdir = tmp_path / "w"
   train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), str(workdir))
