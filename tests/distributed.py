@@ -15,6 +15,12 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# What processes that run together over loopback get on top of the test session's environment: no persistent
+# compilation cache. JAX writes cache entries from process 0 only and CPU processes key their programs apart, so
+# process 0 would load its programs at once while process 1 compiles; on two loaded cores that gap can pass gloo's
+# 30 s connection timeout.
+SEVERAL_PROCESSES_ENV = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -25,7 +31,7 @@ def free_port() -> int:
 def run_on_processes(target: str, tmp_path, while_waiting=None, num_processes: int = 2, timeout: int = 400):
   """(while_waiting(), [each worker's result]) for `target` ('module:function') on `num_processes` processes."""
   port = free_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **SEVERAL_PROCESSES_ENV)
   env.pop("XLA_FLAGS", None)
   outs = [os.path.join(str(tmp_path), f"process_{i}.json") for i in range(num_processes)]
   procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed", target, str(i), str(num_processes),
