@@ -372,7 +372,9 @@ def compile_logits_path(config: ml_collections.ConfigDict, topology: str) -> tup
     for impl in losses.CONTRASTIVE_IMPLS:
       loss_cfg = config.loss.copy_and_resolve_references()
       loss_cfg.contrastive, loss_cfg.contrastive_impl = contrastive, impl
-      fn = jax.jit(jax.value_and_grad(losses.make_contrastive_fn(loss_cfg, mesh), argnums=(0, 1, 2, 3)))
+      # Gradients leave split as the embeddings came, as they flow back into the towers in training.
+      fn = jax.jit(jax.value_and_grad(losses.make_contrastive_fn(loss_cfg, mesh), argnums=(0, 1, 2, 3)),
+                   out_shardings=(scalar.sharding, (emb.sharding, emb.sharding, scalar.sharding, scalar.sharding)))
       report = LogitsPathReport(contrastive, impl, 0.0, 0.0, "")
       try:
         compiled = fn.lower(emb, emb, scalar, scalar).compile()
