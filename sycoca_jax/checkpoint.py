@@ -36,11 +36,25 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sycoca_jax import optim, paths
-from sycoca_jax.models.sycoca import default_model_config
+from sycoca_jax.models.sycoca import SyCoCa, default_model_config
 
 
 class CheckpointUnreadable(RuntimeError):
   """A checkpoint's files are missing or damaged."""
+
+
+# Top-level parameters added to the model after checkpoints were written, and the value such a checkpoint loads
+# them with: its model did not have them, so the initial value changes nothing it computed.
+ADDED_PARAMS = {"logit_bias": SyCoCa.init_logit_bias}   # the sigmoid contrastive loss's bias
+
+
+def with_added_params(params: dict[str, Any]) -> dict[str, Any]:
+  """A SyCoCa params tree with each of ADDED_PARAMS it lacks at its default, beside its logit_scale."""
+  missing = {k: v for k, v in ADDED_PARAMS.items() if k not in params}
+  if not missing or "logit_scale" not in params:   # complete, or not a SyCoCa tree
+    return params
+  place = lambda v: jax.device_put(np.float32(v), params["logit_scale"].sharding)
+  return dict(params, **{k: place(v) for k, v in missing.items()})
 
 
 # ------------------------------------------------------------------------------------------------ checksums
@@ -277,7 +291,7 @@ def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[
   if "checksums" in items:
     verify(restored.state, restored.checksums, step)  # names are those of the whole state: params/...
   manager.close()
-  return config, restored.state["params"], step
+  return config, with_added_params(restored.state["params"]), step
 
 
 def save_params(directory: epath.PathLike, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> None:

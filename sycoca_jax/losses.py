@@ -1,8 +1,14 @@
 """The three SyCoCa objectives and the one loss function the train step differentiates.
 
 Shape legend: B batch (the global batch: under jit the arrays are global, so the contrastive loss sees every
-device's examples as negatives without any explicit all-gather), L text tokens, V vocabulary, N patches,
-P pixels per patch, E joint embedding.
+device's examples as negatives), D devices the batch is split over, b = B / D examples per device, L text tokens,
+V vocabulary, N patches, P pixels per patch, E joint embedding.
+
+Two contrastive (ITC) losses, `config.loss.contrastive`: CLIP's softmax InfoNCE (the default) and SigLIP's
+sigmoid loss. Both take their negatives from the whole global batch, and neither lets one device hold the
+[B, B] logits (`config.loss.contrastive_impl='sharded'`): softmax computes each device's rows of them
+(a [b, B] block), sigmoid passes the texts around the device ring and scores one [b, b] block at a time. The
+dense formulas (`contrastive_loss`, `sigmoid_loss`) are the reference and `contrastive_impl='dense'`.
 
   L = w_itc * L_ITC + w_ic * L_IC + w_mim * L_TG-MIM        (paper: 1, 2, 1)
 
@@ -10,17 +16,26 @@ A weight of 0 switches that objective off, and its head is not even run. The cap
 log-likelihood (`sequence_log_likelihood`) is the one that evaluation and inference score captions with.
 """
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
 
+from sycoca_jax import sharding
 from sycoca_jax.models import vit
 from sycoca_jax.models.sycoca import SyCoCa
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# (image_emb [B, E], text_emb [B, E], temperature, bias) -> scalar; the softmax loss has no use for the bias.
+ContrastiveFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+CONTRASTIVE = ("softmax", "sigmoid")
+CONTRASTIVE_IMPLS = ("sharded", "dense")
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -30,6 +45,150 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax
   i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
   return (i2t + t2i) / 2
+
+
+def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array, bias: jax.Array) -> jax.Array:
+  """SigLIP: -sum log sigmoid(label * (t <x_i, y_j> + b)) / B, label +1 on matching pairs, -1 elsewhere.
+
+  [B, E], [B, E] (L2-normalised), scalar temperature t and bias b -> scalar. The dense reference of
+  `ring_sigmoid_loss`: it builds the whole [B, B] logits.
+  """
+  logits = temperature * image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T + bias  # [B, B]
+  labels = 2 * jnp.eye(logits.shape[0]) - 1
+  return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The contrastive losses over a mesh: the batch split over sharding.BATCH_AXES, as the train step splits it.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _ring_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+
+
+def sharded_softmax_loss(mesh: Mesh) -> ContrastiveFn:
+  """`contrastive_loss` with each device computing only its rows of the logits: a [b, B] block, not [B, B].
+
+  Each device gathers the texts ([B, E], small) and scores its own images against all of them. The image ->
+  text half is then a softmax along its own rows; the text -> image half needs each column's log-sum-exp,
+  which spans every device: reduced across them as [B] vectors (a max, then a sum), never as the matrix.
+  """
+  axes = sharding.BATCH_AXES
+  d = _ring_size(mesh)
+
+  def local(x, y, t):                                  # [b, E], [b, E], scalar
+    b = x.shape[0]
+    logits = t * x @ lax.all_gather(y, axes, tiled=True).T          # [b, B]: this device's rows
+    first = lax.axis_index(axes) * b
+    positive = lax.dynamic_slice_in_dim(logits, first, b, axis=1).diagonal()   # [b]
+    rows = jax.nn.logsumexp(logits, axis=1)                          # [b]
+    # The shift only keeps exp in range; the log-sum-exp's gradient does not depend on it.
+    shift = lax.pmax(lax.stop_gradient(logits).max(axis=0), axes)    # [B]
+    cols = jnp.log(lax.psum(jnp.exp(logits - shift).sum(axis=0), axes)) + shift   # [B], the same on every device
+    return (lax.psum(jnp.sum(rows - 2 * positive), axes) + jnp.sum(cols)) / (2 * b * d)
+
+  def loss(image_emb, text_emb, temperature, bias):
+    del bias
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())(
+        image_emb.astype(jnp.float32), text_emb.astype(jnp.float32), temperature.astype(jnp.float32))
+
+  return loss
+
+
+def ring_sigmoid_loss(mesh: Mesh) -> ContrastiveFn:
+  """`sigmoid_loss` around the device ring: no device ever holds more than one [b, b] block of logits.
+
+  Each device keeps its images and scores them against its own texts (the diagonal block, the only one with
+  positives), then passes its texts to the next device and scores the ones it receives, D - 1 times (a scan
+  over the rounds). The sigmoid loss is a plain sum over pairs, so the blocks need no normalisation across
+  devices, only the final sum. The backward pass goes around the ring again, recomputing each block from the
+  embeddings (a custom VJP: autodiff of the scan would keep every round's logits): the image gradient
+  accumulates in place, the text gradient travels with its texts and one last hop brings it home.
+  """
+  axes = sharding.BATCH_AXES
+  d = _ring_size(mesh)
+  hop = lambda x: lax.ppermute(x, axes, [(i, (i + 1) % d) for i in range(d)])  # device i -> i + 1
+
+  def labels(b, diagonal):
+    return 2 * jnp.eye(b) - 1 if diagonal else -jnp.ones((b, b))
+
+  def block_loss(x, y, t, bias, diagonal):             # [b, E], [b, E] -> scalar
+    z = t * x @ y.T + bias                               # [b, b]
+    return -jnp.sum(jax.nn.log_sigmoid(labels(x.shape[0], diagonal) * z))
+
+  def block_grads(x, y, t, bias, diagonal, scale):       # d block_loss * scale / d (x, y, t, bias)
+    s = x @ y.T                                          # [b, b]
+    label = labels(x.shape[0], diagonal)
+    # d(-log sigmoid(label z)) / dz = -label sigmoid(-label z), with z = t s + bias.
+    dz = -label * jax.nn.sigmoid(-label * (t * s + bias)) * scale
+    return t * dz @ y, t * dz.T @ x, jnp.sum(dz * s), jnp.sum(dz)
+
+  def forward(x, y, t, bias):
+    def round_(carry, _):
+      y, total = carry
+      y = hop(y)
+      return (y, total + block_loss(x, y, t, bias, False)), None
+
+    (_, total), _ = lax.scan(round_, (y, block_loss(x, y, t, bias, True)), None, length=d - 1)
+    return lax.psum(total, axes) / (x.shape[0] * d)
+
+  def backward(x, y, t, bias, g):
+    scale = g / (x.shape[0] * d)
+    dx, dy, dt, db = block_grads(x, y, t, bias, True, scale)
+
+    def round_(carry, _):
+      y, dy, dx, dt, db = carry
+      y, dy = hop(y), hop(dy)                            # dy: the gradient of the texts now held, so far
+      gx, gy, gt, gb = block_grads(x, y, t, bias, False, scale)
+      return (y, dy + gy, dx + gx, dt + gt, db + gb), None
+
+    (_, dy, dx, dt, db), _ = lax.scan(round_, (y, dy, dx, dt, db), None, length=d - 1)
+    return dx, hop(dy), lax.psum(dt, axes), lax.psum(db, axes)
+
+  spec = (P(axes), P(axes), P(), P())
+  forward_map = jax.shard_map(forward, mesh=mesh, in_specs=spec, out_specs=P())
+  backward_map = jax.shard_map(backward, mesh=mesh, in_specs=spec + (P(),), out_specs=spec)
+
+  @jax.custom_vjp
+  def ring(x, y, t, bias):
+    return forward_map(x, y, t, bias)
+
+  def ring_fwd(x, y, t, bias):
+    return forward_map(x, y, t, bias), (x, y, t, bias)
+
+  def ring_bwd(residuals, g):
+    return backward_map(*residuals, g)
+
+  ring.defvjp(ring_fwd, ring_bwd)
+
+  def loss(image_emb, text_emb, temperature, bias):
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return ring(f32(image_emb), f32(text_emb), f32(temperature), f32(bias))
+
+  return loss
+
+
+def make_contrastive_fn(loss_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> ContrastiveFn:
+  """The ITC loss of `loss_cfg`: (image_emb [B, E], text_emb [B, E], temperature, bias) -> scalar.
+
+  Over `mesh` (the batch split over its batch axes) unless loss_cfg.contrastive_impl is 'dense' or no mesh is
+  given; then the dense formula, its [B, B] logits laid out as the compiler chooses.
+  """
+  validate_loss_config(loss_cfg)
+  sigmoid = loss_cfg.contrastive == "sigmoid"
+  if mesh is None or loss_cfg.contrastive_impl == "dense":
+    return sigmoid_loss if sigmoid else lambda x, y, t, bias: contrastive_loss(x, y, t)
+  return ring_sigmoid_loss(mesh) if sigmoid else sharded_softmax_loss(mesh)
+
+
+def contrastive_init(loss_cfg: ml_collections.ConfigDict) -> dict[str, float]:
+  """The model's initial log-temperature and bias for this ITC loss: SigLIP's t = 10, b = -10 for 'sigmoid'
+  (a start near the loss of predicting every pair negative); the model config's own for 'softmax'."""
+  if loss_cfg.contrastive != "sigmoid":
+    return {}
+  return {"init_logit_scale": math.log(loss_cfg.sigmoid_init_temperature),
+          "init_logit_bias": float(loss_cfg.sigmoid_init_bias)}
 
 
 def next_token_log_probs(logits: jax.Array, text: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array]:
@@ -83,10 +242,25 @@ def default_loss_config() -> ml_collections.ConfigDict:
       itc_weight=1.0, ic_weight=2.0, mim_weight=1.0,   # paper: L = L_ITC + 2 L_IC + L_TM
       norm_pix=True,                                   # TG-MIM targets normalised per patch
       mim_loss="mse",                                  # mse | l1
+      contrastive="softmax",                           # softmax (CLIP / CoCa InfoNCE) | sigmoid (SigLIP)
+      # sharded: no device holds the [B, B] logits (softmax: its rows; sigmoid: the device ring) | dense: the
+      # reference formula, whose [B, B] logits the compiler lays out as it likes.
+      contrastive_impl="sharded",
+      sigmoid_init_temperature=10.0, sigmoid_init_bias=-10.0,   # SigLIP's start; learned from there
   ))
 
 
+def validate_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the offending config.loss key."""
+  for key, allowed in (("contrastive", CONTRASTIVE), ("contrastive_impl", CONTRASTIVE_IMPLS)):
+    if loss_cfg[key] not in allowed:
+      raise ValueError(f"config.loss.{key}: {loss_cfg[key]!r} is not one of {', '.join(map(repr, allowed))}.")
+  if loss_cfg.sigmoid_init_temperature <= 0:
+    raise ValueError(f"config.loss.sigmoid_init_temperature: {loss_cfg.sigmoid_init_temperature} must be > 0.")
+
+
 def enabled_heads(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  validate_loss_config(loss_cfg)
   weights = {"itc": loss_cfg.itc_weight, "ic": loss_cfg.ic_weight, "mim": loss_cfg.mim_weight}
   for name, w in weights.items():
     if w < 0:
@@ -102,15 +276,20 @@ LOSS_WEIGHTS = {"contrastive_loss": "itc_weight", "caption_loss": "ic_weight", "
 
 
 def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str, Any],
-               batch: dict[str, jax.Array], heads: tuple[str, ...]) -> dict[str, jax.Array]:
+               batch: dict[str, jax.Array], heads: tuple[str, ...],
+               contrastive: Optional[ContrastiveFn] = None) -> dict[str, jax.Array]:
   """Named scalars of one forward pass `out` on `batch`.
 
-  The loss terms of `heads` (with 'ic', caption_tokens: how many target tokens are real), the temperature and
-  the masking diagnostics.
+  The loss terms of `heads` (with 'ic', caption_tokens: how many target tokens are real), the temperature (and
+  with the sigmoid loss its bias) and the masking diagnostics. `contrastive`: the ITC loss (make_contrastive_fn),
+  needed when 'itc' is in heads.
   """
   terms: dict[str, jax.Array] = {"temperature": out["logit_scale"]}
+  if loss_cfg.contrastive == "sigmoid":
+    terms["logit_bias"] = out["logit_bias"]
   if "itc" in heads:
-    terms["contrastive_loss"] = contrastive_loss(out["image_embedding"], out["text_embedding"], out["logit_scale"])
+    terms["contrastive_loss"] = contrastive(out["image_embedding"], out["text_embedding"], out["logit_scale"],
+                                            out["logit_bias"])
   if "ic" in heads:
     terms["caption_loss"], terms["caption_tokens"] = caption_loss(out["caption_logits"], batch["text"], model.pad_id)
   if "mim" in heads:
@@ -130,17 +309,19 @@ def total_loss(terms: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict)
   return total
 
 
-def make_loss_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict) -> LossFn:
+def make_loss_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> LossFn:
   """Returns loss_fn(params, batch, rng) -> (total loss, aux) for use inside one jit.
 
   batch: {'image': [B, H, W, 3] float, 'text': [B, L] int32}. aux holds every loss term, the temperature and
-  masking diagnostics, all scalars (cheap to keep on device until a log step).
+  masking diagnostics, all scalars (cheap to keep on device until a log step). `mesh`: the one the batch is split
+  over, for the contrastive loss (see make_contrastive_fn).
   """
   heads = enabled_heads(loss_cfg)
+  contrastive = make_contrastive_fn(loss_cfg, mesh)
 
   def loss_fn(params, batch, rng):
     out = model.apply({"params": params}, batch["image"], batch["text"], rng=rng, heads=heads)
-    aux = loss_terms(model, loss_cfg, out, batch, heads)
+    aux = loss_terms(model, loss_cfg, out, batch, heads, contrastive)
     aux["loss"] = total_loss(aux, loss_cfg)
     return aux["loss"], aux
 
@@ -159,16 +340,18 @@ def masking_diagnostics(masks) -> dict[str, jax.Array]:
   return diag
 
 
-def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps: int = 1):
+def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps: int = 1,
+                 mesh: Optional[Mesh] = None):
   """grad_fn(params, batch, rng) -> (grads, aux), optionally over `accum_steps` micro-batches.
 
   Accumulation keeps every objective exactly what it is on the whole global batch, contrastive negatives
   included (the gradient-cache method): first the ITC embeddings of all micro-batches are computed without
-  gradient and d L_ITC / d embedding is taken on the full [B, B] similarity matrix; then each micro-batch
-  back-propagates those embedding gradients plus its share of the caption and TG-MIM sums. Costs one extra
-  forward pass of the two encoders; activation memory is that of one micro-batch.
+  gradient and d L_ITC / d embedding (and temperature, bias) is taken over the whole batch, by the same
+  contrastive loss as without accumulation (sharded over `mesh`); then each micro-batch back-propagates those
+  embedding gradients plus its share of the caption and TG-MIM sums. Costs one extra forward pass of the two
+  encoders; activation memory is that of one micro-batch.
   """
-  loss_fn = make_loss_fn(model, loss_cfg)
+  loss_fn = make_loss_fn(model, loss_cfg, mesh)
   if accum_steps == 1:
     def grad_fn(params, batch, rng):
       (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
@@ -176,11 +359,16 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
     return grad_fn
 
   heads = enabled_heads(loss_cfg)
+  contrastive = make_contrastive_fn(loss_cfg, mesh)
 
   def split(x):
     # Micro-batch a holds examples a, a + A, a + 2A, ...: with the batch split over devices in contiguous
     # blocks, every micro-batch then spans every device (a plain reshape would put each on a few devices).
     return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
+  def unsplit(x):
+    # [A, B / A, ...] -> [B, ...] in the batch's own order: each device's rows are back where they started.
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
   def grad_fn(params, batch, rng):
     micro = jax.tree.map(split, {"image": batch["image"], "text": batch["text"]})
@@ -191,15 +379,14 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
 
     aux: dict[str, jax.Array] = {}
     g_img = g_txt = jnp.zeros((accum_steps, batch_size // accum_steps, 1))
-    g_temp = jnp.zeros(())
+    g_temp = g_bias = jnp.zeros(())
     if "itc" in heads:
       img, txt = jax.lax.map(lambda mb: (apply(SyCoCa.encode_image, mb["image"])["embedding"],
                                          apply(SyCoCa.encode_text, mb["text"])["embedding"]), micro)
-      temperature = apply(SyCoCa.temperature)
-      flat = lambda x: x.reshape(batch_size, -1)
-      itc, (g_img, g_txt, g_temp) = jax.value_and_grad(contrastive_loss, argnums=(0, 1, 2))(
-          flat(img), flat(txt), temperature)
-      g_img, g_txt = g_img.reshape(img.shape), g_txt.reshape(txt.shape)
+      temperature, bias = apply(SyCoCa.temperature), apply(SyCoCa.bias)
+      itc, (g_img, g_txt, g_temp, g_bias) = jax.value_and_grad(contrastive, argnums=(0, 1, 2, 3))(
+          unsplit(img), unsplit(txt), temperature, bias)
+      g_img, g_txt = split(g_img), split(g_txt)
       aux["contrastive_loss"] = itc
 
     def micro_grads(acc, xs):
@@ -218,7 +405,7 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
         if "itc" in heads:
           # Its gradient reaches the parameters through the embeddings', computed above.
           weighted["contrastive_loss"] = ((out["image_embedding"] * gi).sum() + (out["text_embedding"] * gt).sum()
-                                          + g_temp * out["logit_scale"] / accum_steps)
+                                          + (g_temp * out["logit_scale"] + g_bias * out["logit_bias"]) / accum_steps)
         return total_loss(weighted, loss_cfg), parts
 
       grads, parts = jax.grad(surrogate, has_aux=True)(params)

@@ -41,9 +41,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       lr=5e-4, warmup_steps=2000, end_lr_fraction=0.0,   # linear warmup, then cosine decay to end_lr_fraction*lr
       b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0,
-      # Biases, norms, embeddings, tokens and the temperature are not decayed (CLIP / CoCa practice).
+      # Biases, norms, embeddings, tokens, the temperature and the logit bias are not decayed (CLIP / CoCa practice).
       no_decay=(r"/bias$", r"/scale$", r"embedding", r"class_embedding$", r"cls_emb$", r"mask_token$",
-                r"attn_pool/query$", r"logit_scale$"),
+                r"attn_pool/query$", r"logit_scale$", r"logit_bias$"),
       freeze=(),  # patterns of parameters that stay fixed, e.g. ('^image_encoder/',) for a locked image tower
       # (pattern, low, high): after every update a matching parameter is clipped into [low, high]. open_clip
       # clamps the log-temperature to [0, log 100] after each step: the forward pass uses exp(logit_scale)

@@ -28,7 +28,7 @@ from sycoca_jax.data import CLIP_MEAN, CLIP_STD, build_train_iterator
 from sycoca_jax.models import sycoca
 from sycoca_jax.models.vit import patchify, unpatchify
 
-TOWER_OF_HEAD = {"itc": ("logit_scale",), "ic": ("text_decoder",), "mim": ("image_decoder",)}
+TOWER_OF_HEAD = {"itc": ("logit_scale", "logit_bias"), "ic": ("text_decoder",), "mim": ("image_decoder",)}
 
 
 class Preempted(Exception):
@@ -203,14 +203,17 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
   `step` with `abstract_state` and `abstract_batch` for a TPU topology it does not have.
   """
   heads = losses.enabled_heads(config.loss)
-  grad_fn = losses.make_grad_fn(model, config.loss, config.grad_accum_steps)
+  grad_fn = losses.make_grad_fn(model, config.loss, config.grad_accum_steps, mesh)
   # Towers no enabled objective uses get no update (and no weight decay): switching objectives between
-  # runs then never silently drifts them.
-  unused = [f"^{t}/" if t != "logit_scale" else "^logit_scale$"
-            for head, towers in TOWER_OF_HEAD.items() if head not in heads for t in towers]
+  # runs then never silently drifts them. The softmax loss never reads the logit bias.
+  unused = [f"^{t}($|/)" for head, towers in TOWER_OF_HEAD.items() if head not in heads for t in towers]
+  if "itc" in heads and config.loss.contrastive != "sigmoid":
+    unused.append("^logit_bias$")
+  # The ITC loss picks the temperature's (and bias's) starting values: SigLIP's for the sigmoid loss.
+  init_model = model.clone(**losses.contrastive_init(config.loss))
 
   def init_state(rng):
-    params = sycoca.init_params(model, rng)
+    params = sycoca.init_params(init_model, rng)
     tx = optim.make_optimizer(config.optim, params, num_steps, frozen=unused)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": rng, "bad_steps": jnp.zeros((), jnp.int32)}

@@ -69,6 +69,14 @@ def test_plan_fails_before_training_on_bad_rows():
     ablation.plan(TINY, ["clip"], [0], "loss.mim_weight=0.5")
 
 
+def test_sigmoid_contrastive_loss_on_every_row():
+  runs = ablation.plan(f"{TINY}:runlocal", [], [0], overrides=["loss.contrastive=sigmoid"])
+  assert [r.variant for r in runs] == ablation.config_variants(TINY)
+  assert all(r.config.loss.contrastive == "sigmoid" for r in runs)
+  with pytest.raises(ValueError, match="coca_seed0: config.loss.contrastive: 'sigmod'"):
+    ablation.plan(TINY, ["coca"], [0], overrides=["loss.contrastive=sigmod"])
+
+
 def test_extra_evals_skip_the_runs_own_and_rename_clashes():
   run, = ablation.plan(TINY, ["sycoca"], [0])
   evals = ablation.final_evals(run, os.path.join(ROOT, "configs", "eval_all.py"), TINY)

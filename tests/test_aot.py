@@ -80,3 +80,19 @@ def test_a_batch_too_large_for_the_slice_fails_and_says_what_to_change():
   assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "DOES NOT FIT" in proc.stdout
   assert "--config.model.remat=True" in proc.stdout and "--config.grad_accum_steps=2" in proc.stdout
+
+
+@needs_libtpu
+def test_logits_path_alone_for_a_v5e_slice():
+  """Only the contrastive loss, compiled by the TPU compiler: the ring's logits are one [b, b] block per chip, the
+  sharded softmax's its [b, B] rows."""
+  config = small_train_config(global_batch_size=512)
+  slice_, mesh, reports = aot.compile_logits_path(config, "v5e:2x2")
+  assert mesh == {"data": 4, "fsdp": 1}
+  by = {(r.contrastive, r.impl): r for r in reports}
+  assert set(by) == {(c, i) for c in ("softmax", "sigmoid") for i in ("sharded", "dense")}
+  assert by["sigmoid", "sharded"].largest_logits == "128x128"
+  assert by["softmax", "sharded"].largest_logits == "128x512"
+  assert all(0 < r.total_bytes < 0.01 * slice_.chip.hbm_gib * aot.GIB and not r.error for r in reports)
+  table = aot.format_logits_table(config, slice_, mesh, reports)
+  assert "sigmoid  sharded" in table and "batch 512" in table

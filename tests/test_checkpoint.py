@@ -11,7 +11,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 from sycoca_jax import checkpoint, train
-from sycoca_jax.models.sycoca import default_model_config
+from sycoca_jax.models.sycoca import SyCoCa, default_model_config
 from tests import distributed
 from tests.helpers import copy_run
 from tests.helpers import trained_run_config
@@ -157,3 +157,11 @@ def test_a_model_key_added_after_saving_takes_its_default(tmp_path):
   config, _, _ = checkpoint.load_params(tmp_path)
   assert config.model.remat_policy == default_model_config().remat_policy
   assert config.model.vision.pool == default_model_config().vision.pool
+
+
+def test_a_checkpoint_older_than_the_logit_bias_loads_it_at_its_default(tmp_path):
+  params = {"logit_scale": jnp.float32(2.0), "dense": _state(0)["params"]["dense"]}
+  checkpoint.save_params(tmp_path, params, ml_collections.ConfigDict({"model": default_model_config().to_dict()}))
+  _, loaded, _ = checkpoint.load_params(tmp_path)
+  assert float(loaded["logit_bias"]) == SyCoCa.init_logit_bias == -10.0
+  assert float(loaded["logit_scale"]) == 2.0

@@ -35,13 +35,15 @@ def test_temperature_has_a_gradient_past_the_cap():
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   image, text = (jnp.asarray(unit(rng.randn(4, 8)).astype(np.float32)) for _ in range(2))
 
+  params = lambda logit_scale: {"params": {"logit_scale": logit_scale, "logit_bias": jnp.float32(0.0)}}
+
   def loss(logit_scale):
-    temperature = model.apply({"params": {"logit_scale": logit_scale}}, method=SyCoCa.temperature)
+    temperature = model.apply(params(logit_scale), method=SyCoCa.temperature)
     return contrastive_loss(image, text, temperature)
 
   for value in (CAP + 0.5, CAP - 0.5):
-    np.testing.assert_allclose(model.apply({"params": {"logit_scale": jnp.float32(value)}},
-                                           method=SyCoCa.temperature), math.exp(value), rtol=1e-6)
+    np.testing.assert_allclose(model.apply(params(jnp.float32(value)), method=SyCoCa.temperature), math.exp(value),
+                               rtol=1e-6)
     assert abs(float(jax.grad(loss)(jnp.float32(value)))) > 1e-3
 
 

@@ -208,19 +208,40 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used():
 
 
 @pytest.mark.slow(reason="compiles the full-batch and the accumulated gradient")
-def test_gradient_accumulation_is_exact():
-  """Micro-batching (with contrastive negatives from the whole batch) gives the full-batch gradient."""
-  config = small_train_config()
-  model = sycoca.build_model(config.model)
+@pytest.mark.parametrize("contrastive", losses.CONTRASTIVE)
+def test_gradient_accumulation_is_exact(contrastive):
+  """Micro-batching (with contrastive negatives from the whole batch, sharded over the 8 devices: the ring for
+  the sigmoid loss) gives the full-batch gradient of the dense formula on one device."""
+  config = small_train_config(**{"loss.contrastive": contrastive})
+  model = sycoca.build_model(config.model).clone(**losses.contrastive_init(config.loss))
   params = sycoca.init_params(model, jax.random.PRNGKey(0))
   from sycoca_jax.data import build_train_iterator  # pylint: disable=g-import-not-at-top
   local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
   batch = {"image": local["image"], "text": local["text"]}
   full, aux_full = jax.jit(losses.make_grad_fn(model, config.loss, 1))(params, batch, jax.random.PRNGKey(0))
-  acc, aux_acc = jax.jit(losses.make_grad_fn(model, config.loss, 4))(params, batch, jax.random.PRNGKey(0))
+  mesh = sharding.make_mesh(config.mesh)
+  acc, aux_acc = jax.jit(losses.make_grad_fn(model, config.loss, 2, mesh))(
+      params, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0))
   for k in ("loss", "contrastive_loss", "caption_loss", "mim_loss"):
     np.testing.assert_allclose(aux_acc[k], aux_full[k], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-6), full, acc)
+
+
+@pytest.mark.slow(reason="compiles and runs the tiny train step")
+def test_sigmoid_loss_starts_at_siglip_values_and_learns_its_bias():
+  config = small_train_config(**{"loss.contrastive": "sigmoid"})
+  mesh = sharding.make_mesh(config.mesh)
+  step = train.make_train_step(config, sycoca.build_model(config.model), mesh, config_lib.total_steps(config))
+  state = step.init(jax.random.PRNGKey(0))
+  np.testing.assert_allclose([float(state["params"]["logit_scale"]), float(state["params"]["logit_bias"])],
+                             [np.log(10.0), -10.0], rtol=1e-6)
+  from sycoca_jax.data import build_train_iterator  # pylint: disable=g-import-not-at-top
+  local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
+  batch = sharding.global_batch({"image": local["image"], "text": local["text"]}, mesh)
+  for _ in range(2):  # the first update's learning rate is 0 (warmup)
+    state, aux = step.step(state, batch)
+  assert np.isfinite(float(aux["contrastive_loss"])) and float(aux["logit_bias"]) == -10.0
+  assert float(state["params"]["logit_bias"]) != -10.0   # trained (not frozen, as under the softmax loss)
 
 
 def test_durations_in_any_unit():

@@ -304,6 +304,8 @@ def convert_state_dict(state: dict[str, np.ndarray], cfg: ml_collections.ConfigD
       "text_projection": r("text_decoder.text_projection"),
   }
   logit_scale = r("logit_scale").reshape(())
+  # open_clip's CoCa models have no logit bias (only its SigLIP models learn one): ours keeps its initial value.
+  logit_bias = r("logit_bias").reshape(()) if r.has("logit_bias") else None
   # Buffers that older open_clip versions saved with the weights; they are rebuilt, not learned.
   for name in [k for k in r.state if k.endswith("attn_mask")]:
     r(name)
@@ -311,8 +313,11 @@ def convert_state_dict(state: dict[str, np.ndarray], cfg: ml_collections.ConfigD
     raise ValueError(f"Unused tensors in the checkpoint (unsupported open_clip options?): {sorted(r.state)[:10]}")
 
   model = sycoca.build_model(cfg)
+  if logit_bias is None:
+    logit_bias = np.float32(model.init_logit_bias)
   params = {"image_encoder": image, "text_encoder": text, "text_decoder": decoder,
-            "image_decoder": _init_image_decoder(model, seed), "logit_scale": logit_scale}
+            "image_decoder": _init_image_decoder(model, seed), "logit_scale": logit_scale,
+            "logit_bias": logit_bias}
   _check_shapes(params, jax.eval_shape(lambda: sycoca.init_params(model, jax.random.PRNGKey(0))))
   return jax.tree.map(jnp.asarray, params)
 

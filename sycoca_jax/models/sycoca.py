@@ -40,10 +40,13 @@ class SyCoCa(nn.Module):
   mim_ratio: float = 0.5
   ic_reencode: bool = False
   init_logit_scale: float = math.log(1 / 0.07)
+  init_logit_bias: float = -10.0   # SigLIP's; only the sigmoid contrastive loss reads the bias
   pad_id: int = 0
 
   def setup(self):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale), ())
+    # Created whatever the loss, so that the parameter tree stays one across configs (and checkpoints move).
+    self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_logit_bias), ())
 
   # -- Pieces, each usable on its own through `model.apply(params, ..., method=...)`. --------------------------
 
@@ -51,6 +54,10 @@ class SyCoCa(nn.Module):
     """exp(logit_scale), unclamped: the optimizer keeps logit_scale in [0, log 100] (optim.param_bounds), as
     open_clip clamps it after each step. A clamp here would zero its gradient past the cap for good."""
     return jnp.exp(self.logit_scale)
+
+  def bias(self) -> jax.Array:
+    """The sigmoid contrastive loss's logit bias (the softmax loss is blind to any shift of its logits)."""
+    return self.logit_bias
 
   def encode_image(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """images [B, H, W, 3] -> {'embedding' [B, E] (L2-normalised), 'tokens', 'patch_embeddings', 'pooled'}."""
@@ -98,7 +105,7 @@ class SyCoCa(nn.Module):
                heads: Sequence[str] = HEADS) -> dict[str, Any]:
     """images [B, H, W, 3] (normalised), text [B, L] -> named outputs.
 
-    Always: image_embedding, text_embedding [B, E], logit_scale (the temperature, exp(logit_scale)).
+    Always: image_embedding, text_embedding [B, E], logit_scale (the temperature, exp(logit_scale)), logit_bias.
     'ic' in heads: caption_logits [B, L - 1, V].   'mim' in heads: mim_pred [B, N, P].
     When masking runs: masks (a masking.Masks: the chosen index sets, for losses and visualisation).
     `rng` feeds the `random` strategy; the others are deterministic.
@@ -112,6 +119,7 @@ class SyCoCa(nn.Module):
         "image_embedding": image_out["embedding"],
         "text_embedding": text_out["embedding"],
         "logit_scale": self.temperature(),
+        "logit_bias": self.bias(),
     }
 
     needs_masks = ("ic" in heads and self.ic_ratio > 0) or "mim" in heads

@@ -4,6 +4,9 @@ r"""Compile the train step for a TPU slice ahead of time, on this machine: per-c
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-64
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py:slice=v4-64 --topology=v4-64
   python -m sycoca_jax.tools.aot --config=configs/sycoca_tiny.py:runlocal --topology=v5e:2x2
+  # the contrastive logits path alone, every ITC loss and layout, at batch 32k on v5e-256:
+  python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --config.global_batch_size=32768 \
+      --topology=v5e-256 --logits_path
 
 The step is the one training runs (sycoca_jax.train.make_train_step), lowered for the slice's devices as
 `jax.experimental.topologies` describes them, with the config's mesh and global batch, and compiled by the TPU
@@ -18,6 +21,12 @@ temporaries; "parameters + optimizer state" is the state's shards, computed from
 against the HBM the TPU compiler itself plans with (what its out-of-memory errors quote: v4 30.75 GiB, v5e
 15.75 GiB, v5p 95.74 GiB, v6e 31.25 GiB), slightly less than the marketed 32 / 16 / 95 / 32 GB; compile-only
 devices report no memory_stats, so the table lives here.
+
+--logits_path compiles, instead of the step, the contrastive loss and its gradient alone, on the global batch's
+[B, E] embeddings split over the config's mesh as training splits them (the same program serves gradient
+accumulation, which takes this loss on the whole batch's cached embeddings), for each of softmax / sigmoid and
+the dense formula / the sharded one (config.loss.contrastive_impl), and prints their per-chip memory: what
+the [B, B] logits cost without compiling the towers (minutes per slice for sycoca_base).
 
 FLOPs per step: XLA's HLO cost analysis of the step lowered on this host with every layer unrolled (a scanned
 layer would be counted once, and a TPU lowering reports no count before compilation). It counts what the step
@@ -40,6 +49,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -58,6 +68,8 @@ def define_flags():
   flags.DEFINE_float("headroom", 15.0,
                      "Percent of the chip's HBM that must stay free for the step to count as fitting.")
   flags.DEFINE_float("mfu", 40.0, "Assumed model FLOPs utilisation (percent of bf16 peak) for the time estimates.")
+  flags.DEFINE_bool("logits_path", False, "Compile only the contrastive loss (every ITC option) and print its "
+                    "per-chip memory, instead of the train step.")
 
 
 GIB = 2 ** 30
@@ -332,11 +344,87 @@ def fit_hints(r: Report, config: ml_collections.ConfigDict) -> str:
   return "To make it fit, try (cheapest for step time first):\n" + "\n".join(f"  {h}" for h in hints)
 
 
+@dataclasses.dataclass
+class LogitsPathReport:
+  contrastive: str
+  impl: str
+  temp_bytes: float           # per chip
+  total_bytes: float          # per chip: embeddings in, gradients out, temporaries
+  largest_logits: str         # the largest buffer with two batch-sized dimensions (b or B), per chip
+  error: str = ""
+
+
+def compile_logits_path(config: ml_collections.ConfigDict, topology: str) -> tuple[Slice, dict, list]:
+  """Compiles value_and_grad of each contrastive loss on [B, E] float32 embeddings for the slice `topology`.
+
+  Returns (slice, mesh shape, one LogitsPathReport per (contrastive, impl)). Nothing of the towers is built.
+  """
+  slice_ = parse_slice(topology)
+  devices = topology_devices(slice_)
+  config_lib.validate(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  batch, dim = config.global_batch_size, config.model.embed_dim
+  per_device = batch // len(devices)
+  emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  reports = []
+  for contrastive in losses.CONTRASTIVE:
+    for impl in losses.CONTRASTIVE_IMPLS:
+      loss_cfg = config.loss.copy_and_resolve_references()
+      loss_cfg.contrastive, loss_cfg.contrastive_impl = contrastive, impl
+      # Gradients leave split as the embeddings came, as they flow back into the towers in training.
+      fn = jax.jit(jax.value_and_grad(losses.make_contrastive_fn(loss_cfg, mesh), argnums=(0, 1, 2, 3)),
+                   out_shardings=(scalar.sharding, (emb.sharding, emb.sharding, scalar.sharding, scalar.sharding)))
+      report = LogitsPathReport(contrastive, impl, 0.0, 0.0, "")
+      try:
+        compiled = fn.lower(emb, emb, scalar, scalar).compile()
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        report.error = str(e).strip().splitlines()[0]
+        reports.append(report)
+        continue
+      mem = compiled.memory_analysis()
+      report.temp_bytes = float(mem.temp_size_in_bytes)
+      report.total_bytes = float(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                                 + mem.temp_size_in_bytes)
+      report.largest_logits = _largest_logits(compiled.as_text(), {batch, per_device})
+      reports.append(report)
+  return slice_, dict(mesh.shape), reports
+
+
+def _largest_logits(hlo: str, batch_dims: set[int]) -> str:
+  """The largest f32 buffer of the compiled (per-chip) program whose last two dimensions are batch sizes."""
+  shapes = {tuple(int(d) for d in m.split(",")) for m in re.findall(r"f32\[(\d+,\d+)\]", hlo)}
+  logits = [s for s in shapes if s[0] in batch_dims and s[1] in batch_dims]
+  return "x".join(map(str, max(logits, key=math.prod))) if logits else "-"
+
+
+def format_logits_table(config: ml_collections.ConfigDict, slice_: Slice, mesh: dict, reports: list) -> str:
+  batch, dim = config.global_batch_size, config.model.embed_dim
+  hbm = slice_.chip.hbm_gib * GIB
+  gib = lambda b: f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / 2 ** 20:.2f} MiB"
+  lines = [f"The contrastive loss and its gradient alone: batch {batch} ([B, E] = [{batch}, {dim}] float32 "
+           f"embeddings), {slice_.name} ({slice_.chips} chips, mesh {' x '.join(f'{k} {v}' for k, v in mesh.items())},"
+           f" {batch // slice_.chips} examples per chip); memory per chip, from the TPU compiler's buffer plan.",
+           f"{'loss':<8} {'logits':<8} {'largest logits buffer':>22} {'temporaries':>12} {'total':>12} {'of HBM':>7}"]
+  for r in reports:
+    if r.error:
+      lines.append(f"{r.contrastive:<8} {r.impl:<8} does not fit: {r.error}")
+      continue
+    lines.append(f"{r.contrastive:<8} {r.impl:<8} {r.largest_logits:>22} {gib(r.temp_bytes):>12} "
+                 f"{gib(r.total_bytes):>12} {100 * r.total_bytes / hbm:>6.1f}%")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   if not FLAGS.topology:
     raise app.UsageError("--topology is required, e.g. --topology=v5e-64.")
   config = FLAGS.config
+  if FLAGS.logits_path:
+    print(format_logits_table(config, *compile_logits_path(config, FLAGS.topology)))
+    return
   report = compile_for_slice(config, FLAGS.topology)
   print(format_table(report, FLAGS.headroom, FLAGS.mfu))
   if not report.fits(FLAGS.headroom):
