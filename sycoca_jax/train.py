@@ -55,7 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Batches go to the devices (uint8) `data.device_prefetch` steps ahead; the state a checkpoint saves is the
   # one after the last batch the loop took, not after those queued.
   train_iter = DevicePrefetcher(train_iter, lambda local: sharding.global_batch(
-      {"image": local["image"], "text": local["text"]}, mesh), config.data.get("device_prefetch", 2))
+      {"image": local["image"], "text": local["text"]}, mesh), config.data.device_prefetch)
 
   # ---------------------------------------------- model, loss, optimizer, the train step and its sharded state
   # One builder for this loop, the benchmark and the AOT tool: the state is only described (eval_shape), its

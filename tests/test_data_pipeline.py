@@ -185,9 +185,6 @@ def test_a_skip_is_replaced_inside_its_chunk_so_batches_stay_whole_chunks(tmp_pa
   rows = [(chunk, i) for chunk in chunks for i, row in enumerate(chunk["skip"]) if row]
   for chunk, i in rows:
     assert int(chunk["example_id"][i]) not in (3, 5, 7) and chunk["image"][i].any() and chunk["text"][i][0]
-  # The substitutes are drawn from a stream seeded by (seed, position): the same on a second build.
-  again = data.build_train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
-  _assert_same_batches(_take(again, 6), [{k: c[k] for k in ("image", "text", "example_id")} for c in chunks])
 
 
 def test_automatic_worker_count(monkeypatch):

@@ -375,7 +375,8 @@ def test_training_data_in_a_bucket(fake_gcs):
   cfg = data.default_data_config()
   cfg.update(name="webdataset_array_record", path=pattern, image_size=16, tokenizer="clip_bpe", max_len=12,
              num_workers=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-  assert pipeline.resolve_num_threads(cfg) == 16  # reads wait on the network
+  # Reads wait on the network: two chunks at once, each with its 16 record reads in flight together.
+  assert pipeline._thread_layout(cfg) == (2, 16)  # pylint: disable=protected-access
   batch = next(data.build_train_iterator(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1))
   assert sorted(batch["example_id"].tolist()) == list(range(6))  # one epoch: every record of both shards
   for row, record in zip(batch["image"], batch["example_id"]):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import io
@@ -93,8 +94,9 @@ def default_data_config() -> ml_collections.ConfigDict:
                     (`resolve_num_workers`); 0: decode in this process, with threads
     target_steps_per_sec  the step rate the automatic worker count provisions for (8: above the README's
                     v5e-64 estimate of 6.8)
-    num_threads     grain read threads per process (in each worker when there are workers); -1: 16 for data in
-                    a bucket (gs://: reads wait on the network), else 2
+    num_threads     read threads per process (in each worker when there are workers); -1: 16 for data in a
+                    bucket (gs://: reads wait on the network; each chunk's records read together), else 2
+                    (chunks made at once)
     device_prefetch batches put on the devices ahead of the step (data/prefetch.py)
     prefetch_buffer_size  examples read ahead, shared out among the workers
     max_consecutive_skips fail (naming the last reason) after this many unusable examples in a row
@@ -265,12 +267,18 @@ class ExampleMaker:
   crop_ratio: tuple[float, float]
   flip: bool
 
-  def __call__(self, position: int, record_id: int, attempt: int = 0) -> tuple[Image.Image, np.ndarray] | str:
-    """attempt > 0: the example is a substitute for an unusable one (see `substitute`), with its own draws."""
+  def __call__(self, position: int, record_id: int, attempt: int = 0,
+               record: dict | BadExample | None = None) -> tuple[Image.Image, np.ndarray] | str:
+    """attempt > 0: the example is a substitute for an unusable one (see `substitute`), with its own draws.
+
+    record: source[record_id] when it was read ahead (what reading it raised, if it failed); else read here.
+    """
     epoch = position // self.num_records
     rng = np.random.default_rng([self.seed, epoch, record_id] + ([attempt] if attempt else []))
     try:
-      record = self.source[record_id]
+      if isinstance(record, BadExample):
+        raise record
+      record = self.source[record_id] if record is None else record
       captions = [c for c in record["captions"] if c and c.strip()]
       if not captions:
         raise BadExample("empty_caption")
@@ -316,17 +324,22 @@ class ChunkMaker:
   record_at: Callable[[int], tuple[int, int]]  # stream index k -> (global position, record id)
   size: int
   max_tries: int
+  read_threads: int = 1  # > 1: the chunk's records read together first (remote data: reads wait on the network)
 
   def __call__(self, chunk: int) -> dict:
     k = self.size * chunk
     s, length = self.make_example.image_size, self.make_example.tokenizer.max_len
     out = {"image": np.zeros((self.size, s, s, 3), np.uint8), "text": np.zeros((self.size, length), np.int32),
            "example_id": np.zeros((self.size,), np.int32)}
+    rows = [tuple(int(x) for x in self.record_at(k + i)) for i in range(self.size)]
+    records = [None] * self.size
+    if self.read_threads > 1:
+      records = list(_reader_pool(self.read_threads).map(functools.partial(_read, self.make_example.source),
+                                                         [record_id for _, record_id in rows]))
     skips = []
-    for i in range(self.size):
-      position, record_id = (int(x) for x in self.record_at(k + i))
+    for i, (position, record_id) in enumerate(rows):
       reasons = []
-      example = self.make_example(position, record_id)
+      example = self.make_example(position, record_id, record=records[i])
       while isinstance(example, str):
         reasons.append(example)
         if len(reasons) >= self.max_tries:
@@ -339,6 +352,23 @@ class ChunkMaker:
         out["text"][i], out["example_id"][i] = example[1], record_id
     out["skip"] = tuple(skips)
     return out
+
+
+def _read(source: sources_lib.Source, record_id: int) -> dict | BadExample:
+  try:
+    return source[record_id]
+  except BadExample as e:
+    return e
+
+
+_READER_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _reader_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  """This process's pool of `threads` record readers (each worker process makes its own)."""
+  if threads not in _READER_POOLS:
+    _READER_POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="record-reader")
+  return _READER_POOLS[threads]
 
 
 class SkipCounter:
@@ -496,8 +526,9 @@ def resolve_num_workers(data_config, need: WorkerNeed | None = None) -> int:
   fresh interpreter importing grain and JAX), again at every resume, on the CPU the model needs. Real data:
   enough workers for `need` (the host's examples/s over one worker's measured rate, plus one for the
   hand-over), at most one per available core but one (which the training loop keeps), and no more than host
-  memory and /dev/shm hold: each worker holds about num_threads + 2 chunks in memory and 2 in /dev/shm
-  (grain's shared-memory hand-over). Without `need`, as many as the cores and memory allow.
+  memory and /dev/shm hold: each worker holds about num_threads + 2 chunks in memory (4 for remote data,
+  `_thread_layout`) and 2 in /dev/shm (grain's shared-memory hand-over). Without `need`, as many as the cores
+  allow.
   A count set by hand is checked against /dev/shm alone: too small, and the message says what to change.
   """
   num_workers = data_config.get("num_workers", -1)
@@ -518,7 +549,7 @@ def resolve_num_workers(data_config, need: WorkerNeed | None = None) -> int:
     return count
   count = min(count, 1 + math.ceil(need.examples_per_sec / max(need.worker_rate, 1e-9)))
   if memory is not None:  # half of what is available, the rest left to the training process
-    count = min(count, max(1, memory // 2 // ((resolve_num_threads(data_config) + 2) * need.chunk_bytes)))
+    count = min(count, max(1, memory // 2 // ((_thread_layout(data_config)[0] + 2) * need.chunk_bytes)))
   if shm is not None and shm < count * shm_per_worker:
     fits = shm // shm_per_worker
     logging.warning("%s Running %d worker(s) instead of %d.", _shm_message(shm, count, shm_per_worker), fits,
@@ -544,7 +575,22 @@ def resolve_num_threads(data_config) -> int:
   num_threads = data_config.get("num_threads", -1)
   if num_threads != -1:
     return num_threads
-  return 16 if paths.is_url(data_config.get("path", "") or "") else 2
+  return 16 if _remote(data_config) else 2
+
+
+def _remote(data_config) -> bool:
+  return paths.is_url(data_config.get("path", "") or "")
+
+
+def _thread_layout(data_config) -> tuple[int, int]:
+  """(chunks made at once per process, record reads in flight per chunk) from the read threads.
+
+  Local data: num_threads chunks at once, each reading its records as it decodes them. Remote data: two
+  chunks at once, each reading all its records first with num_threads reads in flight, so a whole-batch
+  chunk does not wait on hundreds of network reads one after another, and memory holds 2 chunks, not 16.
+  """
+  num_threads = resolve_num_threads(data_config)
+  return (min(2, num_threads), num_threads) if _remote(data_config) else (num_threads, 1)
 
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:
@@ -588,21 +634,22 @@ def build_train_iterator(data_config, *, global_batch_size: int, seed: int, proc
       crop_ratio=tuple(data_config.crop_ratio), flip=data_config.flip)
   example_bytes = example_bytes_of(data_config)
   chunk_size = _chunk_size(local_batch, example_bytes)
-  make_chunk = ChunkMaker(make_example, this_process, chunk_size, data_config.max_consecutive_skips)
+  chunk_threads, read_threads = _thread_layout(data_config)
+  make_chunk = ChunkMaker(make_example, this_process, chunk_size, data_config.max_consecutive_skips, read_threads)
   need = None
   if data_config.get("num_workers", -1) != 0 and data_config.name != "scenes":
     need = WorkerNeed(local_batch * data_config.get("target_steps_per_sec", 8.0),
                       _measure_rate(make_example, this_process), chunk_size * example_bytes)
   num_workers = resolve_num_workers(data_config, need)
-  num_threads = resolve_num_threads(data_config)
   if need:
-    logging.info("Input: %d worker(s), %d read thread(s) each, chunks of %d examples (%.0f MiB); one worker makes "
-                 "about %.0f examples/s, the host needs %.0f at data.target_steps_per_sec.", num_workers,
-                 num_threads, chunk_size, need.chunk_bytes / 2**20, need.worker_rate, need.examples_per_sec)
+    logging.info("Input: %d worker(s), each making %d chunk(s) of %d examples (%.0f MiB) at once with %d read(s) "
+                 "in flight; one worker makes about %.0f examples/s, the host needs %.0f at "
+                 "data.target_steps_per_sec.", num_workers, chunk_threads, chunk_size, need.chunk_bytes / 2**20,
+                 read_threads, need.worker_rate, need.examples_per_sec)
   # Each process reads ahead its share of the buffer, and at least a chunk per thread to keep them busy.
   per_process_chunks = -(-data_config.prefetch_buffer_size // (chunk_size * max(1, num_workers)))
-  read_options = grain.ReadOptions(num_threads=num_threads,
-                                   prefetch_buffer_size=max(num_threads, per_process_chunks))
+  read_options = grain.ReadOptions(num_threads=chunk_threads,
+                                   prefetch_buffer_size=max(chunk_threads, per_process_chunks))
   if num_workers and not flags.FLAGS.is_parsed():
     # grain reads its absl flags when it starts workers; outside an absl app (pytest, a notebook) nothing has
     # parsed them, and reading them would raise: take their defaults.
