@@ -4,6 +4,8 @@
       -> iterator of this process's batches {'image': u8 [b, S, S, 3], 'text': i32 [b, L],
          'example_id': i32 [b]}, with get_state() / set_state(), skip counters in .stats and close() (stops
          the input worker processes, data_config.num_workers)
+  prefetch.DevicePrefetcher(train_iterator, put, size) -> the same batches on the devices, `size` ahead, with
+      get_state() / set_state() of the last batch handed out (what the trainer checkpoints)
   load_eval_split(data_config, split, max_examples=0) -> EvalSplit (captions, labels, scene graphs, masked
       image batches; the first max_examples only if set)
   get_tokenizer(name, **kw) -> Tokenizer ('clip_bpe', 'scenes_words', 'sentencepiece')
