@@ -11,10 +11,10 @@
 Images may be a PIL image, an image file's path (local or gs://), a list of PIL images / paths / arrays of any
 sizes, or an array [H, W, 3] / [n, H, W, 3] (grey [.., H, W] too). uint8 arrays are pixels 0..255, float arrays
 pixels in [0, 1] (others are refused, not clipped). Texts are a list of strings; one string is one text. Each
-image is resized
-(shorter side) and centre-cropped to the model's image size, then normalised with CLIP's mean / std, as the
-evaluation pipeline does. Arrays already prepared that way (e.g. batches of sycoca_jax.data) are passed with
-`preprocessed=True`.
+image is resized (shorter side) and centre-cropped to the model's image size as uint8, as the evaluation
+pipeline does, and normalised with CLIP's mean / std on the device (sycoca_jax.pixels). Arrays already
+prepared that way (e.g. batches of sycoca_jax.data: uint8 [n, S, S, 3]; float ones are taken as normalised)
+are passed with `preprocessed=True`.
 
 Everything runs in fixed-size chunks of `batch_size` (the last one padded), so each function compiles once.
 Without a checkpoint, construct `Inference(model_config, params, tokenizer)` directly.
@@ -31,8 +31,6 @@ import numpy as np
 from PIL import Image
 
 from sycoca_jax import decoding, losses, paths
-from sycoca_jax.data import CLIP_MEAN
-from sycoca_jax.data import CLIP_STD
 from sycoca_jax.data import pipeline
 from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.models.sycoca import SyCoCa
@@ -72,24 +70,20 @@ def _as_pil(image: Any) -> Image.Image:
 _FLOAT_SLACK = 1e-3
 
 
-def preprocess(images: Any, image_size: int, mean: Sequence[float] = CLIP_MEAN,
-               std: Sequence[float] = CLIP_STD) -> np.ndarray:
-  """Images (see the module docstring) -> float32 [n, S, S, 3], resized, centre-cropped and normalised."""
+def preprocess(images: Any, image_size: int) -> np.ndarray:
+  """Images (see the module docstring) -> uint8 [n, S, S, 3], resized and centre-cropped (the model normalises)."""
   if isinstance(images, Image.Image) or _is_path(images):
     images = [images]
   elif isinstance(images, np.ndarray) and (images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))):
     images = [images]  # one [H, W] / [H, W, C] image; [n, H, W] (W > 4) is a stack of grey images
-  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  out = [np.asarray(pipeline.resize_center_crop(_as_pil(im), image_size), np.float32) / 255.0 for im in images]
-  return ((np.stack(out) - mean) / std).astype(np.float32) if out else np.zeros((0, image_size, image_size, 3),
-                                                                               np.float32)
+  out = [np.asarray(pipeline.resize_center_crop(_as_pil(im), image_size)) for im in images]
+  return np.stack(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
 
 
 class Inference:
   """A model, its weights and its tokenizer, behind numpy-in / numpy-out methods (module docstring)."""
 
-  def __init__(self, model_config, params, tokenizer, image_size: int | None = None, *,
-               mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, batch_size: int = 16):
+  def __init__(self, model_config, params, tokenizer, image_size: int | None = None, *, batch_size: int = 16):
     self.model_config, self.params, self.tokenizer = model_config, params, tokenizer
     self.model: SyCoCa = build_model(model_config)
     self.image_size = image_size or model_config.vision.image_size
@@ -98,7 +92,7 @@ class Inference:
     if tokenizer.vocab_size > model_config.text.vocab_size:
       raise ValueError(f"The tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                        f"({model_config.text.vocab_size}).")
-    self.mean, self.std, self.batch_size = tuple(mean), tuple(std), batch_size
+    self.batch_size = batch_size
     model = self.model
     apply = lambda method: (lambda p, *a: model.apply({"params": p}, *a, method=method))
     self._encode_image = jax.jit(lambda p, x: {k: v for k, v in apply(SyCoCa.encode_image)(p, x).items()
@@ -112,13 +106,14 @@ class Inference:
 
   def _images(self, images, preprocessed: bool) -> np.ndarray:
     if preprocessed:
-      x = np.asarray(images, np.float32)
+      x = np.asarray(images)
+      x = x if x.dtype == np.uint8 else x.astype(np.float32)  # uint8 pixels, or floats normalised already
       if x.ndim == 3:
         x = x[None]
       if x.shape[1:] != (self.image_size, self.image_size, 3):
         raise ValueError(f"Preprocessed images must be [n, {self.image_size}, {self.image_size}, 3]; got {x.shape}.")
       return x
-    return preprocess(images, self.image_size, self.mean, self.std)
+    return preprocess(images, self.image_size)
 
   def _chunks(self, fn, *arrays):
     """fn over fixed-size chunks of the leading axis (last one padded); outputs concatenated, padding dropped."""

@@ -26,7 +26,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from sycoca_jax import sharding
+from sycoca_jax import pixels, sharding
 from sycoca_jax.models import vit
 from sycoca_jax.models.sycoca import SyCoCa
 
@@ -216,8 +216,11 @@ def caption_loss(logits: jax.Array, text: jax.Array, pad_id: int) -> tuple[jax.A
 
 
 def mim_targets(images: jax.Array, patch_size: int, norm_pix: bool = True) -> jax.Array:
-  """[B, H, W, 3] -> [B, N, P] pixel targets, normalised per patch (MAE's norm_pix_loss) when norm_pix."""
-  target = vit.patchify(images.astype(jnp.float32), patch_size)
+  """[B, H, W, 3] -> [B, N, P] pixel targets, normalised per patch (MAE's norm_pix_loss) when norm_pix.
+
+  The targets are the model's input pixels: uint8 images are normalised first, as the model does (pixels.py).
+  """
+  target = vit.patchify(pixels.normalize(images).astype(jnp.float32), patch_size)
   if norm_pix:
     mean = target.mean(axis=-1, keepdims=True)
     var = target.var(axis=-1, keepdims=True)

@@ -1,4 +1,4 @@
-"""Workdir paths: local folders and gs:// buckets behind one abstraction, etils.epath (which orbax uses too).
+"""Workdir and data paths: local folders and gs:// buckets behind one abstraction, etils.epath (as orbax uses).
 
 Everything written to or read from a workdir (checkpoints, input-pipeline state, metrics.jsonl, evaluator
 outputs, converted weights, the checkpoints inference and evaluation load) goes through here. os.path.abspath,
@@ -8,6 +8,7 @@ every host, so a pod would keep one partial copy of the run per host and the buc
   path = paths.resolve(workdir)                 # epath.Path; gs:// as it is, a local path made absolute
   (path / "data_state").mkdir(parents=True, exist_ok=True)
   paths.write_atomic(path / "data_state" / "3" / "process_0.json", text)
+  paths.glob("gs://bucket/cc12m/*.array_record")  # training data: sorted matches, local or in a bucket
 
 On Cloud Storage, epath reaches gs:// through TensorFlow's GCS client (installed here) and orbax writes its
 arrays through TensorStore's; both find credentials the usual way (the VM's service account on a TPU VM,
@@ -37,6 +38,21 @@ def resolve(path: epath.PathLike) -> epath.Path:
   if is_url(path):
     return epath.Path(path)
   return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def glob(pattern: epath.PathLike) -> list[str]:
+  """Files matching `pattern` (wildcards * ? [...] in any component after the first), sorted; local or a URL.
+
+  The part before the first wildcard is the folder listed, the rest the pattern epath matches under it, so
+  'gs://bucket/cc12m/train-*.array_record' lists one bucket prefix rather than the bucket.
+  """
+  parts = os.fspath(pattern).split("/")
+  fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+  if fixed == len(parts):  # no wildcard: the file itself, if it exists
+    path = resolve(pattern)
+    return [os.fspath(path)] if path.exists() else []
+  root = resolve("/".join(parts[:fixed]) or ("/" if os.fspath(pattern).startswith("/") else "."))
+  return sorted(os.fspath(p) for p in root.glob("/".join(parts[fixed:])))
 
 
 def write_atomic(path: epath.PathLike, text: str) -> None:

@@ -178,7 +178,7 @@ def test_inference_api():
   np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
   # Same preprocessing as the evaluation pipeline, and float [0, 1] pixels mean the same as uint8.
   from PIL import Image
-  x = np.stack([pipeline.normalize(pipeline.resize_center_crop(Image.fromarray(im), 32)) for im in images])
+  x = np.stack([np.asarray(pipeline.resize_center_crop(Image.fromarray(im), 32)) for im in images])
   np.testing.assert_allclose(inf.embed_images(x, preprocessed=True), emb, atol=1e-5)
   np.testing.assert_allclose(inf.embed_images(images.astype(np.float32) / 255.0), emb, atol=1e-5)
   np.testing.assert_allclose(inf.embed_images(Image.fromarray(images[2])), emb[2:3], atol=1e-5)

@@ -8,7 +8,9 @@ reaches a workdir through, each by its own route, as on a pod:
       its own GCS client, pointed at a local HTTP server that speaks the JSON API subset it uses
       (TENSORSTORE_GCS_HTTP_URL, the hook TensorStore's own tests use) with a fixed test token;
   google-cloud-storage (orbax asks it whether the bucket has a hierarchical namespace)
-      STORAGE_EMULATOR_HOST, the same HTTP server.
+      STORAGE_EMULATOR_HOST, the same HTTP server;
+  array_record's reader (training data, google-cloud-cpp's client)
+      CLOUD_STORAGE_EMULATOR_ENDPOINT, the same HTTP server.
 So orbax writes gs:// paths itself, with its GCS-only behaviour (commit files instead of renames, the GCS
 TensorStore driver); nothing is patched inside orbax or sycoca_jax.
 
@@ -17,6 +19,7 @@ the test points the TensorBoard writer at the mapped folder. On a real bucket Te
 """
 
 import http.server
+import io
 import json
 import os
 import re
@@ -31,8 +34,10 @@ import pytest
 from clu import metric_writers
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
+from PIL import Image
 
-from sycoca_jax import checkpoint, evaluate, inference, metrics, paths, train
+from sycoca_jax import checkpoint, data, evaluate, inference, metrics, paths, train
+from sycoca_jax.data import pipeline, webdataset
 from tests.helpers import small_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -282,6 +287,7 @@ def fake_gcs(tmp_path, monkeypatch):
   monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", server.url)
   monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "fake-token")
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+  monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", server.url)
   monkeypatch.chdir(tmp_path)
   # epath decides once per process whether gs:// goes through TensorFlow; an earlier test in the same process
   # may have decided it with EPATH_USE_TF unset, so the cached answer is dropped on the way in and out.
@@ -346,6 +352,36 @@ def test_train_resume_and_evaluate_in_a_bucket(fake_gcs, tmp_path, monkeypatch):
   checkpoint.save_params(f"{run}/imported", params, config)
   assert (local_run / "imported" / "checkpoints" / "0" / "commit_success.txt").exists()
   jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(f"{run}/imported")[1], params)
+
+
+def test_training_data_in_a_bucket(fake_gcs):
+  """data.path gs://...: the pattern is expanded through epath, the records read from the bucket over HTTP."""
+  root, server = fake_gcs
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  folder = root / _BUCKET / "cc" / "train"
+  folder.mkdir(parents=True)
+  for shard in range(2):
+    writer = array_record_module.ArrayRecordWriter(str(folder / f"{shard:05d}.array_record"), "group_size:1")
+    for i in range(3):
+      value = 40 * (3 * shard + i)
+      buffer = io.BytesIO()
+      Image.new("RGB", (24, 20), (value, 255 - value, 99)).save(buffer, "PNG")
+      writer.write(webdataset.serialize_record(f"{shard}{i}", buffer.getvalue(), [f"picture {3 * shard + i}"]))
+    writer.close()
+  (folder / "notes.txt").write_text("not a shard")
+  pattern = f"gs://{_BUCKET}/cc/*/*.array_record"
+  assert paths.glob(pattern) == [f"gs://{_BUCKET}/cc/train/00000.array_record",
+                                 f"gs://{_BUCKET}/cc/train/00001.array_record"]
+  cfg = data.default_data_config()
+  cfg.update(name="webdataset_array_record", path=pattern, image_size=16, tokenizer="clip_bpe", max_len=12,
+             num_workers=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+  # Reads wait on the network: two chunks at once, each with its 16 record reads in flight together.
+  assert pipeline._thread_layout(cfg) == (2, 16)  # pylint: disable=protected-access
+  batch = next(data.build_train_iterator(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1))
+  assert sorted(batch["example_id"].tolist()) == list(range(6))  # one epoch: every record of both shards
+  for row, record in zip(batch["image"], batch["example_id"]):
+    assert abs(int(row[..., 0].mean()) - 40 * int(record)) <= 1
+  assert any(r.startswith(f"GET /storage/v1/b/{_BUCKET}/o/cc%2Ftrain%2F00001.array_record") for r in server.requests)
 
 
 def test_paths_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sycoca_jax import losses
+from sycoca_jax import losses, pixels
 from sycoca_jax.models.sycoca import build_model, init_params
 from tests.helpers import random_batch
+from tests.helpers import random_params
 from tests.helpers import tiny_model_config
 
 
@@ -131,3 +132,26 @@ def test_loss_compiles_once():
     (loss, _), _ = step(params, {"image": images, "text": text}, jax.random.PRNGKey(seed))
     assert np.isfinite(loss)
   assert len(traces) == 1
+
+
+def test_uint8_pixels_normalised_on_the_device_equal_the_host_normalisation():
+  """Batches hand over uint8 and are normalised inside the jitted program: the same numbers, every loss term
+  (MIM targets included) the same as with the float32 batches the host used to normalise."""
+  cfg = tiny_model_config()
+  model = build_model(cfg)
+  params = random_params(model)
+  _, text = random_batch(cfg, b=4)
+  images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+  # The host normalisation the pipeline used to run (float32 multiply, then add), and the textbook formula.
+  host = np.add(np.multiply(images, pixels.SCALE, dtype=np.float32), pixels.OFFSET)
+  textbook = (images / 255.0 - np.asarray(pixels.CLIP_MEAN)) / np.asarray(pixels.CLIP_STD)
+  on_device = jax.jit(pixels.normalize)(images)
+  assert on_device.dtype == jnp.float32
+  np.testing.assert_allclose(on_device, host, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(on_device, textbook, rtol=0, atol=1e-5)
+  assert pixels.normalize(host) is host  # normalised floats pass through: never normalised twice
+  loss_fn = jax.jit(losses.make_loss_fn(model, losses.default_loss_config()))
+  _, from_uint8 = loss_fn(params, {"image": images, "text": text}, jax.random.PRNGKey(0))
+  _, from_host = loss_fn(params, {"image": jnp.asarray(host), "text": text}, jax.random.PRNGKey(0))
+  assert {"contrastive_loss", "caption_loss", "mim_loss"} <= set(from_uint8)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), from_uint8, from_host)

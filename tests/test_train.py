@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from sycoca_jax import checkpoint, config_lib, losses, metrics, optim, sharding, train
+from sycoca_jax import checkpoint, config_lib, losses, metrics, optim, pixels, sharding, train
 from sycoca_jax.models import sycoca
 from tests import distributed
 from tests.helpers import copy_run
@@ -195,7 +195,8 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used():
   state = step.init(jax.random.PRNGKey(0))
   from sycoca_jax.data import build_train_iterator  # pylint: disable=g-import-not-at-top
   local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
-  good = {"image": local["image"], "text": local["text"]}
+  # Normalised on the host: uint8 pixels cannot be NaN (float batches pass the step's normalisation untouched).
+  good = {"image": pixels.normalize(local["image"]), "text": local["text"]}
   bad = dict(good, image=np.full_like(good["image"], np.nan))
   logged = []
   for batch in (good, bad, good):

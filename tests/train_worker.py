@@ -30,7 +30,7 @@ class _Wrapped:
     self.count += 1
     time.sleep(self.spec.get("batch_delay", 0.0))
     if self.spec.get("nan_from_step") and self.count >= self.spec["nan_from_step"]:
-      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))  # uint8 cannot be NaN
     return batch
 
   def __getattr__(self, name):

@@ -4,35 +4,37 @@ Training (`build_train_iterator`) is a grain dataset graph, then batches cut in 
 
   order = range(len(source)).shuffle(seed).repeat()   one global example order, reshuffled every epoch
   range(first chunk, ...).map(make_chunk)             examples k = K c ... K c + K - 1 of this process's stream,
-                                                      k -> (g(k), order[g(k)]): read, decode, crop, normalise,
-                                                      pick + tokenise a caption; stacked (or marked unusable)
+                                                      k -> (g(k), order[g(k)]): read, decode, crop, pick +
+                                                      tokenise a caption; an unusable record replaced by a
+                                                      seeded substitute in its own row; stacked as uint8
     .to_iter_dataset(threads)                         parallel reads, prefetch
     .mp_prefetch(workers)                             the above in worker processes, chunk c in worker c % W
-  TrainIterator                                       takes usable examples in stream order, counts the
-                                                      others by reason, cuts batches of global_batch_size //
-                                                      process_count (a chunk of exactly a batch goes as is)
+  TrainIterator                                       counts the skipped records by reason, cuts batches of
+                                                      global_batch_size // process_count: stream indices
+                                                      [j b, (j + 1) b), whole chunks (one chunk goes as is)
+  DevicePrefetcher (data/prefetch.py)                 batches on the devices ahead of the step (the trainer)
 
 g(k) maps this process's k-th example to its position in the global stream: process p of P takes positions
 [p b, (p + 1) b) of each global batch of B = P b. So the global batch is the same whatever the number of
 processes (a run on 2 hosts sees exactly the batches of a run on 1), and processes read disjoint examples.
-Every random choice of an example (crop, flip, caption) comes from a generator seeded by (seed, epoch,
-record id), and the order by grain's index shuffle, so the stream is a pure function of the seed and the
-iterator state is a few integers: `it.get_state()` / `it.set_state(state)` resume exactly.
+Every random choice of an example (crop, flip, caption, a substitute) comes from a generator seeded by (seed,
+epoch, record id) or (seed, position), and the order by grain's index shuffle, so the stream is a pure function
+of the seed and the iterator state is a few integers: `it.get_state()` / `it.set_state(state)` resume exactly.
 
 Decoding runs in `data_config.num_workers` worker processes (grain's mp_prefetch), since threads in one
 process share one interpreter lock and a pod host has to feed its chips several hundred examples/s at 288 px
 (README, "Feeding a pod host"). Worker w makes chunks w, w + W, w + 2W, ... and the main process takes them in
-turn, so the stream is the same for any number of workers, 0 included. Skipping and batching run in the main process, in
-stream order: the skip counts are exact, and the state is the count of examples read, which depends neither
-on W nor on the chunk size K (a checkpoint written with 8 workers resumes with 2).
+turn, so the stream is the same for any number of workers, 0 included. Counting and batching run in the main
+process, in stream order: the skip counts are exact, and the state is the count of examples taken, which
+depends neither on W nor on the chunk size K (a checkpoint written with 8 workers resumes with 2).
 
 The batch contract (this process's slice of the global batch; b = global_batch_size / process_count):
-  'image'       float32 [b, S, S, 3], normalised with CLIP's mean / std
+  'image'       uint8   [b, S, S, 3], pixels; the train step normalises them on the device (sycoca_jax.pixels)
   'text'        int32   [b, L]  bos, ids, eos, then pad 0 (L = data_config.max_len)
   'example_id'  int32   [b]     the record id in the source (the scene index for the built-in scenes)
 
 Examples that can not be used (corrupt or truncated image bytes, an unsupported pixel format, a missing file,
-no non-empty caption) are skipped and counted; `it.stats` gives the counts for logging.
+no non-empty caption) are replaced and counted; `it.stats` gives the counts for logging.
 
 Evaluation (`load_eval_split`) returns an `EvalSplit`: annotations up front (captions, labels, scene graphs,
 VQA pairs), images decoded on demand in padded, masked batches that every process steps through together.
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import io
@@ -50,6 +53,7 @@ import multiprocessing
 import os
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import connection as mp_connection
@@ -58,18 +62,15 @@ import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from absl import logging
 from PIL import Image
 
+from sycoca_jax import paths
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import sources as sources_lib
 from sycoca_jax.data import tokenizers as tokenizers_lib
 from sycoca_jax.data.sources import BadExample
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# x_normalised = x_uint8 * _SCALE + _OFFSET, one fused multiply-add instead of divide, subtract, divide.
-_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD))).astype(np.float32)
-_OFFSET = (-np.asarray(CLIP_MEAN) / np.asarray(CLIP_STD)).astype(np.float32)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -87,15 +88,22 @@ def default_data_config() -> ml_collections.ConfigDict:
     crop_scale      random resized crop: range of the crop's area as a fraction of the image's
     crop_ratio      random resized crop: range of the crop's aspect ratio
     flip            random horizontal flip; swaps the words left/right in the caption. Off by default
-    num_workers     processes that read and decode (grain's mp_prefetch). -1: automatic, one per core this
-                    process may run on but one (left to the training loop) for real data, and 0 for the
-                    built-in scenes (see `resolve_num_workers`); 0: decode in this process, with threads
-    num_threads     grain read threads per process (in each worker when there are workers)
+    num_workers     processes that read and decode (grain's mp_prefetch). -1: automatic, 0 for the built-in
+                    scenes and for real data enough for the host's need at target_steps_per_sec from a rate
+                    measured on its first examples, within the cores, memory and /dev/shm
+                    (`resolve_num_workers`); 0: decode in this process, with threads
+    target_steps_per_sec  the step rate the automatic worker count provisions for (8: above the README's
+                    v5e-64 estimate of 6.8)
+    num_threads     read threads per process (in each worker when there are workers); -1: 16 for data in a
+                    bucket (gs://: reads wait on the network; each chunk's records read together), else 2
+                    (chunks made at once)
+    device_prefetch batches put on the devices ahead of the step (data/prefetch.py)
     prefetch_buffer_size  examples read ahead, shared out among the workers
     max_consecutive_skips fail (naming the last reason) after this many unusable examples in a row
     scenes          num_train (0: unbounded), num_captions, min_objects, max_objects, backgrounds (kinds drawn,
                     repeats weight them; scenes.BACKGROUNDS)
-    path            webdataset_array_record: glob of .array_record files; coco_json: the annotation JSON
+    path            webdataset_array_record: glob of .array_record files (local or gs://, sycoca_jax.paths);
+                    coco_json: the annotation JSON
     image_dir       coco_json: folder the JSON's image paths are relative to
     eval_path       webdataset_array_record: glob of held-out .array_record files for load_eval_split
     tfds_name       tfds: dataset name, e.g. "coco_captions" (Karpathy splits) or "imagenet2012"
@@ -113,7 +121,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       "crop_ratio": (3 / 4, 4 / 3),
       "flip": False,  # captions say left and right
       "num_workers": -1,
-      "num_threads": 2,
+      "target_steps_per_sec": 8.0,
+      "num_threads": -1,
+      "device_prefetch": 2,
       "prefetch_buffer_size": 64,
       "max_consecutive_skips": 1000,
       "scenes": {"num_train": 0, "num_captions": 5, "min_objects": 1, "max_objects": 4,
@@ -187,7 +197,7 @@ def load_image(record: dict, min_side: int = 0) -> Image.Image:
     return to_rgb(Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array))
   if "image_path" in record:
     try:
-      with open(record["image_path"], "rb") as f:
+      with paths.resolve(record["image_path"]).open("rb") as f:
         data = f.read()
     except OSError as e:
       raise BadExample("missing_file", record["image_path"]) from e
@@ -230,12 +240,6 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
   return image.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side), reducing_gap=3.0)
 
 
-def normalize(image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
-  """uint8 RGB image -> float32 [S, S, 3] with CLIP's mean and std (written into `out` if given)."""
-  out = np.multiply(np.asarray(image), _SCALE, out=out, dtype=np.float32)
-  return np.add(out, _OFFSET, out=out)
-
-
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
@@ -263,11 +267,18 @@ class ExampleMaker:
   crop_ratio: tuple[float, float]
   flip: bool
 
-  def __call__(self, position: int, record_id: int) -> tuple[Image.Image, np.ndarray] | str:
+  def __call__(self, position: int, record_id: int, attempt: int = 0,
+               record: dict | BadExample | None = None) -> tuple[Image.Image, np.ndarray] | str:
+    """attempt > 0: the example is a substitute for an unusable one (see `substitute`), with its own draws.
+
+    record: source[record_id] when it was read ahead (what reading it raised, if it failed); else read here.
+    """
     epoch = position // self.num_records
-    rng = np.random.default_rng([self.seed, epoch, record_id])
+    rng = np.random.default_rng([self.seed, epoch, record_id] + ([attempt] if attempt else []))
     try:
-      record = self.source[record_id]
+      if isinstance(record, BadExample):
+        raise record
+      record = self.source[record_id] if record is None else record
       captions = [c for c in record["captions"] if c and c.strip()]
       if not captions:
         raise BadExample("empty_caption")
@@ -283,39 +294,81 @@ class ExampleMaker:
       return e.reason
     return image, self.tokenizer.encode([caption])[0]
 
+  def substitute(self, position: int, attempt: int) -> int:
+    """The record tried at `position` after `attempt` unusable ones: drawn from a stream seeded by (seed,
+    position), so it is the same whichever worker makes the chunk, and whatever the chunk size."""
+    return int(np.random.default_rng([self.seed, position, attempt, _SUBSTITUTE]).integers(self.num_records))
+
+
+_SUBSTITUTE = 0x5B  # keeps the substitutes' seeds apart from the examples' own [seed, epoch, record id]
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkMaker:
-  """Chunk c -> examples K c ... K (c + 1) - 1 of this process's stream, stacked.
+  """Chunk c -> examples K c ... K (c + 1) - 1 of this process's stream, stacked, every row usable.
 
-  {'image': float32 [K, S, S, 3], 'text': int32 [K, L], 'example_id': int32 [K], 'skip': K reasons (None for
-  a usable example; its rows are zeros)}. A chunk, not an example, is the unit a worker hands over, and a chunk
-  of a whole batch is the batch, not copied again: handed over one by one, 288 px examples cost the main
-  process about three times the CPU time (0.9-1.2 ms against 0.35 ms each, measured on the 2-core machine of
-  the README), and it has every example to handle.
+  {'image': uint8 [K, S, S, 3], 'text': int32 [K, L], 'example_id': int32 [K], 'skip': K tuples of the reasons
+  why records tried for that row could not be used, () for most rows}. An unusable example is replaced in its
+  own row by a substitute (`ExampleMaker.substitute`), so stream index k is always row k % K of chunk k // K:
+  chunks stay aligned with batches after a skip, and a chunk of a whole batch is the batch, not copied again
+  (copying batches together from two chunks' usable rows, as a skip once made it, cost the training process
+  2.5 times the CPU time per example). A row whose `max_tries` records all fail stays zeros; the skip counter
+  stops the run on it.
+
+  A chunk, not an example, is the unit a worker hands over: handed over one by one, 288 px examples cost the
+  main process about three times the CPU time (0.9-1.2 ms against 0.35 ms each, measured on the 2-core machine
+  of the README), and it has every example to handle.
   """
 
   make_example: ExampleMaker
   record_at: Callable[[int], tuple[int, int]]  # stream index k -> (global position, record id)
   size: int
+  max_tries: int
+  read_threads: int = 1  # > 1: the chunk's records read together first (remote data: reads wait on the network)
 
   def __call__(self, chunk: int) -> dict:
     k = self.size * chunk
     s, length = self.make_example.image_size, self.make_example.tokenizer.max_len
-    out = {"image": np.zeros((self.size, s, s, 3), np.float32), "text": np.zeros((self.size, length), np.int32),
+    out = {"image": np.zeros((self.size, s, s, 3), np.uint8), "text": np.zeros((self.size, length), np.int32),
            "example_id": np.zeros((self.size,), np.int32)}
-    reasons = []
-    for i in range(self.size):
-      position, record_id = (int(x) for x in self.record_at(k + i))
-      example = self.make_example(position, record_id)
-      if isinstance(example, str):
+    rows = [tuple(int(x) for x in self.record_at(k + i)) for i in range(self.size)]
+    records = [None] * self.size
+    if self.read_threads > 1:
+      records = list(_reader_pool(self.read_threads).map(functools.partial(_read, self.make_example.source),
+                                                         [record_id for _, record_id in rows]))
+    skips = []
+    for i, (position, record_id) in enumerate(rows):
+      reasons = []
+      example = self.make_example(position, record_id, record=records[i])
+      while isinstance(example, str):
         reasons.append(example)
-        continue
-      normalize(example[0], out=out["image"][i])
-      out["text"][i], out["example_id"][i] = example[1], record_id
-      reasons.append(None)
-    out["skip"] = tuple(reasons)
+        if len(reasons) >= self.max_tries:
+          break
+        record_id = self.make_example.substitute(position, len(reasons))
+        example = self.make_example(position, record_id, attempt=len(reasons))
+      skips.append(tuple(reasons))
+      if not isinstance(example, str):
+        out["image"][i] = np.asarray(example[0])
+        out["text"][i], out["example_id"][i] = example[1], record_id
+    out["skip"] = tuple(skips)
     return out
+
+
+def _read(source: sources_lib.Source, record_id: int) -> dict | BadExample:
+  try:
+    return source[record_id]
+  except BadExample as e:
+    return e
+
+
+_READER_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _reader_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  """This process's pool of `threads` record readers (each worker process makes its own)."""
+  if threads not in _READER_POOLS:
+    _READER_POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="record-reader")
+  return _READER_POOLS[threads]
 
 
 class SkipCounter:
@@ -343,18 +396,19 @@ _BATCH_KEYS = ("image", "text", "example_id")
 class TrainIterator:
   """Per-process batches with exact resume: get_state() / set_state(state) (a JSON-serialisable dict).
 
-  Batches are cut from the stream of chunks in this process, in stream order: usable examples are taken,
-  unusable ones counted, so the batches and counts do not depend on the chunk size or the number of workers.
+  Batch j is stream indices [j b, (j + 1) b): whole chunks, since every chunk row is usable (ChunkMaker), and a
+  batch of one whole chunk is handed over as it is. The skipped records each row tried are counted, in stream
+  order, when the row is taken: the counts do not depend on the chunk size or the number of workers.
   The state is {'pipeline': {'next_index': k}, 'skipped': {reason: count}}: k examples of this process's
-  stream have been read (kept or skipped). set_state rebuilds the grain graph from k's chunk rather than
-  restoring grain's own iterator state, which would name each worker's position and so tie a checkpoint to
-  the worker count. Worker processes start at the first `next`, so building then restoring starts them once.
+  stream have been taken. set_state rebuilds the grain graph from k's chunk rather than restoring grain's own
+  iterator state, which would name each worker's position and so tie a checkpoint to the worker count. Worker
+  processes start at the first `next`, so building then restoring starts them once.
   """
 
   def __init__(self, build: Callable[[int], grain.IterDataset], chunk_size: int, batch_size: int,
                counter: SkipCounter):
     self._build, self._chunk_size, self._batch_size, self._counter = build, chunk_size, batch_size, counter
-    self._next = 0  # stream index of the next example to read
+    self._next = 0  # stream index of the next example to take
     self._chunks = None  # grain iterator over chunks
     self._chunk, self._chunk_start = None, 0
 
@@ -376,37 +430,26 @@ class TrainIterator:
     return self._chunk
 
   def __next__(self) -> dict[str, np.ndarray]:
-    pieces, need = [], self._batch_size  # (chunk, row indices) in batch order
+    pieces, need = [], self._batch_size  # (chunk, first row, end row) in batch order
     while need:
       chunk = self._current_chunk()
-      rows, i = [], self._next - self._chunk_start
-      while i < self._chunk_size and len(rows) < need:
-        reason = chunk["skip"][i]
-        self._counter(reason)
-        if reason is None:
-          rows.append(i)
-        i += 1
-      self._next = self._chunk_start + i
-      if rows:
-        pieces.append((chunk, rows))
-        need -= len(rows)
-    if len(pieces) == 1 and len(pieces[0][1]) == self._chunk_size:  # a whole chunk: hand it over as it is
+      i = self._next - self._chunk_start
+      end = min(self._chunk_size, i + need)
+      for reasons in chunk["skip"][i:end]:
+        for reason in reasons:
+          self._counter(reason)
+        self._counter(None)
+      pieces.append((chunk, i, end))
+      need -= end - i
+      self._next = self._chunk_start + end
+    if len(pieces) == 1 and pieces[0][2] - pieces[0][1] == self._chunk_size:  # a whole chunk: as it is
       return {key: np.asarray(pieces[0][0][key]) for key in _BATCH_KEYS}
-    batch = {}
-    for key in _BATCH_KEYS:
-      like = pieces[0][0][key]
-      batch[key] = np.empty((self._batch_size,) + like.shape[1:], like.dtype)
-      offset = 0
-      for chunk, rows in pieces:
-        np.take(chunk[key], rows, axis=0, out=batch[key][offset:offset + len(rows)])
-        offset += len(rows)
-    return batch
+    return {key: np.concatenate([chunk[key][i:end] for chunk, i, end in pieces]) for key in _BATCH_KEYS}
 
   @property
   def stats(self) -> dict[str, int]:
     """Skip counters for logging: 'skipped' in total and 'skipped/<reason>' each."""
-    return {"skipped": sum(self._counter.counts.values())} | {
-        f"skipped/{reason}": n for reason, n in sorted(self._counter.counts.items())}
+    return stats_of(self.get_state())
 
   def get_state(self) -> dict:
     return {"pipeline": {"next_index": self._next}, "skipped": dict(self._counter.counts)}
@@ -421,6 +464,12 @@ class TrainIterator:
     if self._chunks is not None:
       self._chunks.close()
     self._chunks, self._chunk = None, None
+
+
+def stats_of(state: dict) -> dict[str, int]:
+  """A TrainIterator state's skip counters, for logging: 'skipped' in total and 'skipped/<reason>' each."""
+  counts = state["skipped"]
+  return {"skipped": sum(counts.values())} | {f"skipped/{reason}": n for reason, n in sorted(counts.items())}
 
 
 def _close_if_alive(iterator: weakref.ref) -> None:
@@ -445,23 +494,103 @@ def available_cores() -> int:
   return os.cpu_count() or 1
 
 
-def resolve_num_workers(data_config) -> int:
-  """data_config.num_workers, with -1 (automatic) made concrete.
+def _available_memory() -> tuple[int | None, int | None]:
+  """(bytes of host memory available, bytes free in /dev/shm), None where the system does not say."""
+  memory = shm = None
+  try:
+    with open("/proc/meminfo") as f:
+      memory = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration, ValueError):
+    pass
+  try:
+    stat = os.statvfs("/dev/shm")
+    shm = stat.f_bavail * stat.f_frsize
+  except OSError:
+    pass
+  return memory, shm
 
-  Real data: one worker per available core but one, which the training loop keeps (batch assembly, the
-  transfer to the devices, dispatch); with several training processes on one host (one per GPU), give each
-  its cores (`srun --cpus-per-task`) or set num_workers. The built-in scenes: 0, since at 64 px one process
-  renders several times what the tiny model trains on (README, "Feeding a pod host"), and each worker costs seconds
-  of start-up (a fresh interpreter importing grain and JAX), again at every resume, on the CPU the model needs.
+
+@dataclasses.dataclass(frozen=True)
+class WorkerNeed:
+  """What the automatic worker count is derived from (build_train_iterator measures it)."""
+  examples_per_sec: float   # this host's need: its share of the batch x data_config.target_steps_per_sec
+  worker_rate: float        # examples/s one worker makes, measured on this host's first examples
+  chunk_bytes: int          # one chunk as handed over
+
+
+def resolve_num_workers(data_config, need: WorkerNeed | None = None) -> int:
+  """data_config.num_workers, with -1 (automatic) made concrete, within what memory and /dev/shm hold.
+
+  Automatic: the built-in scenes decode in this process (0), since at 64 px one process renders several times
+  what the tiny model trains on (README, "Feeding a pod host"), and each worker costs seconds of start-up (a
+  fresh interpreter importing grain and JAX), again at every resume, on the CPU the model needs. Real data:
+  enough workers for `need` (the host's examples/s over one worker's measured rate, plus one for the
+  hand-over), at most one per available core but one (which the training loop keeps), and no more than host
+  memory and /dev/shm hold: each worker holds about num_threads + 2 chunks in memory (4 for remote data,
+  `_thread_layout`) and 2 in /dev/shm (grain's shared-memory hand-over). Without `need`, as many as the cores
+  allow.
+  A count set by hand is checked against /dev/shm alone: too small, and the message says what to change.
   """
   num_workers = data_config.get("num_workers", -1)
   if num_workers < -1:
     raise ValueError(f"data_config.num_workers={num_workers}: use -1 (automatic), 0 (no workers) or a count.")
-  if num_workers >= 0:
-    return num_workers
-  if data_config.name == "scenes":
+  if num_workers == -1 and data_config.name == "scenes":
     return 0
-  return max(1, available_cores() - 1)
+  if num_workers == 0:
+    return 0
+  memory, shm = _available_memory()
+  shm_per_worker = 2 * need.chunk_bytes if need else 0
+  if num_workers > 0:
+    if shm is not None and shm < num_workers * shm_per_worker:
+      raise ValueError(_shm_message(shm, num_workers, shm_per_worker))
+    return num_workers
+  count = max(1, available_cores() - 1)
+  if need is None:
+    return count
+  count = min(count, 1 + math.ceil(need.examples_per_sec / max(need.worker_rate, 1e-9)))
+  if memory is not None:  # half of what is available, the rest left to the training process
+    count = min(count, max(1, memory // 2 // ((_thread_layout(data_config)[0] + 2) * need.chunk_bytes)))
+  if shm is not None and shm < count * shm_per_worker:
+    fits = shm // shm_per_worker
+    logging.warning("%s Running %d worker(s) instead of %d.", _shm_message(shm, count, shm_per_worker), fits,
+                    count)
+    count = fits
+  return count
+
+
+def _shm_message(shm: int, workers: int, per_worker: int) -> str:
+  return (f"/dev/shm has {shm / 2**20:.0f} MiB free; {workers} input worker(s) hand over batches through it and "
+          f"need about {workers * per_worker / 2**20:.0f} MiB ({per_worker / 2**20:.0f} MiB each). Give the "
+          f"container more (docker run --shm-size={math.ceil(workers * per_worker / 2**30) + 1}g, or a larger "
+          f"emptyDir medium: Memory on Kubernetes), or set data.num_workers lower (0: decode in the training "
+          f"process).")
+
+
+def resolve_num_threads(data_config) -> int:
+  """data_config.num_threads, with -1 (automatic) made concrete: 16 for data in a bucket, else 2.
+
+  Reads from Cloud Storage wait on the network (tens of ms each) rather than the CPU, so many are kept in
+  flight; local reads are CPU-bound decodes, and more threads than the worker's share of a core only contend.
+  """
+  num_threads = data_config.get("num_threads", -1)
+  if num_threads != -1:
+    return num_threads
+  return 16 if _remote(data_config) else 2
+
+
+def _remote(data_config) -> bool:
+  return paths.is_url(data_config.get("path", "") or "")
+
+
+def _thread_layout(data_config) -> tuple[int, int]:
+  """(chunks made at once per process, record reads in flight per chunk) from the read threads.
+
+  Local data: num_threads chunks at once, each reading its records as it decodes them. Remote data: two
+  chunks at once, each reading all its records first with num_threads reads in flight, so a whole-batch
+  chunk does not wait on hundreds of network reads one after another, and memory holds 2 chunks, not 16.
+  """
+  num_threads = resolve_num_threads(data_config)
+  return (min(2, num_threads), num_threads) if _remote(data_config) else (num_threads, 1)
 
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:
@@ -503,14 +632,24 @@ def build_train_iterator(data_config, *, global_batch_size: int, seed: int, proc
       source=source, tokenizer=tokenizer_from_config(data_config), seed=seed, num_records=num_records,
       image_size=data_config.image_size, crop_scale=tuple(data_config.crop_scale),
       crop_ratio=tuple(data_config.crop_ratio), flip=data_config.flip)
-  example_bytes = 4 * (3 * data_config.image_size**2 + data_config.max_len + 1)
+  example_bytes = example_bytes_of(data_config)
   chunk_size = _chunk_size(local_batch, example_bytes)
-  make_chunk = ChunkMaker(make_example, this_process, chunk_size)
-  num_workers = resolve_num_workers(data_config)
+  chunk_threads, read_threads = _thread_layout(data_config)
+  make_chunk = ChunkMaker(make_example, this_process, chunk_size, data_config.max_consecutive_skips, read_threads)
+  need = None
+  if data_config.get("num_workers", -1) != 0 and data_config.name != "scenes":
+    need = WorkerNeed(local_batch * data_config.get("target_steps_per_sec", 8.0),
+                      _measure_rate(make_example, this_process), chunk_size * example_bytes)
+  num_workers = resolve_num_workers(data_config, need)
+  if need:
+    logging.info("Input: %d worker(s), each making %d chunk(s) of %d examples (%.0f MiB) at once with %d read(s) "
+                 "in flight; one worker makes about %.0f examples/s, the host needs %.0f at "
+                 "data.target_steps_per_sec.", num_workers, chunk_threads, chunk_size, need.chunk_bytes / 2**20,
+                 read_threads, need.worker_rate, need.examples_per_sec)
   # Each process reads ahead its share of the buffer, and at least a chunk per thread to keep them busy.
   per_process_chunks = -(-data_config.prefetch_buffer_size // (chunk_size * max(1, num_workers)))
-  read_options = grain.ReadOptions(num_threads=data_config.num_threads,
-                                   prefetch_buffer_size=max(data_config.num_threads, per_process_chunks))
+  read_options = grain.ReadOptions(num_threads=chunk_threads,
+                                   prefetch_buffer_size=max(chunk_threads, per_process_chunks))
   if num_workers and not flags.FLAGS.is_parsed():
     # grain reads its absl flags when it starts workers; outside an absl app (pytest, a notebook) nothing has
     # parsed them, and reading them would raise: take their defaults.
@@ -528,16 +667,27 @@ def build_train_iterator(data_config, *, global_batch_size: int, seed: int, proc
   return TrainIterator(build, chunk_size, local_batch, SkipCounter(data_config.max_consecutive_skips))
 
 
-_CHUNK_BYTES = 256 << 20
+def example_bytes_of(data_config) -> int:
+  """Bytes of one example as handed over: uint8 pixels, int32 caption ids and record id."""
+  return 3 * data_config.image_size**2 + 4 * (data_config.max_len + 1)
+
+
+def _measure_rate(make_example: ExampleMaker, record_at: Callable[[int], tuple[int, int]], count: int = 8) -> float:
+  """Examples per CPU-second of this process's first `count` examples (what one worker makes on one core)."""
+  start = time.thread_time()
+  for k in range(count):
+    make_example(*(int(x) for x in record_at(k)))
+  return count / max(time.thread_time() - start, 1e-6)
+
+
+# A host's whole batch is one chunk (handed on without a copy) up to this size: 2,900 examples at 288 px as
+# uint8, beyond the per-host batch of every slice in the README (v5p-32's is 512, 127 MB). Larger shares are
+# split into chunks of a divisor of the batch, since each worker holds a few chunks in memory.
+_CHUNK_BYTES = 700 << 20
 
 
 def _chunk_size(local_batch: int, example_bytes: int) -> int:
-  """Examples per chunk: the batch, or its largest divisor whose chunk stays under 256 MiB.
-
-  A chunk as large as the batch is handed on without a copy. The cap bounds what the workers hold: each holds
-  about num_threads + 2 chunks (being made, queued, read ahead), so 15 workers at 128 examples of 288 px
-  (a v5e-64 host's share of configs/sycoca_base.py's batch) hold about 7.5 GiB.
-  """
+  """Examples per chunk: the batch, or its largest divisor whose chunk stays under _CHUNK_BYTES."""
   fits = max(1, _CHUNK_BYTES // example_bytes)
   return max(k for k in range(1, min(local_batch, fits) + 1) if local_batch % k == 0)
 
@@ -576,23 +726,23 @@ class EvalSplit:
     return len(self.source)
 
   def image(self, index: int) -> np.ndarray:
-    """float32 [S, S, 3], normalised; raises BadExample if the image can not be decoded."""
+    """uint8 [S, S, 3] pixels (normalised on the device, like training's); raises BadExample if undecodable."""
     image = load_image(self.source[index], min_side=self.image_size)
-    return normalize(resize_center_crop(image, self.image_size))
+    return np.asarray(resize_center_crop(image, self.image_size))
 
   def _masked_image(self, index: int) -> tuple[np.ndarray, bool]:
     if index >= len(self):  # padding of the last batch
-      return np.zeros((self.image_size, self.image_size, 3), np.float32), False
+      return np.zeros((self.image_size, self.image_size, 3), np.uint8), False
     try:
       return self.image(index), True
     except BadExample:
-      return np.zeros((self.image_size, self.image_size, 3), np.float32), False
+      return np.zeros((self.image_size, self.image_size, 3), np.uint8), False
 
   def batches(self, global_batch_size: int, *, process_index: int | None = None,
               process_count: int | None = None, num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """This process's slices of the global eval batches; every process yields the same number of them.
 
-    Yields {'image': float32 [b, S, S, 3], 'index': int32 [b] (-1 for padding), 'mask': bool [b]};
+    Yields {'image': uint8 [b, S, S, 3], 'index': int32 [b] (-1 for padding), 'mask': bool [b]};
     mask is False for padding and for images that could not be decoded.
     """
     process_index, process_count = _process_layout(process_index, process_count)

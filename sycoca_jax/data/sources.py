@@ -26,7 +26,6 @@ A missing or empty dataset fails at start-up with an error that says what was lo
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
+from sycoca_jax import paths as paths_lib
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.data import webdataset
 
@@ -78,9 +78,9 @@ class CocoJsonSource:
   """
 
   def __init__(self, annotation_file: str, image_dir: str, split: str):
-    if not os.path.exists(annotation_file):
+    if not paths_lib.resolve(annotation_file).exists():
       raise FileNotFoundError(f"Caption annotation file not found: {annotation_file!r} (data_config.path).")
-    with open(annotation_file) as f:
+    with paths_lib.resolve(annotation_file).open() as f:
       data = json.load(f)
     if "annotations" in data:
       self._items = self._coco_items(data)
@@ -194,7 +194,7 @@ class ArrayRecordSource:
   def __init__(self, pattern: str):
     import grain  # pylint: disable=g-import-not-at-top
 
-    paths = sorted(glob.glob(pattern))
+    paths = paths_lib.glob(pattern)  # local files or gs://: array_record reads Cloud Storage itself
     if not paths:
       raise FileNotFoundError(
           f"No .array_record files match {pattern!r}. Convert img2dataset shards with `python -m "

@@ -10,7 +10,7 @@ Shape legend: B global batch, b = B / process count (this process's slice), N ex
 A batch is a dict of global jax arrays with a leading B axis, always holding
   'index'  int32 [B]  the example's position in the dataset (-1 for padding)
   'mask'   bool  [B]  False for padding and for examples that could not be read
-plus the data ('image' float32 [B, S, S, 3], 'text' int32 [B, L], ...).
+plus the data ('image' uint8 [B, S, S, 3] (the model normalises it), 'text' int32 [B, L], ...).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int,
 
   Batch k of process p holds rows k * B + p * b ... k * B + (p + 1) * b - 1 (the EvalSplit layout); rows past
   the end are zeros with index -1 and mask False. `transform` maps this process's rows before they become
-  global (e.g. raw 8x8 digits -> normalised S x S images, so only small originals stay in memory).
+  global (e.g. raw 8x8 digits -> S x S images, so only small originals stay in memory).
   `sharding`: of the batch axis (data_sharding(params) to follow the weights' mesh).
   """
   pc, pi = jax.process_count(), jax.process_index()
@@ -161,7 +161,7 @@ def collect(fn: Callable[[dict[str, jax.Array]], Mapping[str, jax.Array]], batch
 
 
 def images_from_arrays(images: np.ndarray, image_size: int) -> np.ndarray:
-  """uint8 / float-in-[0, 1] images [N, H, W] or [N, H, W, C] -> normalised float32 [N, S, S, 3].
+  """uint8 / float-in-[0, 1] images [N, H, W] or [N, H, W, C] -> uint8 [N, S, S, 3] (normalised on the device).
 
   Grey becomes RGB; images are resized (bicubic) to S x S after a central square crop.
   """
@@ -170,15 +170,15 @@ def images_from_arrays(images: np.ndarray, image_size: int) -> np.ndarray:
     images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
   if images.ndim == 3:
     images = images[..., None]
-  out = np.empty((len(images), image_size, image_size, 3), np.float32)
+  out = np.empty((len(images), image_size, image_size, 3), np.uint8)
   for i, image in enumerate(images):
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    out[i] = pipeline.normalize(pipeline.resize_center_crop(pipeline.to_rgb(pil), image_size))
+    out[i] = np.asarray(pipeline.resize_center_crop(pipeline.to_rgb(pil), image_size))
   return out
 
 
 def load_image_file(path: str, image_size: int) -> np.ndarray:
-  """An image file -> normalised float32 [S, S, 3] (shorter side resized, central crop)."""
+  """An image file -> uint8 [S, S, 3] (shorter side resized, central crop; normalised on the device)."""
   with open(path, "rb") as f:
     image = pipeline.decode_image(f.read(), min_side=image_size)
-  return pipeline.normalize(pipeline.resize_center_crop(image, image_size))
+  return np.asarray(pipeline.resize_center_crop(image, image_size))

@@ -56,7 +56,7 @@ class ImageSet:
                     raw=self.raw[indices], image_size=self.image_size)
 
   def images(self, indices: np.ndarray) -> np.ndarray:
-    """Normalised float32 [n, S, S, 3] of the given examples (for training loops that sample rows)."""
+    """uint8 [n, S, S, 3] of the given examples (for training loops that sample rows)."""
     if self.raw is not None:
       return common.images_from_arrays(self.raw[np.asarray(indices)], self.image_size)
     return np.stack([self.split.image(int(i)) for i in indices])

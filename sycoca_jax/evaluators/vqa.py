@@ -75,7 +75,7 @@ class VqaData:
     return len(self.questions)
 
   def images(self, indices: np.ndarray, image_size: int) -> np.ndarray:
-    """Normalised float32 [n, S, S, 3] of the given images."""
+    """uint8 [n, S, S, 3] of the given images."""
     if self.raw_images is not None:
       return common.images_from_arrays(self.raw_images[np.asarray(indices)], image_size)
     return np.stack([common.load_image_file(self.image_paths[int(i)], image_size) for i in indices])

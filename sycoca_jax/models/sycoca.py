@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sycoca_jax import pixels
 from sycoca_jax.models import layers
 from sycoca_jax.models import masking as masking_lib
 from sycoca_jax.models.image_decoder import ImageDecoder
@@ -60,8 +61,11 @@ class SyCoCa(nn.Module):
     return self.logit_bias
 
   def encode_image(self, images: jax.Array, ids_keep: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-    """images [B, H, W, 3] -> {'embedding' [B, E] (L2-normalised), 'tokens', 'patch_embeddings', 'pooled'}."""
-    out = dict(self.image_encoder(images, ids_keep))
+    """images [B, H, W, 3] -> {'embedding' [B, E] (L2-normalised), 'tokens', 'patch_embeddings', 'pooled'}.
+
+    uint8 images are pixels, normalised here on the device (pixels.normalize); float ones are normalised already.
+    """
+    out = dict(self.image_encoder(pixels.normalize(images), ids_keep))
     out["embedding"] = layers.normalize(out["pooled"])
     return out
 
@@ -103,7 +107,7 @@ class SyCoCa(nn.Module):
 
   def __call__(self, images: jax.Array, text: jax.Array, *, rng: Optional[jax.Array] = None,
                heads: Sequence[str] = HEADS) -> dict[str, Any]:
-    """images [B, H, W, 3] (normalised), text [B, L] -> named outputs.
+    """images [B, H, W, 3] (uint8 pixels, or float normalised already), text [B, L] -> named outputs.
 
     Always: image_embedding, text_embedding [B, E], logit_scale (the temperature, exp(logit_scale)), logit_bias.
     'ic' in heads: caption_logits [B, L - 1, V].   'mim' in heads: mim_pred [B, N, P].
@@ -113,6 +117,7 @@ class SyCoCa(nn.Module):
     unknown = set(heads) - set(HEADS)
     if unknown:
       raise ValueError(f"Unknown heads {sorted(unknown)}; choose from {HEADS}.")
+    images = pixels.normalize(images)  # the re-encoding passes below take the same floats
     image_out = self.encode_image(images)
     text_out = self.encode_text(text)
     out: dict[str, Any] = {

@@ -69,7 +69,7 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict[str, float]:
   text = rng.randint(3, config.model.text.vocab_size, (b, l)).astype(np.int32)
   text[:, 0], text[:, l // 2] = 1, 2
   text[:, l // 2 + 1:] = 0
-  batch = sharding.global_batch({"image": rng.randn(b, s, s, 3).astype(np.float32), "text": text}, mesh)
+  batch = sharding.global_batch({"image": rng.randint(0, 256, (b, s, s, 3)).astype(np.uint8), "text": text}, mesh)
 
   t = time.perf_counter()
   compiled = train_step.step.lower(state, batch).compile()

@@ -5,21 +5,23 @@
 
 Rows:
   scenes generator     ScenesSource[i] alone (layout, captions, rendering), one thread
-  scenes pipeline      build_train_iterator on the built-in scenes (crop, normalise, tokenise, batch)
+  scenes pipeline      build_train_iterator on the built-in scenes (crop, tokenise, batch)
   array_record reader  build_train_iterator over img2dataset-style shards of JPEG photos, converted to
                        array_record first (written to a temporary folder), with the CLIP BPE tokenizer:
                        400x300 photos (quality 90) at 224 px, and the base config's preprocessing
                        (configs/sycoca_base.py: 288 px, max_len 76, crop scale 0.9-1) on 427x320 photos at
                        quality 95, what the README's img2dataset command (--image_size 320 --resize_mode
                        keep_ratio, its default quality) writes for 4:3 images; with 0 workers and each count
-                       in --workers, then "after a skip": one example further on, as after an unusable
-                       example, so that every batch is copied together from two workers' chunks
+                       in --workers, then "after a skip": shards where one example in 64 is a truncated
+                       JPEG, each replaced inside its chunk by a substitute (pipeline.ChunkMaker)
 
 Columns: `workers` input worker processes (0: decoding in this process, with `threads` threads); `examples/s` the
 rate; `cores` CPU seconds spent per second by this process and its workers together; `ex/s/core` examples per
-CPU second, the rate one fully busy core gives; `main us/ex` this process's CPU time per example, reading every
-memory page of each batch once as the copy to the devices will (its own ceiling: it handles every batch);
-`worker MiB` resident memory per worker. On a machine shared with other work, examples/s follows the share of
+CPU second, the rate one fully busy core gives (decoding, with workers); `MB/ex` bytes per example handed over
+to the training process (uint8 pixels, caption ids, record id); `main us/ex` this process's CPU time per
+example, reading every memory page of each batch once as the copy to the devices will, and `ceiling` the rate
+that cost allows (with workers, the training process handles every batch: its own limit, whatever the number
+of workers); `worker MiB` resident memory per worker. On a machine shared with other work, examples/s follows the share of
 the cores this run got; the CPU-time columns hold still.
 
 Below the table, an estimate (not a measurement) of what one host of a pod must deliver: a train step on
@@ -86,29 +88,33 @@ def _touch(batch: dict) -> None:
     np.bitwise_or.reduce(array.reshape(-1).view(np.uint8)[::4096])
 
 
-def _pipeline_row(name: str, cfg, after_a_skip: bool = False) -> dict:
+def _pipeline_row(name: str, cfg) -> dict:
   it = data.build_train_iterator(cfg, global_batch_size=_BATCH_SIZE.value, seed=0, process_index=0,
                                  process_count=1)
-  if after_a_skip:  # one example further on: every batch then straddles two chunks and is copied together
-    it.set_state({"pipeline": {"next_index": 1}, "skipped": {"corrupt_image": 1}})
+  threads = pipeline.resolve_num_threads(cfg)
   # Warm-up: workers started, background photos loaded once per process, and the batches made ahead while the
   # first one was awaited (up to num_threads + 2 per worker) used up, so that the timed batches are made in the
   # timed window: this loop consumes faster than the pipeline makes.
-  for _ in range(2 + max(1, pipeline.resolve_num_workers(cfg)) * (cfg.num_threads + 2)):
+  for _ in range(2 + max(1, pipeline.resolve_num_workers(cfg)) * (threads + 2)):
     next(it)
   workers = [p.pid for p in multiprocessing.active_children()]
+  skipped = it.stats["skipped"]
   start, main_cpu = time.perf_counter(), time.process_time()
   worker_cpu = [_cpu_seconds(pid) for pid in workers]
+  handed_over = 0
   for _ in range(_NUM_BATCHES.value):
-    _touch(next(it))
+    batch = next(it)
+    _touch(batch)
+    handed_over += sum(array.nbytes for array in batch.values())
   wall, main_cpu = time.perf_counter() - start, time.process_time() - main_cpu
   worker_cpu = sum(_cpu_seconds(pid) - c for pid, c in zip(workers, worker_cpu))
   rss = np.mean([_rss_mib(pid) for pid in workers]) if workers else float("nan")
+  skipped = it.stats["skipped"] - skipped
   it.close()
   n = _NUM_BATCHES.value * _BATCH_SIZE.value
-  return {"name": name, "px": cfg.image_size, "workers": pipeline.resolve_num_workers(cfg),
-          "threads": cfg.num_threads, "rate": n / wall, "cores": (main_cpu + worker_cpu) / wall,
-          "per_core": n / (main_cpu + worker_cpu), "main_us": 1e6 * main_cpu / n, "rss": rss}
+  return {"name": name, "px": cfg.image_size, "workers": pipeline.resolve_num_workers(cfg), "threads": threads,
+          "rate": n / wall, "cores": (main_cpu + worker_cpu) / wall, "per_core": n / (main_cpu + worker_cpu),
+          "mb": handed_over / n / 1e6, "main_us": 1e6 * main_cpu / n, "rss": rss, "skipped": skipped}
 
 
 def _generator_row(image_size: int) -> dict:
@@ -122,12 +128,14 @@ def _generator_row(image_size: int) -> dict:
     source[i]
   wall, cpu = time.perf_counter() - start, time.process_time() - cpu
   return {"name": "scenes generator", "px": image_size, "workers": 0, "threads": 1, "rate": n / wall,
-          "cores": cpu / wall, "per_core": n / cpu, "main_us": 1e6 * cpu / n, "rss": float("nan")}
+          "cores": cpu / wall, "per_core": n / cpu, "mb": float("nan"), "main_us": 1e6 * cpu / n,
+          "rss": float("nan"), "skipped": 0}
 
 
 def _write_photo_shards(directory: str, num_examples: int, size: tuple[int, int], quality: int,
-                        per_shard: int = 128) -> None:
-  """img2dataset-like shards: JPEG crops of the scenes' background photos, .txt and .json each."""
+                        per_shard: int = 128, corrupt_every: int = 0) -> None:
+  """img2dataset-like shards: JPEG crops of the scenes' background photos, .txt and .json each; with
+  corrupt_every, every corrupt_every-th JPEG truncated to half its bytes (an unusable example)."""
   rng = np.random.default_rng(0)
   photos = [scenes._library_image(name) for name in scenes._PHOTOS]  # pylint: disable=protected-access
   w, h = size[0] // 2, size[1] // 2  # crops upsampled 2x, as web photos are larger than the library's
@@ -138,18 +146,23 @@ def _write_photo_shards(directory: str, num_examples: int, size: tuple[int, int]
         x, y = int(rng.integers(photo.width - w)), int(rng.integers(photo.height - h))
         buffer = io.BytesIO()
         photo.resize(size, Image.BICUBIC, box=(x, y, x + w, y + h)).save(buffer, "JPEG", quality=quality)
+        jpeg = buffer.getvalue()
+        if corrupt_every and k % corrupt_every == corrupt_every // 2:
+          jpeg = jpeg[:len(jpeg) // 2]
         caption = f"a photo number {k} of something interesting, taken outdoors"
-        for ext, payload in (("jpg", buffer.getvalue()), ("txt", caption.encode()),
+        for ext, payload in (("jpg", jpeg), ("txt", caption.encode()),
                              ("json", json.dumps({"caption": caption, "key": f"{k:09d}"}).encode())):
           info = tarfile.TarInfo(f"{k:09d}.{ext}")
           info.size = len(payload)
           tar.addfile(info, io.BytesIO(payload))
 
 
-def _array_records(tmp: str, size: tuple[int, int], quality: int) -> str:
-  shards, records = os.path.join(tmp, f"shards_{size[0]}"), os.path.join(tmp, f"records_{size[0]}")
+def _array_records(tmp: str, size: tuple[int, int], quality: int, corrupt_every: int = 0) -> str:
+  name = f"{size[0]}_{corrupt_every}"
+  shards, records = os.path.join(tmp, f"shards_{name}"), os.path.join(tmp, f"records_{name}")
   os.makedirs(shards)
-  _write_photo_shards(shards, 4 * _BATCH_SIZE.value, size, quality)  # read again in later epochs
+  _write_photo_shards(shards, 4 * _BATCH_SIZE.value, size, quality, corrupt_every=corrupt_every)  # read again
+  # in later epochs
   webdataset.convert(os.path.join(shards, "*.tar"), records)
   return os.path.join(records, "*.array_record")
 
@@ -167,7 +180,7 @@ def _print_estimate(rows: list[dict]) -> None:
     line = (f"  {row['workers']} worker(s){row['name'][len(_BASE):]}: {row['per_core']:.0f} examples/s per core -> "
             f"{per_host / row['per_core']:.1f} busy cores per host")
     if row["workers"]:  # the main process handles every batch: its CPU time per example bounds the rate
-      line += f"; the main process alone tops out near {1e6 / row['main_us']:.0f} examples/s"
+      line += f"; the training process alone tops out near {1e6 / row['main_us']:.0f} examples/s"
     print(line)
 
 
@@ -192,14 +205,18 @@ def main(argv):
     for workers in [0] + [int(w) for w in _WORKERS.value]:
       cfg.num_workers = workers
       rows.append(_pipeline_row(_BASE, cfg))
-    rows.append(_pipeline_row(_BASE + ", after a skip", cfg, after_a_skip=True))
+    cfg.path = _array_records(tmp, (427, 320), quality=95, corrupt_every=64)
+    rows.append(_pipeline_row(_BASE + ", after a skip", cfg))
+    assert rows[-1]["skipped"], "the after-a-skip row met no unusable example"
 
   print(f"{'pipeline':<42} {'px':>4} {'workers':>7} {'threads':>7} {'batch':>5} {'examples/s':>10} {'cores':>5} "
-        f"{'ex/s/core':>9} {'main us/ex':>10} {'worker MiB':>10}")
+        f"{'ex/s/core':>9} {'MB/ex':>6} {'main us/ex':>10} {'ceiling':>8} {'worker MiB':>10}")
   for r in rows:
     rss = "" if np.isnan(r["rss"]) else f"{r['rss']:.0f}"
+    mb = "" if np.isnan(r["mb"]) else f"{r['mb']:.3f}"
     print(f"{r['name']:<42} {r['px']:>4} {r['workers']:>7} {r['threads']:>7} {_BATCH_SIZE.value:>5} "
-          f"{r['rate']:>10.0f} {r['cores']:>5.2f} {r['per_core']:>9.0f} {r['main_us']:>10.0f} {rss:>10}".rstrip())
+          f"{r['rate']:>10.0f} {r['cores']:>5.2f} {r['per_core']:>9.0f} {mb:>6} {r['main_us']:>10.0f} "
+          f"{1e6 / r['main_us']:>8.0f} {rss:>10}".rstrip())
   print(f"(CPU cores available: {pipeline.available_cores()} of {os.cpu_count()}; load average over the last "
         f"5 minutes: {os.getloadavg()[1]:.1f})")
   _print_estimate(rows)

@@ -31,10 +31,8 @@ import numpy as np
 import optax
 from absl import app, flags
 from ml_collections import config_flags
-from PIL import Image
 
-from sycoca_jax import config_lib
-from sycoca_jax.data import pipeline
+from sycoca_jax import config_lib, pixels
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.models import sycoca
 
@@ -89,7 +87,7 @@ def _batch(config, label: str, size: str, start: int, count: int) -> tuple[np.nd
       scene = dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, size=size) for o in scene.objects))
     obj = scene.objects[0]
     image = scenes_lib.render_scene(scene, config.data.image_size)
-    images.append(pipeline.normalize(Image.fromarray(image)))
+    images.append(pixels.normalize(np.asarray(image)))  # the towers here take the model's float input
     labels.append(scenes_lib.KINDS.index(obj.shape) if label == "kind" else scenes_lib.COLOUR_NAMES.index(obj.colour))
   return np.stack(images), np.asarray(labels, np.int32)
 

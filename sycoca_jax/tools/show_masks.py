@@ -47,7 +47,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageDraw, ImageFont
 
-from sycoca_jax import inference
+from sycoca_jax import inference, pixels
 from sycoca_jax.models.sycoca import SyCoCa
 from sycoca_jax.models.vit import patchify, unpatchify
 
@@ -117,7 +117,7 @@ def _masks(module: SyCoCa, images, texts, rng, *, reconstruct: bool, norm_pix: b
   result = {"scores": masks.scores, "ic_keep": _indicator(masks.ic_keep, num_patches)}
   if reconstruct:
     p = module.image_encoder.patch_size
-    patches = patchify(images.astype(jnp.float32), p)
+    patches = patchify(pixels.normalize(images).astype(jnp.float32), p)
     pred = out["mim_pred"].astype(jnp.float32)
     if norm_pix:  # the targets were normalised per patch (losses.mim_targets): undo it with the input's stats
       pred = pred * jnp.sqrt(patches.var(-1, keepdims=True) + 1e-6) + patches.mean(-1, keepdims=True)
@@ -172,7 +172,8 @@ class MaskViewer:
             mim_ratio: float = 0.0, seed: int = 0, preprocessed: bool = False) -> Masked:
     """The sets `strategy` picks in `image` (one PIL image, path or array; see sycoca_jax.inference) per caption.
 
-    preprocessed=True: `image` is already normalised [S, S, 3] (e.g. a row of a sycoca_jax.data batch).
+    preprocessed=True: `image` is already [S, S, 3] (e.g. a row of a sycoca_jax.data batch: uint8 pixels, or
+    floats normalised already).
     """
     if strategy not in STRATEGIES:
       raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}.")
@@ -186,9 +187,10 @@ class MaskViewer:
           "(--strategy=random), or a model with per-patch tokens (model.vision.pool='tok', e.g. coca_base).")
     ic, mim = self.ratios(ic_ratio, mim_ratio)
     if preprocessed:
-      x = np.asarray(image, np.float32).reshape((-1, self.image_size, self.image_size, 3))
+      x = np.asarray(image)
+      x = (x if x.dtype == np.uint8 else x.astype(np.float32)).reshape((-1, self.image_size, self.image_size, 3))
     else:
-      x = inference.preprocess(image, self.image_size, self.inference.mean, self.inference.std)
+      x = inference.preprocess(image, self.image_size)
     if len(x) != 1:
       raise ValueError(f"Give one image; got {len(x)}.")
     key = (strategy, ic, mim, len(captions))
@@ -199,9 +201,8 @@ class MaskViewer:
     images = np.repeat(x, len(captions), axis=0)
     out = jax.device_get(self._fns[key](self.params, images, self.tokenizer.encode(captions),
                                         jax.random.PRNGKey(seed)))
-    mean, std = np.asarray(self.inference.mean, np.float32), np.asarray(self.inference.std, np.float32)
-    show = lambda a: np.clip(np.asarray(a, np.float32) * std + mean, 0.0, 1.0)
-    return Masked(image=show(x[0]), captions=captions, scores=np.asarray(out["scores"], np.float32),
+    show = lambda a: np.clip(pixels.denormalize(np.asarray(a, np.float32)), 0.0, 1.0)
+    return Masked(image=show(pixels.normalize(x[0])), captions=captions, scores=np.asarray(out["scores"], np.float32),
                   ic_keep=np.asarray(out["ic_keep"]), mim_visible=_get(out, "mim_visible"),
                   reconstruction=None if "reconstruction" not in out else show(out["reconstruction"]),
                   patch_size=self.model.image_encoder.patch_size, strategy=strategy, ic_ratio=ic, mim_ratio=mim)
