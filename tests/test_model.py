@@ -95,22 +95,40 @@ def test_open_clip_coca_geometries_build():
   assert params["text_encoder"]["positional_embedding"].shape == (cfg.text.context_length + 1, 32)
 
 
-@pytest.mark.slow(reason="three full forward passes of the model")
-def test_tg_mim_encoder_ignores_hidden_pixels():
-  cfg, model, params = _setup()
+# Every stem, at widths that compile in seconds.
+STEMS = {"linear": {}, "patch_cnn": {"vision.stem_channels": (4, 4, 8, 8, 8)}}
+
+
+@pytest.mark.slow(reason="three full forward passes of the model per stem and strategy")
+@pytest.mark.parametrize("strategy", ["attentive", "random"])
+@pytest.mark.parametrize("stem", vit.STEMS)
+def test_tg_mim_encoder_ignores_hidden_pixels(stem, strategy):
+  """Changing the hidden patches' pixels leaves every output of the TG-MIM encoder pass bit-identical."""
+  cfg, model, params = _setup(**{"vision.stem": stem, "masking.strategy": strategy, **STEMS[stem]})
   images, text = random_batch(cfg)
-  out = model.apply({"params": params}, images, text, heads=HEADS)
-  hidden = np.asarray(out["masks"].mim_mask)[..., None]  # [B, N, 1]
+  masks = model.apply({"params": params}, images, text, rng=jax.random.PRNGKey(1), heads=HEADS)["masks"]
+  hidden = np.asarray(masks.mim_mask)[..., None]  # [B, N, 1]
   patches = np.asarray(vit.patchify(images, cfg.vision.patch_size))
   noisy = patches + hidden * np.random.RandomState(3).randn(*patches.shape).astype(np.float32) * 5
   noisy_images = vit.unpatchify(jnp.asarray(noisy), cfg.vision.patch_size)
   assert not np.allclose(noisy_images, images)
 
-  encode = lambda im: model.apply({"params": params}, im, out["masks"].mim_keep, method=SyCoCa.encode_image)
-  np.testing.assert_allclose(encode(images)["tokens"], encode(noisy_images)["tokens"], atol=1e-5)
+  encode = lambda im: model.apply({"params": params}, im, masks.mim_keep, method=SyCoCa.encode_image)
+  jax.tree.map(np.testing.assert_array_equal, encode(images), encode(noisy_images))
   # ... whereas the full pass does see them.
   full = lambda im: model.apply({"params": params}, im, method=SyCoCa.encode_image)["tokens"]
   assert not np.allclose(full(images), full(noisy_images), atol=1e-3)
+
+
+def test_patch_cnn_tokens_see_their_own_patch_only():
+  """A patch_cnn token is a function of its own patch: changing one patch changes that token alone."""
+  cfg, model, params = _setup(**{"vision.stem": "patch_cnn", **STEMS["patch_cnn"]})
+  images, _ = random_batch(cfg)
+  stem = lambda im: model.image_encoder.apply({"params": params["image_encoder"]}, im, method=lambda m, x: m.patch_cnn(
+      vit.patchify(x, 8).reshape(x.shape[0], -1, 8, 8, 3)))
+  changed = images.at[:, 8:16, 16:24].add(3.0)  # patch (1, 2) of the 4 x 4 grid
+  differs = np.abs(np.asarray(stem(images) - stem(changed))).max(axis=(0, 2)) > 0  # [N]
+  assert differs.tolist() == [i == 6 for i in range(16)]
 
 
 def test_text_is_causal():
@@ -233,3 +251,7 @@ def test_bad_model_config_names_the_key():
     build_model(tiny_model_config(**{"masking.mim_ratio": 1.5}))
   with pytest.raises(ValueError, match=r"config.model.masking.strategy: 'attentive' .*pool='tok'"):
     build_model(tiny_model_config(**{"vision.pool": "attn"}))
+  with pytest.raises(ValueError, match=r"config.model.vision.stem: 'conv' is not one of linear, patch_cnn"):
+    build_model(tiny_model_config(**{"vision.stem": "conv"}))
+  with pytest.raises(ValueError, match=r"config.model.vision.stem_channels"):
+    build_model(tiny_model_config(**{"vision.stem": "patch_cnn", "vision.stem_channels": (8, 0)}))

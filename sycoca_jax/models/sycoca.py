@@ -24,6 +24,7 @@ import ml_collections
 from sycoca_jax import pixels
 from sycoca_jax.models import layers
 from sycoca_jax.models import masking as masking_lib
+from sycoca_jax.models import vit
 from sycoca_jax.models.image_decoder import ImageDecoder
 from sycoca_jax.models.text import TextDecoder, TextEncoder
 from sycoca_jax.models.vit import VisionTransformer
@@ -176,8 +177,10 @@ def default_model_config() -> ml_collections.ConfigDict:
       scan_layers=False,
       pad_id=0,
       init_logit_scale=math.log(1 / 0.07),   # its bounds, [0, log 100], are the optimizer's (optim.param_bounds)
+      # stem: how a patch becomes a token (vit.STEMS); stem_channels: the patch_cnn stem's conv widths.
       vision=dict(image_size=288, patch_size=18, width=768, depth=12, heads=12, mlp_ratio=4.0,
-                  pool="tok", attn_pooler_queries=256, attn_pooler_heads=8),
+                  pool="tok", attn_pooler_queries=256, attn_pooler_heads=8, stem="linear",
+                  stem_channels=(32, 32, 64, 64, 128)),
       text=dict(vocab_size=49408, context_length=76, width=768, depth=12, heads=12, mlp_ratio=4.0,
                 legacy_cls_mask=False),
       text_decoder=dict(width=768, depth=12, heads=12, mlp_ratio=4.0),
@@ -198,6 +201,10 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
   for key, tower in (("vision", v), ("text", t), ("text_decoder", d), ("image_decoder", cfg.image_decoder)):
     if tower.width % tower.heads:
       fail(f"{key}.width", f"{tower.width} is not divisible by {key}.heads={tower.heads}.")
+  if v.stem not in vit.STEMS:
+    fail("vision.stem", f"{v.stem!r} is not one of {', '.join(vit.STEMS)}.")
+  if v.stem == "patch_cnn" and (not v.stem_channels or any(int(c) < 1 for c in v.stem_channels)):
+    fail("vision.stem_channels", f"{tuple(v.stem_channels)} must be one or more positive widths.")
   if v.pool not in ("tok", "attn"):
     fail("vision.pool", f"{v.pool!r} is not one of 'tok', 'attn'.")
   if t.width != d.width:
@@ -245,7 +252,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
   v, t, d, i = cfg.vision, cfg.text, cfg.text_decoder, cfg.image_decoder
   return SyCoCa(
       image_encoder=VisionTransformer(
-          tower(v), v.image_size, v.patch_size, cfg.embed_dim, pool=v.pool,
+          tower(v), v.image_size, v.patch_size, cfg.embed_dim, pool=v.pool, stem=v.stem,
+          stem_channels=tuple(v.stem_channels),
           attn_pooler_queries=v.attn_pooler_queries, attn_pooler_heads=v.attn_pooler_heads),
       text_encoder=TextEncoder(
           tower(t), t.vocab_size, t.context_length, cfg.embed_dim, pad_id=cfg.pad_id,

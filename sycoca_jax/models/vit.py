@@ -1,10 +1,20 @@
 """The image encoder E_v: a pre-LN ViT that can encode any gathered subset of its patches.
 
-Shapes as in layers.py. Positions are added before the gather and the CLS token is always kept, so encoding
-`ids_keep` is exactly "the same ViT, looking only at those patches" (MAE / FLIP style).
+Shapes as in layers.py, and p the patch side, C channels. Positions are added before the gather and the CLS
+token is always kept, so encoding `ids_keep` is exactly "the same ViT, looking only at those patches" (MAE /
+FLIP style).
+
+The stem (`model.vision.stem`) turns each patch into a token. Every stem here is patch-local: a token is a
+function of its own patch's pixels only, so the TG-MIM pass, which encodes the visible patches alone, can never
+see a hidden pixel (tests/test_model.py changes the hidden pixels and checks the visible tokens bit for bit).
+  linear     a linear map of the flattened patch (open_clip's strided conv1; the paper's ViT).
+  patch_cnn  a small CNN run on each patch as its own image: 3x3 convolutions zero-padded at the patch border,
+             two 2x2 max-pools and a max over the patch, then a linear map to the width. It brings the locality
+             and translation invariance a linear embedding lacks; it normalises with a LayerNorm over each
+             pixel's channels (batch statistics would mix hidden and visible patches).
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import einops
 import flax.linen as nn
@@ -24,6 +34,32 @@ def unpatchify(patches: jax.Array, patch_size: int, channels: int = 3) -> jax.Ar
   grid = int(round(patches.shape[1] ** 0.5))
   return einops.rearrange(patches, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c", h=grid, w=grid, p1=patch_size,
                           p2=patch_size, c=channels)
+
+
+STEMS = ("linear", "patch_cnn")
+
+
+class PatchCNN(nn.Module):
+  """The `patch_cnn` stem: patches [B, K, p, p, C] -> tokens [B, K, D], each patch encoded on its own."""
+
+  width: int
+  channels: Sequence[int] = (32, 32, 64, 64, 128)
+  norm_eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, patches: jax.Array) -> jax.Array:
+    b, k = patches.shape[:2]
+    # Patches as a batch of small images: SAME padding pads with zeros at each patch's own border, never with a
+    # neighbour's pixels.
+    x = patches.reshape(b * k, *patches.shape[2:])
+    for i, channels in enumerate(self.channels):
+      x = nn.Conv(channels, (3, 3), dtype=self.dtype, name=f"conv{i}")(x)
+      x = nn.relu(nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=f"norm{i}")(x))
+      if i in (1, 3):
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.max(axis=(1, 2))  # where in the patch a feature fires does not matter; the position embedding says where
+    return nn.Dense(self.width, dtype=self.dtype, name="proj")(x).reshape(b, k, self.width)
 
 
 class AttentionalPooler(nn.Module):
@@ -58,6 +94,8 @@ class VisionTransformer(nn.Module):
   patch_size: int
   embed_dim: int
   pool: str = "tok"
+  stem: str = "linear"
+  stem_channels: Sequence[int] = (32, 32, 64, 64, 128)
   attn_pooler_queries: int = 256
   attn_pooler_heads: int = 8
 
@@ -71,9 +109,14 @@ class VisionTransformer(nn.Module):
     # the projection are width ** -0.5 * randn. Its blocks keep PyTorch's defaults (no depth scaling).
     t = self.tower
     scale = t.width ** -0.5
-    # A linear map of flattened patches == open_clip's bias-free strided conv1.
-    self.conv1 = nn.Dense(t.width, use_bias=False, dtype=t.dtype,
-                          kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
+    if self.stem == "linear":
+      # A linear map of flattened patches == open_clip's bias-free strided conv1.
+      self.conv1 = nn.Dense(t.width, use_bias=False, dtype=t.dtype,
+                            kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
+    elif self.stem == "patch_cnn":
+      self.patch_cnn = PatchCNN(t.width, tuple(self.stem_channels), t.norm_eps, t.dtype)
+    else:
+      raise ValueError(f"stem={self.stem!r}: choose from {STEMS}.")
     self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (t.width,))
     self.positional_embedding = self.param(
         "positional_embedding", nn.initializers.normal(scale), (self.num_patches + 1, t.width))
@@ -94,9 +137,17 @@ class VisionTransformer(nn.Module):
     patch_embeddings [B, K, E]: each token projected into the joint space (what attentive masking scores);
     with pool="attn", patch_tokens [B, K, D] (with pool="tok" the tokens are the patch tokens).
     """
-    x = self.conv1(patchify(images.astype(self.tower.dtype), self.patch_size))
-    x = x + self.positional_embedding[1:].astype(x.dtype)
-    x = layers.take_tokens(x, ids_keep)
+    patches = patchify(images.astype(self.tower.dtype), self.patch_size)  # [B, N, P]
+    if self.stem == "linear":
+      x = self.conv1(patches) + self.positional_embedding[1:].astype(self.tower.dtype)
+      x = layers.take_tokens(x, ids_keep)
+    else:
+      # Only the kept patches go through the stem: the convolutions cost most of the TG-MIM pass otherwise.
+      patches = layers.take_tokens(patches, ids_keep)
+      p = self.patch_size
+      x = self.patch_cnn(patches.reshape(*patches.shape[:2], p, p, -1))
+      positions = jnp.broadcast_to(self.positional_embedding[1:], (x.shape[0], self.num_patches, self.tower.width))
+      x = x + layers.take_tokens(positions, ids_keep).astype(x.dtype)
     cls = (self.class_embedding + self.positional_embedding[0]).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.tower.width)), x], axis=1)
     x = self.transformer(self.ln_pre(x))

@@ -138,7 +138,8 @@ def main(argv):
   del argv
   config = FLAGS.config
   chance = np.log(len(scenes_lib.KINDS) if FLAGS.label == "kind" else len(scenes_lib.COLOUR_NAMES))
-  tower = f"ViT patch {config.model.vision.patch_size}" if FLAGS.tower == "vit" else "reference CNN"
+  v = config.model.vision
+  tower = f"ViT patch {v.patch_size}, {v.stem} stem" if FLAGS.tower == "vit" else "reference CNN"
   print(f"probe: {FLAGS.label} of one-object scenes, {config.data.image_size} px, {tower}, backgrounds "
         f"{tuple(config.data.scenes.backgrounds)}, size {FLAGS.size or 'all'}; batch {config.global_batch_size}, "
         f"lr {config.optim.lr}; chance loss {chance:.2f}")
