@@ -4,7 +4,8 @@ Layout of a workdir:
   checkpoints/<step>/state/...        params, optimizer state, step, rng (orbax, written asynchronously)
   checkpoints/<step>/config.json      the run's config (process 0)
   checkpoints/<step>/checksums        a checksum of each saved array, verified on restore (process 0)
-  data_state/<step>/process_<i>.json  each process's input-pipeline state at that step
+  data_state/<step>/process_<i>.json  each process's input-pipeline state at that step, with the process count
+                                      and a checksum of the state
 
 Why this survives preemption and SIGKILL: orbax writes a step into a temporary folder and renames it only
 once complete, so `latest_step` only ever sees whole checkpoints; the pipeline files are written (and fsynced)
@@ -17,10 +18,17 @@ commit file instead of renaming folders, which `latest_step` honours the same wa
 Why checksums: a whole checkpoint can still be damaged later (a flipped bit on disk, a bad copy between
 buckets), and orbax restores such bytes without complaint; the run then trains on garbage. Each array's
 checksum is computed on device when it is saved and again when it is read back, so a damaged checkpoint is
-refused by name, and resuming falls back to the newest one that verifies.
+refused by name, and resuming falls back to the newest one that verifies. The input-pipeline state is checked
+the same way (it must parse and match its checksum, on every process), since resuming with a damaged one is as
+wrong as resuming with damaged weights.
+
+Why the process count is recorded: each process reads its own slice of the example stream, cut by the number of
+processes. Resuming on another number of hosts would need every stream position re-split, which skipped
+examples make ambiguous; such a resume is refused with a one-line message rather than overlapping examples.
 """
 
 import contextlib
+import hashlib
 import json
 import logging as logging_std
 from collections.abc import Iterator
@@ -41,6 +49,10 @@ from sycoca_jax.models.sycoca import default_model_config
 
 class CheckpointUnreadable(RuntimeError):
   """A checkpoint's files are missing or damaged."""
+
+
+class HostCountChanged(ValueError):
+  """The checkpoint's input-pipeline state was written by another number of processes."""
 
 
 # ------------------------------------------------------------------------------------------------ checksums
@@ -140,7 +152,9 @@ class Checkpointer:
     if data_state is not None:
       path = self._data_path(step, jax.process_index())
       path.parent.mkdir(parents=True, exist_ok=True)
-      paths.write_atomic(path, json.dumps(data_state))
+      text = json.dumps(data_state, sort_keys=True)
+      paths.write_atomic(path, json.dumps({"process_count": jax.process_count(), "process_index":
+                                           jax.process_index(), "sha256": _sha256(text), "state": data_state}))
     saved = self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), checksums=ocp.args.JsonSave(
             checksums(state)), config=ocp.args.JsonSave(config.to_dict())), force=force)
@@ -150,6 +164,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     """abstract_state: ShapeDtypeStructs with shardings, so arrays come back already laid out on the mesh."""
     folder = self.workdir / "checkpoints" / str(step)
+    data_state = self._read_data_state(step)  # first: a refused host count costs no array read
     # Without its tree metadata orbax reports a "pytree structure error" that points at the caller's tree.
     if not (folder / "state" / "_METADATA").exists():
       raise CheckpointUnreadable(f"Checkpoint {folder} is damaged: state/_METADATA is missing.")
@@ -163,9 +178,48 @@ class Checkpointer:
       raise CheckpointUnreadable(f"Checkpoint {folder} cannot be read ({first_line}).") from e
     if "checksums" in items:
       verify(restored.state, restored.checksums, step)
-    path = self._data_path(step, jax.process_index())
-    data_state = json.loads(path.read_text()) if path.exists() else None
     return restored.state, data_state
+
+  def _read_data_state(self, step: int) -> Optional[dict]:
+    """This process's input-pipeline state at `step` (None if the checkpoint has none at all).
+
+    Raises HostCountChanged if it was written by another number of processes, and CheckpointUnreadable on every
+    process if any process's state is missing or damaged, so that all fall back to the same older step.
+    """
+    folder = self.workdir / "data_state" / str(step)
+    files = sorted(folder.glob("process_*.json")) if folder.is_dir() else []
+    if not files:
+      return None  # a checkpoint saved without a pipeline state (e.g. params only)
+    path, problem, state, recorded = self._data_path(step, jax.process_index()), None, None, len(files)
+    try:
+      saved = json.loads(path.read_text())
+      if "state" in saved:  # with its process count and checksum; older files hold the bare state
+        recorded = saved["process_count"]
+        state = saved["state"]
+        if _sha256(json.dumps(state, sort_keys=True)) != saved["sha256"]:
+          problem = "does not match its checksum"
+      else:
+        state = saved
+      state["pipeline"]["next_index"]  # pylint: disable=pointless-statement  (the one field a resume needs)
+    except FileNotFoundError:
+      problem = "is missing"
+    except (ValueError, KeyError, TypeError) as e:
+      problem = f"cannot be parsed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if problem is not None:  # the count from another process's file, where one reads back
+      recorded = next((c for c in map(_recorded_count, files) if c is not None), recorded)
+    if recorded != jax.process_count():
+      raise HostCountChanged(
+          f"Checkpoint step {step} in {self.workdir} was written by {recorded} processes, and this run has "
+          f"{jax.process_count()}: each process's input stream depends on the process count, so resuming would "
+          f"repeat or skip examples. Resume with {recorded} processes, or start a new workdir "
+          f"(config.init_from can take the weights).")
+    bad = multihost_utils.process_allgather(np.int32(problem is not None))
+    if problem is not None:
+      raise CheckpointUnreadable(f"Checkpoint step {step}: the input-pipeline state {path} {problem}.")
+    if np.any(bad):
+      raise CheckpointUnreadable(f"Checkpoint step {step}: another process's input-pipeline state is damaged "
+                                 "(its log names it).")
+    return state
 
   def restore_latest(self, abstract_state: Any, check: Optional[Callable[[int], None]] = None
                      ) -> tuple[Optional[int], Any, Optional[dict]]:
@@ -237,6 +291,17 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _recorded_count(path: epath.Path) -> Optional[int]:
+  try:
+    return int(json.loads(path.read_text())["process_count"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _sha256(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_only_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
