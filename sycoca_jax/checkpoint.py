@@ -314,10 +314,13 @@ def _read_only_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
         options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
 
 
-def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any, int]:
-  """(config, params, step) from a workdir's latest (or given) checkpoint, params on this host's first device.
+def load_params(directory: epath.PathLike, step: Optional[int] = None, shardings: Any = None
+                ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, params, step) from a workdir's latest (or given) checkpoint.
 
-  Used by evaluation, inference and `config.init_from`; the optimizer state is not read.
+  Used by evaluation, inference and `config.init_from`; the optimizer state is not read. The params land on
+  this host's first device, or with `shardings` (a tree like the params) split over a mesh as they are read,
+  so that no host ever holds a model too big for one device whole.
   """
   manager = _read_only_manager(directory)
   step = manager.latest_step() if step is None else step
@@ -331,9 +334,11 @@ def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[
     model.update(config.model)
     config.model = model
   metadata = manager.item_metadata(step)["state"]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                     metadata["params"])}
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, metadata["params"])
+  abstract = {"params": jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh),
+                                     metadata["params"], shardings)}
   items = {"state": ocp.args.PyTreeRestore(
       item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)}
   if (paths.resolve(directory) / "checkpoints" / str(step) / "checksums").exists():

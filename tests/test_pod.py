@@ -27,11 +27,14 @@ from tests import distributed
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_EVALS = ("retrieval", "zeroshot", "captioning", "masking")
+# One evaluator (it gathers from both processes, as each does): every one of them would add half a minute of
+# compiling on two cores to each launch; tests/test_eval_multiprocess.py runs the others on two processes.
+_EVALS = ("retrieval",)
 
 
 def _overrides(cache_dir):
-  o = {"total_steps": 12, "ckpt_steps": 4, "log_steps": 1, "image_log_steps": 2, "compilation_cache_dir": cache_dir}
+  o = {"total_steps": 16, "ckpt_steps": 2, "log_steps": 1, "image_log_steps": 2, "compilation_cache_dir": cache_dir}
+  o.update({f"evals.{name}.log_steps": 0 for name in ("zeroshot", "captioning", "masking")})
   for name in _EVALS:
     o.update({f"evals.{name}.log_steps": 4, f"evals.{name}.max_examples": 8, f"evals.{name}.batch_size": 8})
   return o
@@ -52,6 +55,7 @@ def _pod(workdir, overrides, **spec):
 
 def _finish(procs, timeout):
   outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  print(f"{time.strftime('%X')} pod exited", flush=True, file=sys.stderr)
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
   return outs
@@ -106,11 +110,11 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
 
   # 1. SIGTERM to one host only.
   procs = _pod(workdir, overrides, batch_delay=0.5, env=env)
-  _wait_for_step(workdir, 3, procs)
+  _wait_for_step(workdir, 5, procs)  # past the first evaluation (step 4): every program compiled
   seconds, outs = _terminate(procs, [1])
-  assert seconds < 60 and all("PREEMPTED" in out for out in outs), outs[0][-3000:]
+  assert seconds < 60 and all("PREEMPTED" in out for out in outs), (seconds, outs[0][-3000:])
   first_stop = _checkpoint_with_every_state(workdir)
-  assert 3 <= first_stop < 12 and _logged_step(workdir) == first_stop
+  assert 5 <= first_stop < 16 and _logged_step(workdir) == first_stop
   rows = metrics.read_jsonl(workdir)
   for name in _EVALS:  # every evaluator ran (on both processes: they gather from each other)
     assert any(k.startswith(f"{name}/") for r in rows for k in r), name
@@ -122,10 +126,10 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   procs = _pod(workdir, overrides, batch_delay=0.5, env=env, hostname="requeued-host")
   _wait_for_step(workdir, first_stop + 2, procs)
   seconds, outs = _terminate(procs, [0, 1])
-  assert seconds < 60 and all("PREEMPTED" in out for out in outs), outs[0][-3000:]
+  assert seconds < 60 and all("PREEMPTED" in out for out in outs), (seconds, outs[0][-3000:])
   assert "was held by process 1 on vanished-host, whose heartbeat is" in outs[0]
   second_stop = _checkpoint_with_every_state(workdir)
-  assert first_stop + 2 <= second_stop < 12
+  assert first_stop + 2 <= second_stop < 16
   compiled_again, line = _compile_seconds(outs[0])
   assert "programs loaded from the compilation cache" in line and compiled_again < compiled_first, line
 
@@ -135,10 +139,10 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   assert f"instead of step {second_stop}" in outs[0] and "input-pipeline state" in outs[0], outs[0][-3000:]
   assert os.path.isdir(workdir / "damaged_checkpoints" / str(second_stop))
   steps = [r["step"] for r in metrics.read_jsonl(workdir) if "loss" in r]
-  assert steps == list(range(1, 13))  # each step logged once
+  assert steps == list(range(1, 17))  # each step logged once
   out, _ = reference.communicate(timeout=400)
   assert reference.returncode == 0, out[-3000:]
-  want, got = (checkpoint.load_params(str(w), 12)[1] for w in (tmp_path / "straight", workdir))
+  want, got = (checkpoint.load_params(str(w), 16)[1] for w in (tmp_path / "straight", workdir))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), want, got)
 
   # 4. The same workdir on one process: refused, naming both counts, before anything is compiled.
