@@ -1,6 +1,6 @@
 """Stopping on SIGTERM, collectively: every host stops at the same step, saves it, and leaves.
 
-  stop = preemption.PreemptionSync(mesh, grace_s=config.preemption_grace_s)
+  stop = preemption.PreemptionSync(grace_s=config.preemption_grace_s, check_steps=config.preemption_check_steps)
   for step in ...:
     state, aux = train_step(state, batch)
     if stop.reached(step):      # the same answer on every host, at the same step
@@ -10,11 +10,17 @@ Why collective: a scheduler (a TPU VM's maintenance, SLURM's time limit or preem
 all of them at slightly different moments. A host that acted on its own signal would enter the checkpoint's
 collectives at another step than its peers, and every host would hang there with nothing saved.
 
-How the hosts agree: after each step every host contributes its flag to a tiny all-reduce (dispatched like the
-step, never waited for at once) and reads the result of the step `LAG` steps back. All hosts read the same
-reduction at the same step, so all stop at that step. Reading `LAG` steps late keeps the loop from waiting on
-the device each step: the host dispatches ahead as before, by at most `LAG` steps. One process needs no
-reduction: it stops at the step its own flag is seen.
+How the hosts agree: through the key-value store of JAX's distributed runtime (the coordination service that
+JAX's own preemption sync point uses), never through the devices, so the check adds no device work. Every
+`check_steps` steps, after dispatching that step, each host announces a SIGTERM it received (a key naming the
+step), then waits at a barrier for every host to reach the same step, then reads the announcements: one made
+at this step or earlier means every host stops here. All hosts read after all have announced, so all decide
+alike; an announcement made later names a later step, so a host slow to read cannot act on it early. The
+barrier only lines up the hosts' Python loops (every host has dispatched the step, so none waits on a device
+for another), at the cost of one round trip to the coordinator per check. One process needs no agreement: it
+stops at the step its own flag is seen. (JAX's `multihost_utils.reached_preemption_sync_point` is the same
+idea, but its SIGTERM handler, installed in C++, keeps SIGTERM for good, and it picks the sync step without
+waiting for the hosts, so a host whose loop ran ahead of the others can already be past it.)
 
 Why the process stays killable: the handler only sets the flag; a second SIGTERM, or `grace_s` seconds without
 an exit (a peer that died, a collective that hangs), ends the process with SIGTERM's usual status. That is
@@ -28,49 +34,49 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-LAG = 2  # steps between a host's vote and its reading of the result
+_RUNS = [0]  # PreemptionSyncs made in this process; the same sequence on every host names each run's keys
 
 
 class PreemptionSync:
   """SIGTERM on any host -> `reached(step)` is True on every host at one agreed step (see the module doc)."""
 
-  def __init__(self, mesh: jax.sharding.Mesh, grace_s: float = 300.0):
+  def __init__(self, grace_s: float = 300.0, check_steps: int = 1, barrier_timeout_s: float = 3600.0):
     self.flag = False
-    self._grace_s = grace_s
-    self._votes: deque[tuple[int, jax.Array]] = deque()
+    self._grace_s, self._check_steps, self._barrier_ms = grace_s, check_steps, int(barrier_timeout_s * 1000)
     self._closed = threading.Event()
     self._previous = None
     self._wakeup = None
-    self._multihost = jax.process_count() > 1
-    if self._multihost:
-      # One vote per device, each host filling its own: the max over all is "some host was signalled".
-      self._vote_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-      self._reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    self._announced = False
+    self._keys = f"sycoca_preemption/{_RUNS[0]}"
+    _RUNS[0] += 1
+    self._client = None
+    if jax.process_count() > 1:
+      from jax._src import distributed  # pylint: disable=g-import-not-at-top  (the runtime's client, no public API)
+      self._client = distributed.global_state.client
     self._install()
 
   # --------------------------------------------------------------------------------------- the agreement
 
   def reached(self, step: int) -> bool:
     """Whether every host stops at `step` (the same answer everywhere). Call once per step, on every host."""
-    if not self._multihost:
+    if self._client is None:
       return self.flag
-    local = np.full((len(self._vote_sharding.addressable_devices),), int(self.flag), np.int32)
-    votes = jax.make_array_from_process_local_data(self._vote_sharding, local)
-    self._votes.append((step, self._reduce(votes)))
-    if len(self._votes) <= LAG:
+    if step % self._check_steps:
       return False
-    voted_at, result = self._votes.popleft()
-    if int(result):  # a replicated scalar: every host reads its own copy
-      logging.warning("A host was asked to stop at step %d: every host stops at step %d.", voted_at, step)
+    if self.flag and not self._announced:
+      self._client.key_value_set(f"{self._keys}/requested/{jax.process_index()}", str(step))
+      self._announced = True
+    # A barrier with a long timeout: hosts that evaluate or checkpoint together may take long to meet, while a
+    # host that died is noticed by the runtime itself, which then ends every process.
+    self._client.wait_at_barrier(f"{self._keys}/{step}", self._barrier_ms)
+    announced = [int(v) for _, v in self._client.key_value_dir_get(f"{self._keys}/requested/")]
+    if any(at <= step for at in announced):
+      logging.warning("A host was asked to stop: every host stops at step %d.", step)
       return True
     return False
 

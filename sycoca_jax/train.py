@@ -103,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics.create_writer(workdir, resume_step=first_step)  # drops rows a killed run logged past it
   if first_step == 0:
     writer.write_hparams(_hparams(config))
-  stop = preemption.PreemptionSync(mesh, grace_s=config.preemption_grace_s)
+  stop = preemption.PreemptionSync(config.preemption_grace_s, config.preemption_check_steps)
   pending: list[dict[str, jax.Array]] = []
   nonfinite_total = 0
   last_metrics: dict[str, Any] = {}

@@ -11,10 +11,7 @@ import subprocess
 import sys
 import time
 
-import jax
-
-from sycoca_jax import preemption, sharding
-from sycoca_jax.config_lib import default_config
+from sycoca_jax import preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,10 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STUCK = """
 import sys, time
 sys.path.insert(0, {root!r})
-import jax
-from sycoca_jax import preemption, sharding
-from sycoca_jax.config_lib import default_config
-sync = preemption.PreemptionSync(sharding.make_mesh(default_config().mesh), grace_s={grace})
+from sycoca_jax import preemption
+sync = preemption.PreemptionSync(grace_s={grace})
 print("ready", flush=True)
 while True:
   time.sleep(0.05)
@@ -67,7 +62,7 @@ def test_a_second_sigterm_or_the_grace_period_ends_a_stuck_process():
 
 def test_one_process_stops_at_the_signalled_step_and_close_restores_the_handler():
   before = signal.getsignal(signal.SIGTERM)
-  sync = preemption.PreemptionSync(sharding.make_mesh(default_config().mesh, jax.devices()[:1]))
+  sync = preemption.PreemptionSync()
   try:
     assert not sync.reached(1)
     os.kill(os.getpid(), signal.SIGTERM)

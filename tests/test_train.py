@@ -176,9 +176,12 @@ def test_train_step_compiles_once(tmp_path, monkeypatch):
     return grad_fn
 
   monkeypatch.setattr(train.losses, "make_grad_fn", counting)
-  train.train_and_evaluate(small_train_config(total_steps=4, ckpt_steps=100), str(tmp_path / "once"))
+  train.train_and_evaluate(small_train_config(total_steps=4, ckpt_steps=100, profile_steps=(2, 3)),
+                           str(tmp_path / "once"))
   assert len(traces) == 1
   assert sorted(_losses(tmp_path / "once")) == [1, 2, 3, 4]
+  # The profiler window left its trace in the workdir.
+  assert any(f.endswith(".xplane.pb") for _, _, files in os.walk(tmp_path / "once" / "profile") for f in files)
 
 
 @pytest.mark.slow
