@@ -329,8 +329,13 @@ def _use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> s
 
   Where: config.compilation_cache_dir if set; else JAX_COMPILATION_CACHE_DIR (or a cache dir JAX was already
   given), so that one cache serves every run of a user or a test session; else workdir/compilation_cache, which
-  a requeued job on new hosts finds again (a gs:// workdir included). Returns the folder used.
+  a requeued job on new hosts finds again (a gs:// workdir included). Off by default for several CPU
+  processes (below). Returns the folder used.
   """
+  if not config.compilation_cache_dir and jax.default_backend() == "cpu" and jax.process_count() > 1:
+    # JAX writes cache entries from process 0 only, and CPU processes key their programs apart: a restart would
+    # load process 0's programs at once while the others compile theirs, past gloo's 30 s connection timeout.
+    return jax.config.jax_compilation_cache_dir or "(none: off for CPU processes)"
   path = (config.compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
           or jax.config.jax_compilation_cache_dir or str(paths.resolve(workdir) / "compilation_cache"))
   if jax.config.jax_compilation_cache_dir != path:
