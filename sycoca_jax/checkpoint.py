@@ -200,7 +200,6 @@ class Checkpointer:
           problem = "does not match its checksum"
       else:
         state = saved
-      state["pipeline"]["next_index"]  # pylint: disable=pointless-statement  (the one field a resume needs)
     except FileNotFoundError:
       problem = "is missing"
     except (ValueError, KeyError, TypeError) as e:
