@@ -132,8 +132,10 @@ class WorkdirLock:
 
   def release(self) -> None:
     self._stop.set()
+    if not self.held:  # released already (e.g. at exit, after the run released it)
+      return
     holder = self.holder()
-    if self.held and holder is not None and _same_run(holder, self.owner):
+    if holder is not None and _same_run(holder, self.owner):
       self.path.unlink(missing_ok=True)
     self.held = False
 
@@ -155,7 +157,7 @@ class WorkdirLock:
         return
       try:
         write_atomic(self.path, self._text())
-      except OSError as e:  # a storage hiccup: the next beat tries again, well within the lease
+      except Exception as e:  # pylint: disable=broad-except  (a storage hiccup: the next beat tries again)
         logging.warning("Could not renew the workdir lock %s: %s", self.path, e)
 
   def _create(self) -> bool:
