@@ -52,7 +52,8 @@ def main(argv):
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train.Preempted as e:  # a clean exit: the scheduler restarts us and we resume
       logging.warning("%s", e)
-    except (paths.WorkdirLocked, checkpoint.CheckpointUnreadable) as e:  # the message says it all
+    # The message says it all.
+    except (paths.WorkdirLocked, checkpoint.CheckpointUnreadable, checkpoint.HostCountChanged) as e:
       sys.exit(f"FATAL {e}")
   else:
     evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)

@@ -4,7 +4,8 @@ Layout of a workdir:
   checkpoints/<step>/state/...        params, optimizer state, step, rng (orbax, written asynchronously)
   checkpoints/<step>/config.json      the run's config (process 0)
   checkpoints/<step>/checksums        a checksum of each saved array, verified on restore (process 0)
-  data_state/<step>/process_<i>.json  each process's input-pipeline state at that step
+  data_state/<step>/process_<i>.json  each process's input-pipeline state at that step, with the process count
+                                      and a checksum of the state
 
 Why this survives preemption and SIGKILL: orbax writes a step into a temporary folder and renames it only
 once complete, so `latest_step` only ever sees whole checkpoints; the pipeline files are written (and fsynced)
@@ -17,10 +18,17 @@ commit file instead of renaming folders, which `latest_step` honours the same wa
 Why checksums: a whole checkpoint can still be damaged later (a flipped bit on disk, a bad copy between
 buckets), and orbax restores such bytes without complaint; the run then trains on garbage. Each array's
 checksum is computed on device when it is saved and again when it is read back, so a damaged checkpoint is
-refused by name, and resuming falls back to the newest one that verifies.
+refused by name, and resuming falls back to the newest one that verifies. The input-pipeline state is checked
+the same way (it must parse and match its checksum, on every process), since resuming with a damaged one is as
+wrong as resuming with damaged weights.
+
+Why the process count is recorded: each process reads its own slice of the example stream, cut by the number of
+processes. Resuming on another number of hosts would need every stream position re-split, which skipped
+examples make ambiguous; such a resume is refused with a one-line message rather than overlapping examples.
 """
 
 import contextlib
+import hashlib
 import json
 import logging as logging_std
 from collections.abc import Iterator
@@ -55,6 +63,10 @@ def with_added_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
   place = lambda v: jax.device_put(np.float32(v), params["logit_scale"].sharding)
   return dict(params, **{k: place(v) for k, v in missing.items()})
+
+
+class HostCountChanged(ValueError):
+  """The checkpoint's input-pipeline state was written by another number of processes."""
 
 
 # ------------------------------------------------------------------------------------------------ checksums
@@ -154,7 +166,9 @@ class Checkpointer:
     if data_state is not None:
       path = self._data_path(step, jax.process_index())
       path.parent.mkdir(parents=True, exist_ok=True)
-      paths.write_atomic(path, json.dumps(data_state))
+      text = json.dumps(data_state, sort_keys=True)
+      paths.write_atomic(path, json.dumps({"process_count": jax.process_count(), "process_index":
+                                           jax.process_index(), "sha256": _sha256(text), "state": data_state}))
     saved = self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), checksums=ocp.args.JsonSave(
             checksums(state)), config=ocp.args.JsonSave(config.to_dict())), force=force)
@@ -164,6 +178,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     """abstract_state: ShapeDtypeStructs with shardings, so arrays come back already laid out on the mesh."""
     folder = self.workdir / "checkpoints" / str(step)
+    data_state = self._read_data_state(step)  # first: a refused host count costs no array read
     # Without its tree metadata orbax reports a "pytree structure error" that points at the caller's tree.
     if not (folder / "state" / "_METADATA").exists():
       raise CheckpointUnreadable(f"Checkpoint {folder} is damaged: state/_METADATA is missing.")
@@ -177,9 +192,47 @@ class Checkpointer:
       raise CheckpointUnreadable(f"Checkpoint {folder} cannot be read ({first_line}).") from e
     if "checksums" in items:
       verify(restored.state, restored.checksums, step)
-    path = self._data_path(step, jax.process_index())
-    data_state = json.loads(path.read_text()) if path.exists() else None
     return restored.state, data_state
+
+  def _read_data_state(self, step: int) -> Optional[dict]:
+    """This process's input-pipeline state at `step` (None if the checkpoint has none at all).
+
+    Raises HostCountChanged if it was written by another number of processes, and CheckpointUnreadable on every
+    process if any process's state is missing or damaged, so that all fall back to the same older step.
+    """
+    folder = self.workdir / "data_state" / str(step)
+    files = sorted(folder.glob("process_*.json")) if folder.is_dir() else []
+    if not files:
+      return None  # a checkpoint saved without a pipeline state (e.g. params only)
+    path, problem, state, recorded = self._data_path(step, jax.process_index()), None, None, len(files)
+    try:
+      saved = json.loads(path.read_text())
+      if "state" in saved:  # with its process count and checksum; older files hold the bare state
+        recorded = saved["process_count"]
+        state = saved["state"]
+        if _sha256(json.dumps(state, sort_keys=True)) != saved["sha256"]:
+          problem = "does not match its checksum"
+      else:
+        state = saved
+    except FileNotFoundError:
+      problem = "is missing"
+    except (ValueError, KeyError, TypeError) as e:
+      problem = f"cannot be parsed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if problem is not None:  # the count from another process's file, where one reads back
+      recorded = next((c for c in map(_recorded_count, files) if c is not None), recorded)
+    if recorded != jax.process_count():
+      raise HostCountChanged(
+          f"Checkpoint step {step} in {self.workdir} was written by {recorded} processes, and this run has "
+          f"{jax.process_count()}: each process's input stream depends on the process count, so resuming would "
+          f"repeat or skip examples. Resume with {recorded} processes, or start a new workdir "
+          f"(config.init_from can take the weights).")
+    bad = multihost_utils.process_allgather(np.int32(problem is not None))
+    if problem is not None:
+      raise CheckpointUnreadable(f"Checkpoint step {step}: the input-pipeline state {path} {problem}.")
+    if np.any(bad):
+      raise CheckpointUnreadable(f"Checkpoint step {step}: another process's input-pipeline state is damaged "
+                                 "(its log names it).")
+    return state
 
   def restore_latest(self, abstract_state: Any, check: Optional[Callable[[int], None]] = None
                      ) -> tuple[Optional[int], Any, Optional[dict]]:
@@ -253,6 +306,17 @@ class Checkpointer:
     self.manager.close()
 
 
+def _recorded_count(path: epath.Path) -> Optional[int]:
+  try:
+    return int(json.loads(path.read_text())["process_count"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _sha256(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _read_only_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
   # The options a read-only manager would otherwise change, and warn about, are given as it wants them.
   with _quiet_read_only():
@@ -263,10 +327,13 @@ def _read_only_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
         options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
 
 
-def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any, int]:
-  """(config, params, step) from a workdir's latest (or given) checkpoint, params on this host's first device.
+def load_params(directory: epath.PathLike, step: Optional[int] = None, shardings: Any = None
+                ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, params, step) from a workdir's latest (or given) checkpoint.
 
-  Used by evaluation, inference and `config.init_from`; the optimizer state is not read.
+  Used by evaluation, inference and `config.init_from`; the optimizer state is not read. The params land on
+  this host's first device, or with `shardings` (a tree like the params) split over a mesh as they are read,
+  so that no host ever holds a model too big for one device whole.
   """
   manager = _read_only_manager(directory)
   step = manager.latest_step() if step is None else step
@@ -280,9 +347,11 @@ def load_params(directory: epath.PathLike, step: Optional[int] = None) -> tuple[
     model.update(config.model)
     config.model = model
   metadata = manager.item_metadata(step)["state"]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                     metadata["params"])}
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, metadata["params"])
+  abstract = {"params": jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh),
+                                     metadata["params"], shardings)}
   items = {"state": ocp.args.PyTreeRestore(
       item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)}
   if (paths.resolve(directory) / "checkpoints" / str(step) / "checksums").exists():

@@ -42,6 +42,13 @@ def default_config() -> ml_collections.ConfigDict:
   # Stop rather than checkpoint weights whose norm grew by more than this factor since the last checkpoint
   # (a finite loss can still take a blown-up update); 0 turns the check off.
   c.max_param_norm_growth = 10.0
+  # A SIGTERM to any host: every host saves the step they agree on and exits 0; a host that has not exited this
+  # many seconds after its SIGTERM (a peer died, a collective hangs) ends itself. A second SIGTERM ends it at once.
+  c.preemption_grace_s = 300.0
+  c.preemption_check_steps = 1   # how often the hosts check (one round trip to the coordinator) for a SIGTERM
+  # JAX's persistent compilation cache: "" = JAX_COMPILATION_CACHE_DIR if set, else workdir/compilation_cache.
+  c.compilation_cache_dir = ""
+  c.profile_steps = ()           # (first, last): a profiler trace of these steps in workdir/profile
   c.init_from = ml_collections.ConfigDict(dict(workdir="", step=-1, towers=()))
   c.evals = ml_collections.ConfigDict()   # name -> ConfigDict(type=..., log_steps=..., ...)
   return c
@@ -111,6 +118,13 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   for key in ("warmup_steps", "weight_decay", "end_lr_fraction"):
     if config.optim[key] < 0:
       fail(f"optim.{key}", f"{config.optim[key]} must be >= 0.")
+  if config.preemption_check_steps < 1:
+    fail("preemption_check_steps", f"{config.preemption_check_steps} must be >= 1.")
+  if config.preemption_grace_s <= 0:
+    fail("preemption_grace_s", f"{config.preemption_grace_s} must be positive (seconds).")
+  if config.profile_steps and not (len(config.profile_steps) == 2 and 1 <= config.profile_steps[0]
+                                   <= config.profile_steps[1]):
+    fail("profile_steps", f"{config.profile_steps} must be () or (first, last) with 1 <= first <= last.")
   _check_tokenizer_fits(config, fail)
   for name, ev in config.evals.items():
     if "type" not in ev:

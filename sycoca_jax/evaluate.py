@@ -20,12 +20,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: epath.PathLi
   config_lib.validate(config)
   if not config.evals:
     raise ValueError("config.evals is empty: nothing to evaluate.")
-  _, params, step = checkpoint.load_params(workdir, step)
-  # load_params leaves the weights on this host's first device, while the evaluators split their batches over
-  # the weights' mesh (or every device): jit refuses the mix, so lay the weights out as the trainer does.
-  mesh = sharding.make_mesh(config.mesh)
-  params = jax.device_put(params, sharding.param_shardings({"params": params}, mesh, config.sharding_rules)["params"])
+  # The weights are read straight into the trainer's layout on the mesh (the evaluators split their batches
+  # over the weights' mesh): never whole on one device of each host, which a large model would not fit.
   model = sycoca.build_model(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = jax.eval_shape(lambda: sycoca.init_params(model, jax.random.PRNGKey(0)))
+  shardings = sharding.param_shardings({"params": abstract}, mesh, config.sharding_rules)["params"]
+  _, params, step = checkpoint.load_params(workdir, step, shardings=shardings)
   writer = metrics.create_writer(workdir)
   results: dict[str, Any] = {}
   for name, evaluator, _ in evaluators.from_config(config.evals, model, config.data):

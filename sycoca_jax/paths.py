@@ -20,6 +20,8 @@ import json
 import os
 import re
 import socket
+import threading
+import time
 from typing import Optional
 
 from absl import logging
@@ -78,63 +80,110 @@ class WorkdirLocked(RuntimeError):
 
 
 class WorkdirLock:
-  """A lock file in the workdir, `LOCK`, holding the host and PID of the run that trains there.
+  """A lease on the workdir: the file `LOCK` names the run that trains there and when it last said so.
 
   Two runs on one workdir would overwrite each other's checkpoints and log every step twice (or one would crash
   on a checkpoint the other rotated out), so a run takes the lock before anything else and a second run stops
-  at once, naming the holder. A lock left by a process that died on this host is taken over, with a log line;
-  one from another host cannot be checked and must be deleted by hand if that run is gone. Locally the file is
-  created exclusively (O_EXCL); on Cloud Storage, which has no exclusive create, it is written then read back,
-  which catches all but a near-simultaneous start.
+  at once, naming the holder. The holder rewrites its heartbeat every `lease_s / 4` seconds from a thread; a lock
+  is taken over, with a log line, when
+    - its heartbeat is older than `lease_s` (a run whose hosts are gone: a preempted TPU VM that was recreated,
+      a SLURM job requeued onto other nodes), or
+    - it names the same scheduler job (SLURM_JOB_ID, the same across a requeue), or
+    - it was left by a process of this host that is no longer alive.
+  A live run elsewhere keeps its heartbeat fresh, so it is refused at once. Locally the file is created
+  exclusively (O_EXCL); on Cloud Storage, which has no exclusive create, it is written then read back, which
+  catches all but a near-simultaneous start.
   """
 
   NAME = "LOCK"
+  JOB_VARIABLES = ("SLURM_JOB_ID", "SYCOCA_JOB_ID")  # set by a scheduler, kept across a requeue
 
-  def __init__(self, workdir: epath.PathLike):
+  def __init__(self, workdir: epath.PathLike, lease_s: float = 600.0):
     self.path = resolve(workdir) / self.NAME
-    self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    self.lease_s = lease_s
+    job = next((os.environ[k] for k in self.JOB_VARIABLES if os.environ.get(k)), None)
+    self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "job": job}
     self.held = False
+    self._stop = threading.Event()
 
   def acquire(self) -> "WorkdirLock":
     self.path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):  # a stale lock removed, or one that vanished while read, leaves room for a retry
       if self._create():
-        self.held = True
-        return self
+        return self._start_heartbeat()
       holder = self.holder()
       if holder is None:
         continue
-      if holder == self.owner:  # left by this process (an earlier run in it that raised): still ours
-        self.held = True
-        return self
-      if holder.get("host") == self.owner["host"] and not _process_alive(holder.get("pid", -1)):
-        logging.warning("Workdir lock %s was left by process %s on %s, which is gone: taking it over.", self.path,
-                        holder.get("pid"), holder.get("host"))
+      if _same_run(holder, self.owner):  # left by this process (an earlier run in it that raised): still ours
+        return self._start_heartbeat()
+      reason = self._takeover_reason(holder)
+      if reason:
+        logging.warning("Workdir lock %s was held by process %s on %s, %s: taking it over.", self.path,
+                        holder.get("pid"), holder.get("host"), reason)
         self.path.unlink(missing_ok=True)
         continue
+      age = time.time() - holder.get("heartbeat", time.time())
       raise WorkdirLocked(
           f"{self.path.parent} is in use by process {holder.get('pid')} on host {holder.get('host')} (lock file "
-          f"{self.path}). Wait for that run to end or use another --workdir; if it is gone, delete the lock file.")
+          f"{self.path}, heartbeat {age:.0f} s ago). Wait for that run to end or use another --workdir; a lock "
+          f"whose heartbeat is older than {self.lease_s:.0f} s is taken over.")
     raise WorkdirLocked(f"Could not take the workdir lock {self.path}: it keeps changing hands.")
+
+  def _takeover_reason(self, holder: dict) -> Optional[str]:
+    age = time.time() - holder.get("heartbeat", 0.0)  # a lock without heartbeat (older format): stale
+    if age > self.lease_s:
+      return f"whose heartbeat is {age:.0f} s old (lease {self.lease_s:.0f} s)"
+    if self.owner["job"] and holder.get("job") == self.owner["job"]:
+      return f"of this job ({self.owner['job']}), requeued"
+    if holder.get("host") == self.owner["host"] and not _process_alive(holder.get("pid", -1)):
+      return "which is gone"
+    return None
 
   def holder(self) -> Optional[dict]:
     try:
-      return json.loads(self.path.read_text())
+      holder = json.loads(self.path.read_text())
     except (FileNotFoundError, ValueError):
       return None
+    return holder if isinstance(holder, dict) else None
 
   def release(self) -> None:
-    if self.held and self.holder() == self.owner:
+    self._stop.set()
+    if not self.held:  # released already (e.g. at exit, after the run released it)
+      return
+    holder = self.holder()
+    if holder is not None and _same_run(holder, self.owner):
       self.path.unlink(missing_ok=True)
     self.held = False
 
+  def _text(self) -> str:
+    return json.dumps(dict(self.owner, heartbeat=time.time()))
+
+  def _start_heartbeat(self) -> "WorkdirLock":
+    self.held = True
+    self._stop.clear()
+    threading.Thread(target=self._beat, daemon=True, name="workdir-lease").start()
+    return self
+
+  def _beat(self):
+    while not self._stop.wait(self.lease_s / 4):
+      holder = self.holder()
+      if holder is not None and not _same_run(holder, self.owner):
+        logging.error("Workdir lock %s was taken over by process %s on %s: two runs may now share the workdir.",
+                      self.path, holder.get("pid"), holder.get("host"))
+        return
+      try:
+        write_atomic(self.path, self._text())
+      except Exception as e:  # pylint: disable=broad-except  (a storage hiccup: the next beat tries again)
+        logging.warning("Could not renew the workdir lock %s: %s", self.path, e)
+
   def _create(self) -> bool:
-    text = json.dumps(self.owner)
+    text = self._text()
     if is_url(self.path):
       if self.path.exists():
         return False
       self.path.write_text(text)
-      return self.holder() == self.owner
+      holder = self.holder()
+      return holder is not None and _same_run(holder, self.owner)
     try:
       fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -144,6 +193,10 @@ class WorkdirLock:
       f.flush()
       os.fsync(f.fileno())
     return True
+
+
+def _same_run(a: dict, b: dict) -> bool:
+  return a.get("host") == b.get("host") and a.get("pid") == b.get("pid")
 
 
 def _process_alive(pid: int) -> bool:

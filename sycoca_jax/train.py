@@ -10,7 +10,8 @@ Fork this file rather than subclass it.
 
 import atexit
 import functools
-import signal
+import json
+import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -23,7 +24,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sycoca_jax import checkpoint as ckpt_lib
-from sycoca_jax import config_lib, evaluators, losses, metrics, optim, paths, pixels, sharding
+from sycoca_jax import config_lib, evaluators, losses, metrics, optim, paths, pixels, preemption, sharding
 from sycoca_jax.data import build_train_iterator
 from sycoca_jax.data.prefetch import DevicePrefetcher
 from sycoca_jax.models import sycoca
@@ -33,7 +34,7 @@ TOWER_OF_HEAD = {"itc": ("logit_scale", "logit_bias"), "ic": ("text_decoder",), 
 
 
 class Preempted(Exception):
-  """Raised after a SIGTERM once the current step is checkpointed."""
+  """Raised after a SIGTERM (to any host) once every host has checkpointed the step they agreed on."""
 
 
 class TooManyBadSteps(FloatingPointError):
@@ -44,6 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
   # ---------------------------------------------------------------------------------------------------- setup
   config_lib.validate(config, jax.device_count())
+  cache_dir = _use_compilation_cache(config, workdir)  # before the first compile, the lock's broadcast
   lock = _lock_workdir(workdir)  # before anything is built: a second run on the workdir stops at once
   mesh = sharding.make_mesh(config.mesh)
   num_steps = config_lib.total_steps(config)
@@ -63,7 +65,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = sycoca.build_model(config.model)
   heads = losses.enabled_heads(config.loss)
   train_step = make_train_step(config, model, mesh, num_steps)
-  visualise = jax.jit(functools.partial(_visualise, model, heads))
+  # Replicated output: every host holds the whole (small) images, so process 0 can fetch them; the batch they
+  # come from spans every host's devices, which no single host may read.
+  visualise = jax.jit(functools.partial(_visualise, model, heads), out_shardings=sharding.replicated(mesh))
 
   # ----------------------------------------------------------------------------- resume or initialise
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_ckpts,
@@ -104,12 +108,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics.create_writer(workdir, resume_step=first_step)  # drops rows a killed run logged past it
   if first_step == 0:
     writer.write_hparams(_hparams(config))
-  preempted = _install_sigterm_handler()
+  stop = preemption.PreemptionSync(config.preemption_grace_s, config.preemption_check_steps)
   pending: list[dict[str, jax.Array]] = []
   nonfinite_total = 0
   last_metrics: dict[str, Any] = {}
   t_log, step_log = time.time(), first_step
-  param_norm = jax.jit(optax.tree.norm)
+  param_norm = jax.jit(optax.tree.norm, out_shardings=sharding.replicated(mesh))
+  profile_first, profile_last = config.profile_steps or (0, 0)
   # The reference a save compares against: the last checkpoint (None: none yet) and the norm it had.
   last_good = {"step": resume_step, "norm": float(param_norm(state["params"]))}
 
@@ -131,14 +136,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # A non-finite streak in progress: the state is the last finite one, but wait to see the streak end.
       logging.warning("Step %d: not checkpointed, the last %d steps were non-finite.", step, bad_steps)
       return
+    writer.flush()  # rows up to a checkpointed step are never lost with the process (object stores buffer them)
     checkpointer.save(step, state, train_iter.get_state(), config, force=force)
     last_good.update(step=step, norm=norm)
 
   try:
     for step in range(first_step + 1, num_steps + 1):
+      if step == profile_first:
+        jax.profiler.start_trace(str(paths.resolve(workdir) / "profile"))
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = next(train_iter)
-        state, aux = train_step.step(state, batch)
+        if step == first_step + 1:
+          state, aux = _first_step(train_step.step, state, batch, cache_dir)
+        else:
+          state, aux = train_step.step(state, batch)
+      if step == profile_last:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        logging.info("Profile of steps %d-%d written to %s.", profile_first, profile_last,
+                     paths.resolve(workdir) / "profile")
       pending.append(aux)  # stays on device: fetching now would stall the dispatch of the next step
 
       if config_lib.every(step, config.log_steps, num_steps):
@@ -156,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         scalars.update(learning_rate=float(last["learning_rate"]), nonfinite_total=nonfinite_total,
                        steps_per_sec=steps_per_sec, examples_per_sec=steps_per_sec * config.global_batch_size,
                        eta_minutes=(num_steps - step) / steps_per_sec / 60)
-        scalars.update({f"data/{k}": v for k, v in train_iter.stats.items()})
+        scalars.update({f"data/{k}": v for k, v in _sum_over_hosts(train_iter.stats).items()})
         writer.write_scalars(step, scalars)
         logging.info("Step %d/%d: loss %.4f, %.2f steps/s, ETA %.1f min.", step, num_steps, scalars["loss"],
                      steps_per_sec, scalars["eta_minutes"])
@@ -172,12 +188,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write_scalars(step, results)
           last_metrics.update(results)
 
-      if config_lib.every(step, config.ckpt_steps, num_steps) or preempted():
-        save(step, force=preempted())
-      if preempted():
+      stopping = stop.reached(step)  # the same answer on every host
+      if config_lib.every(step, config.ckpt_steps, num_steps) or stopping:
+        save(step, force=stopping)
+      if stopping:
         checkpointer.wait()
         raise Preempted(f"SIGTERM: checkpointed step {step} in {workdir}; rerun the same command to resume.")
   finally:
+    stop.close()
     checkpointer.close()
     writer.flush()
     lock.release()
@@ -316,19 +334,65 @@ def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
           for k, v in config_lib.flatten(config.to_dict()).items()}
 
 
-def _install_sigterm_handler():
-  """SIGTERM (how TPU / cluster schedulers preempt) sets a flag; the loop saves the current step and stops."""
-  flag = {"set": False}
+def _use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Turns on JAX's persistent compilation cache, so that a restarted run loads its train step.
 
-  def handler(signum, frame):
-    del signum, frame
-    flag["set"] = True
+  Where: config.compilation_cache_dir if set; else JAX_COMPILATION_CACHE_DIR (or a cache dir JAX was already
+  given), so that one cache serves every run of a user or a test session; else workdir/compilation_cache, which
+  a requeued job on new hosts finds again (a gs:// workdir included). Off by default for several CPU
+  processes (below). Returns the folder used.
+  """
+  if not config.compilation_cache_dir and jax.default_backend() == "cpu" and jax.process_count() > 1:
+    # JAX writes cache entries from process 0 only, and CPU processes key their programs apart: a restart would
+    # load process 0's programs at once while the others compile theirs, past gloo's 30 s connection timeout.
+    return jax.config.jax_compilation_cache_dir or "(none: off for CPU processes)"
+  path = (config.compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+          or jax.config.jax_compilation_cache_dir or str(paths.resolve(workdir) / "compilation_cache"))
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+  _count_cache_hits()
+  return path
 
-  try:
-    signal.signal(signal.SIGTERM, handler)
-  except ValueError:  # not the main thread (e.g. a notebook's worker): no preemption handling
-    pass
-  return lambda: flag["set"]
+
+@functools.cache
+def _count_cache_hits() -> list[int]:
+  """[programs loaded from the persistent cache so far]: JAX reports each hit as a monitoring event."""
+  hits = [0]
+
+  def listen(event, **kwargs):
+    del kwargs
+    if event == "/jax/compilation_cache/cache_hits":
+      hits[0] += 1
+
+  jax.monitoring.register_event_listener(listen)
+  return hits
+
+
+def _first_step(step_fn, state, batch, cache_dir: str):
+  """The first step, whose call compiles the train step (or loads it from the cache): timed and logged."""
+  hits, t = _count_cache_hits()[0], time.time()
+  state, aux = step_fn(state, batch)  # returns once compiled and dispatched
+  loaded = _count_cache_hits()[0] - hits
+  logging.info("Train step compiled in %.1f s (%s from the compilation cache %s).", time.time() - t,
+               f"{loaded} programs loaded" if loaded else "nothing loaded", cache_dir)
+  return state, aux
+
+
+def _sum_over_hosts(counts: dict[str, int]) -> dict[str, int]:
+  """Per-host counters (e.g. skipped examples by reason) summed over every host: one small gather."""
+  if jax.process_count() == 1:
+    return counts
+  size = 4096  # bytes of JSON per host; a counter table far beyond it keeps only its total
+  text = json.dumps(counts).encode()
+  if len(text) > size:
+    text = json.dumps({"skipped": counts.get("skipped", 0)}).encode()
+  buffer = np.zeros(size, np.uint8)
+  buffer[:len(text)] = np.frombuffer(text, np.uint8)
+  total: dict[str, int] = {}
+  for row in multihost_utils.process_allgather(buffer):
+    for key, value in json.loads(bytes(row).rstrip(b"\0")).items():
+      total[key] = total.get(key, 0) + value
+  return dict(sorted(total.items()))
 
 
 def _visualise(model, heads, params, batch, count: int = 4) -> dict[str, jax.Array]:

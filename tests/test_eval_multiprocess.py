@@ -1,7 +1,8 @@
 """Two processes (one CPU device each, gloo collectives) give the same metrics as one process with 8 devices.
 
 Padding with masks keeps both processes stepping together; an odd number of examples leaves a padded last
-batch, and the process-local slices of every batch are reassembled in dataset order.
+batch, and the process-local slices of every batch are reassembled in dataset order (one gather per
+evaluation). The trainer's per-host counters are summed over both processes.
 """
 
 import ml_collections
@@ -30,7 +31,13 @@ def run_all() -> dict[str, float]:
 
 
 def two_process_target() -> dict:
-  return {"metrics": run_all()}
+  import jax  # pylint: disable=g-import-not-at-top
+  from sycoca_jax import train  # pylint: disable=g-import-not-at-top
+
+  # Each host's skip counters, with a reason only one of them saw: the trainer logs their sums.
+  i = jax.process_index()
+  skipped = train._sum_over_hosts({"skipped": i + 1, f"skipped/reason_{i}": i + 1})  # pylint: disable=protected-access
+  return {"metrics": run_all(), "skipped": skipped}
 
 
 @pytest.mark.slow(reason="two processes over loopback, each compiling every evaluator")
@@ -42,6 +49,7 @@ def test_two_processes_equal_one(tmp_path):
   assert all(np.isfinite(v) for v in single.values())
   for got in workers:
     assert got["devices"] == 2 and got["processes"] == 2
+    assert got["skipped"] == {"skipped": 3, "skipped/reason_0": 1, "skipped/reason_1": 2}
     assert set(got["metrics"]) == set(single)
     for k, v in single.items():
       assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

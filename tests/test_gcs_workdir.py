@@ -331,7 +331,7 @@ def test_train_resume_and_evaluate_in_a_bucket(fake_gcs, tmp_path, monkeypatch):
   assert not any(p.name.startswith("gs:") for p in tmp_path.iterdir())
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
   files = _tree(local_run)
-  assert {"metrics.jsonl", "captions.json", "data_state/4/process_0.json",
+  assert {"metrics.jsonl.parts/000000.jsonl", "captions.json", "data_state/4/process_0.json",
           "checkpoints/4/_CHECKPOINT_METADATA", "checkpoints/4/state/_METADATA"} <= files, sorted(files)
   assert not any(f.startswith(("checkpoints/2/", "data_state/2/")) for f in files)  # keep_ckpts=1 pruned them
   assert any(f.startswith("events.out.tfevents") for f in files)
@@ -392,3 +392,26 @@ def test_paths_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monke
   assert paths.is_url("s3://b/k") and not paths.is_url("/tmp/gs:/b") and not paths.is_url("run")
   paths.write_atomic(tmp_path / "a.json", "{}")
   assert sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+def test_metrics_on_an_object_store_are_new_parts_never_a_rewritten_file(tmp_path):
+  """Object stores have no append: rows go up as new objects, and read_jsonl still gives each step once."""
+  writer = metrics.JsonlWriter(tmp_path / "metrics.jsonl", object_store=True, flush_s=3600)
+  parts = tmp_path / "metrics.jsonl.parts"
+  writer.write_hparams({"lr": 1.0})
+  for step in range(1, 5):
+    writer.write_scalars(step, {"loss": float(step)})
+    if step % 2 == 0:
+      writer.flush()  # as the trainer does before each checkpoint
+  writer.write_scalars(5, {"loss": 5.0})  # then killed: step 5 is never flushed
+  assert sorted(os.listdir(parts)) == ["000000.jsonl", "000001.jsonl"] and not (tmp_path / "metrics.jsonl").exists()
+  written = {f: os.stat(parts / f).st_mtime_ns for f in os.listdir(parts)}
+  # The resumed run (from step 3) drops the rows past it, and goes on in new parts.
+  writer = metrics.JsonlWriter(tmp_path / "metrics.jsonl", resume_step=3, object_store=True)
+  assert os.stat(parts / "000000.jsonl").st_mtime_ns == written["000000.jsonl"]  # untouched
+  for step in range(4, 7):
+    writer.write_scalars(step, {"loss": 10.0 * step})
+  writer.close()
+  rows = metrics.read_jsonl(tmp_path)
+  assert [r.get("step") for r in rows] == [None, 1, 2, 3, 4, 5, 6] and rows[4]["loss"] == 40.0
+  assert sorted(os.listdir(parts)) == ["000000.jsonl", "000001.jsonl", "000002.jsonl"]

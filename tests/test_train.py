@@ -180,9 +180,11 @@ def test_train_step_compiles_once(tmp_path, trained_run, monkeypatch):
   monkeypatch.setattr(train.losses, "make_grad_fn", counting)
   # Resumed at step 2 of 4: the restored state feeds the step it was saved from without a second trace.
   workdir = copy_run(trained_run, tmp_path / "once")
-  train.train_and_evaluate(trained_run_config(total_steps=4, ckpt_steps=100), str(workdir))
+  train.train_and_evaluate(trained_run_config(total_steps=4, ckpt_steps=100, profile_steps=(3, 4)), str(workdir))
   assert len(traces) == 1
   assert sorted(_losses(workdir)) == [1, 2, 3, 4]
+  # The profiler window left its trace in the workdir.
+  assert any(f.endswith(".xplane.pb") for _, _, files in os.walk(workdir / "profile") for f in files)
 
 
 @pytest.mark.slow(reason="compiles and runs the train step")

@@ -1,6 +1,8 @@
-"""The workdir lock: a second run on a workdir in use stops at once naming the holder; a dead holder's lock is
-taken over; the lock goes with the run."""
+"""The workdir lock, a lease: a second run on a workdir in use stops at once naming the holder; a dead holder's
+lock, a stale lease (a requeue onto new hosts) and the same scheduler job's lock are taken over; the lock goes
+with the run."""
 
+import json
 import os
 import signal
 import socket
@@ -53,8 +55,8 @@ def test_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, caplog):
   holder.send_signal(signal.SIGKILL)
   holder.wait()
   lock = paths.WorkdirLock(workdir).acquire()
-  assert f"left by process {holder.pid}" in caplog.text and "taking it over" in caplog.text
-  assert lock.holder() == {"host": socket.gethostname(), "pid": os.getpid()}
+  assert f"held by process {holder.pid} on {socket.gethostname()}, which is gone: taking it over" in caplog.text
+  assert {k: lock.holder()[k] for k in ("host", "pid")} == {"host": socket.gethostname(), "pid": os.getpid()}
   lock.release()
   assert not (workdir / "LOCK").exists()
 
@@ -63,4 +65,35 @@ def test_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, caplog):
 def test_training_run_releases_the_lock(tmp_path):
   workdir = tmp_path / "w"
   train.train_and_evaluate(small_train_config(total_steps=1, async_checkpointing=False), str(workdir))
+  assert not (workdir / "LOCK").exists()
+
+
+def _plant(workdir, **holder):
+  os.makedirs(workdir, exist_ok=True)
+  (workdir / "LOCK").write_text(json.dumps(holder))
+
+
+def test_a_lease_from_another_host_is_refused_while_fresh_and_taken_over_once_stale(tmp_path, caplog):
+  """A requeued job on new hosts starts (its predecessor's heartbeat stopped); a live run elsewhere is refused."""
+  workdir = tmp_path / "w"
+  _plant(workdir, host="other-host", pid=123, job=None, heartbeat=time.time() - 5)
+  with pytest.raises(paths.WorkdirLocked, match=r"in use by process 123 on host other-host .*heartbeat 5 s ago"):
+    paths.WorkdirLock(workdir, lease_s=60).acquire()
+  _plant(workdir, host="other-host", pid=123, job=None, heartbeat=time.time() - 61)
+  lock = paths.WorkdirLock(workdir, lease_s=60).acquire()
+  assert "held by process 123 on other-host, whose heartbeat is 61 s old (lease 60 s)" in caplog.text
+  assert lock.holder()["host"] == socket.gethostname()
+  lock.release()
+
+
+def test_the_same_scheduler_job_takes_its_lock_over_and_the_heartbeat_renews_it(tmp_path, monkeypatch, caplog):
+  workdir = tmp_path / "w"
+  monkeypatch.setenv("SLURM_JOB_ID", "4242")
+  _plant(workdir, host="node-07", pid=99, job="4242", heartbeat=time.time())
+  lock = paths.WorkdirLock(workdir, lease_s=0.4).acquire()
+  assert "of this job (4242), requeued" in caplog.text
+  first = lock.holder()["heartbeat"]
+  time.sleep(0.5)
+  assert lock.holder()["heartbeat"] > first  # renewed every lease_s / 4
+  lock.release()
   assert not (workdir / "LOCK").exists()

@@ -2,7 +2,10 @@
 
   python tests/train_worker.py '{"workdir": ..., "devices": 2, "process_id": 0, "num_processes": 2,
                                  "port": 12345, "overrides": {"total_steps": 6}, "batch_delay": 0.2,
-                                 "nan_from_step": 0}'
+                                 "nan_from_step": 0, "hostname": "other-host", "env": {"NAME": "value"}}'
+
+"hostname" makes the run see another host name (a job requeued onto a new machine); "env" sets variables
+before jax is imported. The log is at INFO, so a test can read what the run reports (e.g. its compile time).
 
 Everything runs under `if __name__ == "__main__"`: input worker processes (data.num_workers > 0) are started
 with multiprocessing's spawn, which imports this file again in each of them.
@@ -41,10 +44,16 @@ def main(spec):
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec.get('devices', 1)}"
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.update(spec.get("env", {}))
+  if spec.get("hostname"):
+    import socket  # pylint: disable=g-import-not-at-top
+    socket.gethostname = lambda: spec["hostname"]
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
   import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
 
+  logging.set_verbosity(logging.INFO)
   if spec.get("num_processes", 1) > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"localhost:{spec['port']}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -139,20 +140,24 @@ def collect(fn: Callable[[dict[str, jax.Array]], Mapping[str, jax.Array]], batch
   """Runs fn on every batch and reassembles its outputs (leading B axis) in dataset order on every host.
 
   Returns the outputs as numpy [num, ...] plus 'valid' bool [num] (False for examples that could not be read;
-  their rows are zeros).
+  their rows are zeros). The outputs stay on device until the last batch is dispatched, then come to the hosts
+  in one gather: a gather per batch would make every host wait for every other one at every batch.
   """
-  out: dict[str, np.ndarray] = {}
-  valid = np.zeros(num, bool)
+  outs: list[dict[str, jax.Array]] = []
   for batch in batches:
-    result = fn(batch)
-    index, mask = to_host(batch["index"]), to_host(batch["mask"])
-    rows = index[mask]
-    for key, value in result.items():
-      value = to_host(value)
-      if key not in out:
-        out[key] = np.zeros((num,) + value.shape[1:], value.dtype)
-      out[key][rows] = value[mask]
-    valid[rows] = True
+    outs.append(dict(fn(batch), index=batch["index"], mask=batch["mask"]))
+  valid = np.zeros(num, bool)
+  if not outs:
+    return {"valid": valid}
+  joined = {key: jnp.concatenate([o[key] for o in outs]) for key in outs[0]}  # on device, still split
+  host = {key: to_host(value) for key, value in joined.items()}
+  index, mask = host.pop("index"), host.pop("mask")
+  rows = index[mask]
+  out: dict[str, np.ndarray] = {}
+  for key, value in host.items():
+    out[key] = np.zeros((num,) + value.shape[1:], value.dtype)
+    out[key][rows] = value[mask]
+  valid[rows] = True
   out["valid"] = valid
   return out
 
