@@ -26,7 +26,18 @@ if importlib.util.find_spec("triton") is not None:
 import pytest  # noqa: E402
 
 
+# The longest tests, as --durations measured them on 2 cores (each over 35 s), longest first.
+LONGEST_FIRST = ("tests/test_pod.py::", "tests/test_ablation.py::test_study",
+                 "tests/test_notebooks.py::test_notebook_runs", "tests/test_train.py::test_sigkill",
+                 "tests/test_train.py::test_same_losses", "tests/test_model.py::test_remat_policies",
+                 "tests/test_train.py::test_init_from")
+
+
 def pytest_configure(config):
+  # xdist's default hands each worker a quarter of its share of the tests at once, in collection order: one worker
+  # would get every long test below. One test at a time keeps both busy to the end.
+  if getattr(config.option, "maxschedchunk", 0) is None:
+    config.option.maxschedchunk = 1
   # Tests that train or compile for real (subprocesses, several processes, many steps); `-m "not slow"` leaves
   # them out and keeps the inner loop under a minute. Each says why it is slow: @pytest.mark.slow(reason="...").
   config.addinivalue_line("markers", "slow(reason): trains or compiles for real; the reason says what takes long.")
@@ -37,9 +48,12 @@ def pytest_collection_modifyitems(config, items):
                         if (mark := item.get_closest_marker("slow")) and not mark.kwargs.get("reason")})
   if unexplained:
     raise pytest.UsageError("Mark slow tests with @pytest.mark.slow(reason=...): " + ", ".join(unexplained))
-  # The slow tests first (stable within each group): xdist hands the long training runs out while every worker
-  # is busy, instead of leaving one of them to finish a two-minute run alone at the end.
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  # Longest first (stable otherwise): the few multi-minute runs, then the other slow tests, then the rest. With
+  # xdist handing out one test at a time (pytest_configure), no worker is left to finish a long run alone at the end.
+  def rank(item):
+    longest = [i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)]
+    return longest[0] if longest else len(LONGEST_FIRST) + (item.get_closest_marker("slow") is None)
+  items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
