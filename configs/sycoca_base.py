@@ -63,6 +63,8 @@ def get_config(arg=None):
   c.ckpt_steps = 2000
   c.image_log_steps = 5000
   c.evals = common.default_evals(every=5000)
+  for ev in c.evals.values():
+    ev.per_device_batch_size = 16  # 1,024 examples per evaluation batch on 64 chips, not 64 (one per chip)
 
   if args["slice"] and args["slice"] not in SLICES:
     raise ValueError(f"config argument slice={args['slice']!r}: not one of {', '.join(SLICES)}. For another "

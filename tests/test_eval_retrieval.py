@@ -1,5 +1,6 @@
 """Retrieval metrics on analytic embeddings whose recalls are known, and the evaluator end to end."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -115,3 +116,11 @@ def test_retrieval_evaluator_end_to_end():
     if key != "retrieval/rsum" and key != "retrieval/num_images":
       assert 0.0 <= value <= 1.0, key
   assert evaluator.run(params) == metrics  # cached images, same compiled programs, same answer
+
+
+def test_per_device_batch_size_makes_the_global_batch():
+  model, _, _ = helpers.eval_model()
+  cfg = retrieval.default_config()
+  cfg.update(max_examples=16, per_device_batch_size=3)
+  [(_, evaluator, _)] = evaluators.from_config({"retrieval": cfg}, model, helpers.eval_data_config())
+  assert evaluator.batch_size == 3 * jax.device_count()

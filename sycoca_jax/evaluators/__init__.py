@@ -6,6 +6,8 @@ carries are resolved there, once:
   type       the registered evaluator
   prefix     of its metric names (empty: the type), e.g. 'retrieval_coco'
   log_steps  its cadence during training (0: never), returned beside the evaluator
+  per_device_batch_size  if > 0, the evaluator's global batch_size becomes this many examples per device (on a
+             pod, a fixed global batch would leave each chip a row or two)
   data       overrides of the run's data config: a run that trains on CC12M evaluates retrieval on COCO with
              evals.retrieval_coco.data = {'name': 'coco_json', 'path': ...}; tokenizer and image size stay the
              run's unless overridden
@@ -31,13 +33,13 @@ import ml_collections
 _REGISTRY: dict[str, tuple[type, Callable[[], ml_collections.ConfigDict]]] = {}
 # Modules that register evaluators; imported on first lookup so `import sycoca_jax.evaluators` stays cheap.
 _MODULES = ("retrieval", "zeroshot", "probe", "vqa", "captioning", "masking")
-SHARED_KEYS = ("type", "prefix", "log_steps", "data")
+SHARED_KEYS = ("type", "prefix", "log_steps", "data", "per_device_batch_size")
 
 
 def eval_config(type_: str, **fields) -> ml_collections.ConfigDict:
   """An evaluator's default config: the shared keys (module docstring) with their defaults, and its own fields."""
   return ml_collections.ConfigDict(dict(type=type_, log_steps=0, prefix="", data=ml_collections.ConfigDict(),
-                                        **fields))
+                                        per_device_batch_size=0, **fields))
 
 
 def register(name: str, default_config: Callable[[], ml_collections.ConfigDict]):
@@ -82,6 +84,11 @@ def from_config(evals: Mapping[str, ml_collections.ConfigDict], model, data_conf
     if cfg.data:
       data.update(cfg.data.to_dict())
     prefix, log_steps = metric_prefix(cfg), int(cfg.log_steps)
+    if cfg.per_device_batch_size > 0:
+      if "batch_size" not in cfg:
+        raise ValueError(f"config.evals.{name}.per_device_batch_size: the {cfg.type} evaluator has no batch.")
+      import jax  # pylint: disable=g-import-not-at-top
+      cfg.batch_size = int(cfg.per_device_batch_size) * jax.device_count()
     if scheduled_only and not log_steps:
       continue
     for key in SHARED_KEYS:
