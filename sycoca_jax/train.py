@@ -162,8 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending = []
         nonfinite_total += sum(int(m["nonfinite"]) for m in fetched)
         last = fetched[-1]
-        if int(last["bad_steps_in_a_row"]) >= config.max_bad_steps or any(
-            int(m["bad_steps_in_a_row"]) >= config.max_bad_steps for m in fetched):
+        if any(int(m["bad_steps_in_a_row"]) >= config.max_bad_steps for m in fetched):
           raise TooManyBadSteps(_too_many_bad_steps(config, step))
         # Timed after the fetch, which waits for the steps to finish: dispatch is asynchronous.
         elapsed = time.time() - t_log
