@@ -13,9 +13,11 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0",
     "einops>=0.8",
     "clu>=0.0.12",
-    # clu's metric writers and tfds' TFRecord readers import TensorFlow; the CPU build is enough.
+    # tfds' TFRecord readers and clu's TensorBoard writer (gs:// workdirs only) import TensorFlow; the CPU build
+    # is enough.
     "tensorflow-cpu>=2.16",
-    "tensorboard>=2.16",      # clu's writer uses its hparams plugin; recent TensorFlow no longer pulls it in
+    # Local runs write TensorBoard events from its protocol buffers, without TensorFlow (sycoca_jax/metrics.py).
+    "tensorboard>=2.16",
     "tensorflow-datasets>=4.9.6",
     "grain>=0.2.6",           # random-access, checkpointable input pipelines
     "array-record>=0.5",      # the on-disk format grain reads for web-scale image-text data

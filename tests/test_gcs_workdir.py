@@ -31,7 +31,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from clu import metric_writers
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 from PIL import Image
@@ -308,6 +307,7 @@ def test_train_resume_and_evaluate_in_a_bucket(fake_gcs, tmp_path, monkeypatch):
   root, server = fake_gcs
   run = f"gs://{_BUCKET}/run"
   local_run = root / _BUCKET / "run"
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow: not at collection)
   real_writer = metric_writers.create_default_writer
 
   def tensorboard_in_the_bucket_folder(logdir=None, **kwargs):  # TensorFlow's GCS client has no fake (above)

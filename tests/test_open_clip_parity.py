@@ -5,23 +5,36 @@ converted with sycoca_jax.convert.open_clip and run on the same inputs on both s
 open-clip-torch (the `torch` extra); skipped without them.
 """
 
+import importlib.util
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="needs torch (pip install 'sycoca_jax[torch]')")
-open_clip = pytest.importorskip("open_clip", reason="needs open-clip-torch (pip install 'sycoca_jax[torch]')")
+from sycoca_jax import checkpoint
+from sycoca_jax import decoding
+from sycoca_jax.convert import open_clip as convert_lib
+from sycoca_jax.data import tokenizers
+from sycoca_jax.models.sycoca import SyCoCa, build_model, init_params
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+for _name, _extra in (("torch", "torch"), ("open_clip", "open-clip-torch")):
+  if importlib.util.find_spec(_name) is None:
+    pytest.skip(f"needs {_extra} (pip install 'sycoca_jax[torch]')", allow_module_level=True)
 
-from sycoca_jax import checkpoint  # noqa: E402
-from sycoca_jax import decoding  # noqa: E402
-from sycoca_jax.convert import open_clip as convert_lib  # noqa: E402
-from sycoca_jax.data import tokenizers  # noqa: E402
-from sycoca_jax.models.sycoca import SyCoCa, build_model, init_params  # noqa: E402
+# torch and open_clip are imported when the module's first test runs, not when it is collected: every xdist worker
+# collects every module, and these two take seconds to import.
+torch = open_clip = save_file = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_and_open_clip():
+  global torch, open_clip, save_file  # pylint: disable=global-statement
+  import open_clip as open_clip_module  # pylint: disable=g-import-not-at-top
+  import torch as torch_module  # pylint: disable=g-import-not-at-top
+  from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
+  torch, open_clip, save_file = torch_module, open_clip_module, safetensors_torch.save_file
 
 RTOL = 1e-4
 SMALL_DECODER = {"image_decoder.width": 16, "image_decoder.depth": 1, "image_decoder.heads": 2}
