@@ -96,7 +96,8 @@ def test_open_clip_coca_geometries_build():
 
 
 # Every stem, at widths that compile in seconds.
-STEMS = {"linear": {}, "patch_cnn": {"vision.stem_channels": (4, 4, 8, 8, 8)}}
+STEMS = {"linear": {}, "patch_cnn": {"vision.stem_channels": (4, 4, 8, 8, 8)},
+         "conv": {"vision.stem_channels": (4, 4, 8, 8, 8)}}
 
 
 @pytest.mark.slow(reason="three full forward passes of the model per stem and strategy")
@@ -129,6 +130,22 @@ def test_patch_cnn_tokens_see_their_own_patch_only():
   changed = images.at[:, 8:16, 16:24].add(3.0)  # patch (1, 2) of the 4 x 4 grid
   differs = np.abs(np.asarray(stem(images) - stem(changed))).max(axis=(0, 2)) > 0  # [N]
   assert differs.tolist() == [i == 6 for i in range(16)]
+
+
+def test_conv_stem_pools_to_the_patch_grid_and_sees_across_patch_borders():
+  assert [vit.pool_factors(p) for p in (6, 8, 14, 16, 18)] == [(2, 3), (2, 2, 2), (2, 7), (2, 2, 2, 2), (2, 3, 3)]
+  assert vit.conv_groups(5, 2) == [2, 2, 1] and vit.conv_groups(5, 3) == [2, 1, 1, 1]
+  # One convolution per resolution: a token's kernels reach 1 + 2 + 4 = 7 px past its 8 px patch on each side.
+  cfg, model, params = _setup(**{"vision.stem": "conv", "vision.stem_channels": (4, 4, 4)})
+  images, _ = random_batch(cfg)
+  stem = lambda im: model.image_encoder.apply({"params": params["image_encoder"]}, im,
+                                              method=lambda m, x: m.conv_stem(x))
+  assert stem(images).shape == (images.shape[0], 16, cfg.vision.width)
+  changed = images.at[:, 8:16, 16:24].add(3.0)  # patch (1, 2) of the 4 x 4 grid
+  differs = np.abs(np.asarray(stem(images) - stem(changed))).max(axis=(0, 2)) > 0  # [N]
+  # Unlike patch_cnn's, its own token and its eight neighbours' change.
+  neighbours = {r * 4 + c for r in (0, 1, 2) for c in (1, 2, 3)}
+  assert differs.tolist() == [i in neighbours for i in range(16)]
 
 
 def test_text_is_causal():
@@ -249,9 +266,11 @@ def test_bad_model_config_names_the_key():
     build_model(tiny_model_config(**{"vision.image_size": 30}))
   with pytest.raises(ValueError, match=r"config.model.masking.mim_ratio"):
     build_model(tiny_model_config(**{"masking.mim_ratio": 1.5}))
-  with pytest.raises(ValueError, match=r"config.model.masking.strategy: 'attentive' .*pool='tok'"):
+  with pytest.raises(ValueError, match=r"config.model.masking.strategy: 'attentive' .*not 'attn'"):
     build_model(tiny_model_config(**{"vision.pool": "attn"}))
-  with pytest.raises(ValueError, match=r"config.model.vision.stem: 'conv' is not one of linear, patch_cnn"):
-    build_model(tiny_model_config(**{"vision.stem": "conv"}))
+  with pytest.raises(ValueError, match=r"config.model.vision.stem: 'hmlp' is not one of linear, patch_cnn, conv"):
+    build_model(tiny_model_config(**{"vision.stem": "hmlp"}))
+  with pytest.raises(ValueError, match=r"config.model.vision.stem_channels: the conv stem pools by .* \(2, 2, 2\)"):
+    build_model(tiny_model_config(**{"vision.stem": "conv", "vision.stem_channels": (8, 8)}))
   with pytest.raises(ValueError, match=r"config.model.vision.stem_channels"):
     build_model(tiny_model_config(**{"vision.stem": "patch_cnn", "vision.stem_channels": (8, 0)}))

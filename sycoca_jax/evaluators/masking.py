@@ -148,7 +148,7 @@ class MaskQuality:
     if data_config.name != "scenes":
       raise ValueError(f"evals.{self.prefix}: mask quality needs the built-in scenes (data.name='scenes'), which "
                        f"know each object's pixels; got {data_config.name!r}.")
-    self.enabled = model.image_encoder.pool == "tok"
+    self.enabled = model.image_encoder.pool != "attn"
     if not self.enabled:
       logging.warning("evals.%s: model.vision.pool=%r has no per-patch tokens to rank; mask quality is skipped.",
                       self.prefix, model.image_encoder.pool)

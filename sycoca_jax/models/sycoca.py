@@ -95,7 +95,7 @@ class SyCoCa(nn.Module):
     patch_embeddings = image_out.get("patch_embeddings")
     if patch_embeddings is None:  # attentional pooling: no per-patch tokens, only their count matters
       if self.masking == "attentive":
-        raise ValueError("masking.strategy='attentive' needs per-patch tokens: set model.vision.pool='tok'.")
+        raise ValueError("masking.strategy='attentive' needs per-patch tokens: model.vision.pool must not be 'attn'.")
       patch_embeddings = jnp.zeros((text.shape[0], self.image_encoder.num_patches, 1))
     # The start token and padding carry no caption content; the appended CLS is not among the tokens.
     valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
@@ -177,10 +177,10 @@ def default_model_config() -> ml_collections.ConfigDict:
       scan_layers=False,
       pad_id=0,
       init_logit_scale=math.log(1 / 0.07),   # its bounds, [0, log 100], are the optimizer's (optim.param_bounds)
-      # stem: how a patch becomes a token (vit.STEMS); stem_channels: the patch_cnn stem's conv widths.
+      # stem: how a patch becomes a token (vit.STEMS); stem_channels: the patch_cnn and conv stems' conv widths.
       vision=dict(image_size=288, patch_size=18, width=768, depth=12, heads=12, mlp_ratio=4.0,
                   pool="tok", attn_pooler_queries=256, attn_pooler_heads=8, stem="linear",
-                  stem_channels=(32, 32, 64, 64, 128)),
+                  stem_channels=(32, 32, 64, 64, 128), stem_norm="none"),
       text=dict(vocab_size=49408, context_length=76, width=768, depth=12, heads=12, mlp_ratio=4.0,
                 legacy_cls_mask=False),
       text_decoder=dict(width=768, depth=12, heads=12, mlp_ratio=4.0),
@@ -203,10 +203,16 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
       fail(f"{key}.width", f"{tower.width} is not divisible by {key}.heads={tower.heads}.")
   if v.stem not in vit.STEMS:
     fail("vision.stem", f"{v.stem!r} is not one of {', '.join(vit.STEMS)}.")
-  if v.stem == "patch_cnn" and (not v.stem_channels or any(int(c) < 1 for c in v.stem_channels)):
+  if v.stem != "linear" and (not v.stem_channels or any(int(c) < 1 for c in v.stem_channels)):
     fail("vision.stem_channels", f"{tuple(v.stem_channels)} must be one or more positive widths.")
-  if v.pool not in ("tok", "attn"):
-    fail("vision.pool", f"{v.pool!r} is not one of 'tok', 'attn'.")
+  if v.stem_norm not in vit.STEM_NORMS:
+    fail("vision.stem_norm", f"{v.stem_norm!r} is not one of {', '.join(vit.STEM_NORMS)}.")
+  if v.stem == "conv" and len(v.stem_channels) < len(vit.pool_factors(v.patch_size)):
+    fail("vision.stem_channels", f"the conv stem pools by the prime factors of patch_size={v.patch_size} "
+         f"{vit.pool_factors(v.patch_size)}, at least one convolution before each pool: give "
+         f"{len(vit.pool_factors(v.patch_size))} or more widths, not {len(v.stem_channels)}.")
+  if v.pool not in vit.POOLS:
+    fail("vision.pool", f"{v.pool!r} is not one of {', '.join(vit.POOLS)}.")
   if t.width != d.width:
     fail("text_decoder.width", f"must equal text.width={t.width}: the decoder continues the text features.")
   if cfg.act not in layers.ACTIVATIONS:
@@ -233,8 +239,9 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
       fail(f"masking.{key}", f"{r} must be in (0, 1), or 0 to switch that head's masking off.")
   if m.strategy == "none" and (m.ic_ratio or m.mim_ratio):
     fail("masking.strategy", "'none' needs masking.ic_ratio = masking.mim_ratio = 0.")
-  if m.strategy == "attentive" and v.pool != "tok":
-    fail("masking.strategy", "'attentive' scores every patch and needs model.vision.pool='tok'.")
+  if m.strategy == "attentive" and v.pool == "attn":
+    fail("masking.strategy", "'attentive' scores every patch and needs one token per patch: model.vision.pool "
+         "'tok', 'gap' or 'max', not 'attn'.")
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
@@ -253,7 +260,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
   return SyCoCa(
       image_encoder=VisionTransformer(
           tower(v), v.image_size, v.patch_size, cfg.embed_dim, pool=v.pool, stem=v.stem,
-          stem_channels=tuple(v.stem_channels),
+          stem_channels=tuple(v.stem_channels), stem_norm=v.stem_norm,
           attn_pooler_queries=v.attn_pooler_queries, attn_pooler_heads=v.attn_pooler_heads),
       text_encoder=TextEncoder(
           tower(t), t.vocab_size, t.context_length, cfg.embed_dim, pad_id=cfg.pad_id,

@@ -4,14 +4,17 @@ Shapes as in layers.py, and p the patch side, C channels. Positions are added be
 token is always kept, so encoding `ids_keep` is exactly "the same ViT, looking only at those patches" (MAE /
 FLIP style).
 
-The stem (`model.vision.stem`) turns each patch into a token. Every stem here is patch-local: a token is a
-function of its own patch's pixels only, so the TG-MIM pass, which encodes the visible patches alone, can never
-see a hidden pixel (tests/test_model.py changes the hidden pixels and checks the visible tokens bit for bit).
+The stem (`model.vision.stem`) turns each patch into a token. Whatever the stem, the TG-MIM pass, which encodes
+the visible patches alone, can never see a hidden pixel (tests/test_model.py changes the hidden pixels and checks
+the visible tokens bit for bit).
   linear     a linear map of the flattened patch (open_clip's strided conv1; the paper's ViT).
   patch_cnn  a small CNN run on each patch as its own image: 3x3 convolutions zero-padded at the patch border,
              two 2x2 max-pools and a max over the patch, then a linear map to the width. It brings the locality
              and translation invariance a linear embedding lacks; it normalises with a LayerNorm over each
              pixel's channels (batch statistics would mix hidden and visible patches).
+  conv       a CNN over the whole image (ConvStem): its kernels cross patch borders, so it is not patch-local;
+             a masked pass zeroes the hidden patches before every convolution instead (masked convolution, as
+             ConvMAE and SparK), which gives the same guarantee for the encoded tokens.
 """
 
 from typing import Optional, Sequence
@@ -36,7 +39,79 @@ def unpatchify(patches: jax.Array, patch_size: int, channels: int = 3) -> jax.Ar
                           p2=patch_size, c=channels)
 
 
-STEMS = ("linear", "patch_cnn")
+STEMS = ("linear", "patch_cnn", "conv")
+STEM_NORMS = ("none", "instance")  # the conv stem's normalisation (ConvStem)
+
+
+def pool_factors(patch_size: int) -> tuple[int, ...]:
+  """The conv stem's max-pool factors: the patch side's prime factors, smallest first (6 -> (2, 3))."""
+  factors, n, f = [], patch_size, 2
+  while n > 1:
+    while n % f == 0:
+      factors.append(f)
+      n //= f
+    f += 1
+  return tuple(factors)
+
+
+def conv_groups(num_convs: int, num_pools: int) -> list[int]:
+  """How many of the conv stem's convolutions run at each of its num_pools + 1 resolutions, as evenly as can be,
+  earlier resolutions first (5 convolutions, 2 pools -> [2, 2, 1])."""
+  groups = num_pools + 1
+  return [num_convs // groups + (i < num_convs % groups) for i in range(groups)]
+
+
+class ConvStem(nn.Module):
+  """The `conv` stem: a CNN over the whole image down to the patch grid, images [B, S, S, C] -> tokens [B, N, D].
+
+  3x3 convolutions (each followed by a LayerNorm over the pixel's channels and a ReLU) and max-pools whose
+  factors multiply to the patch side, so that each pool window lies inside one patch. Its kernels overlap the
+  patch borders: a token sees its neighbours' pixels, as in a CNN. With `visible` [B, g, g] (the patches a
+  masked pass encodes), every hidden position is set to zero before every convolution, so no hidden pixel
+  reaches a visible token (ConvMAE / SparK's masked convolution); the norm has no batch or spatial statistics.
+  """
+
+  width: int
+  patch_size: int
+  channels: Sequence[int] = (32, 32, 64, 64, 128)
+  norm: str = "none"
+  norm_eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  def _instance_norm(self, x, mask, name):
+    """Per image and channel, over the (visible) positions; a learned scale and bias per channel."""
+    x32 = x.astype(jnp.float32)
+    weights = jnp.ones(x.shape[:3] + (1,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    count = jnp.maximum(weights.sum(axis=(1, 2), keepdims=True), 1.0)
+    mean = (x32 * weights).sum(axis=(1, 2), keepdims=True) / count
+    var = (jnp.square(x32 - mean) * weights).sum(axis=(1, 2), keepdims=True) / count
+    scale = self.param(f"{name}_scale", nn.initializers.ones, (x.shape[-1],))
+    bias = self.param(f"{name}_bias", nn.initializers.zeros, (x.shape[-1],))
+    return ((x32 - mean) * jax.lax.rsqrt(var + self.norm_eps) * scale + bias).astype(x.dtype)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, visible: Optional[jax.Array] = None) -> jax.Array:
+    factors = pool_factors(self.patch_size)
+    groups = conv_groups(len(self.channels), len(factors))
+    x, side, index = images, self.patch_size, 0  # side: pixels per patch side at the current resolution
+    for stage, count in enumerate(groups):
+      for _ in range(count):
+        mask = None
+        if visible is not None:
+          mask = jnp.repeat(jnp.repeat(visible, side, axis=1), side, axis=2)[..., None]
+          x = jnp.where(mask, x, jnp.zeros((), x.dtype))
+        x = nn.Conv(self.channels[index], (3, 3), dtype=self.dtype, name=f"conv{index}")(x)
+        if self.norm == "instance":
+          x = self._instance_norm(x, mask, f"norm{index}")
+        x = nn.relu(x)
+        index += 1
+      if stage < len(factors):
+        f = factors[stage]
+        x = nn.max_pool(x, (f, f), strides=(f, f))
+        side //= f
+    x = einops.rearrange(x, "b h w c -> b (h w) c")
+    return nn.Dense(self.width, dtype=self.dtype, name="proj")(x)
+POOLS = ("tok", "gap", "max", "attn")
 
 
 class PatchCNN(nn.Module):
@@ -84,6 +159,10 @@ class VisionTransformer(nn.Module):
   """ViT returning a global image feature and per-token features.
 
   pool="tok": pooled = ln_post(x)[:, 0] @ proj, tokens = ln_post(x)[:, 1:] (one token per kept patch).
+  pool="gap": pooled = mean(ln_post(x)[:, 1:]) @ proj, the mean of the patch embeddings, so that the contrastive
+    loss trains the very patch embeddings attentive masking compares with the caption's words.
+  pool="max": pooled = max(ln_post(x)[:, 1:]) @ proj, the channel-wise max over the kept patches (a CNN's global
+    max-pool: invariant to where in the image a feature fires).
   pool="attn": open_clip's coca_ViT-* pooling: x = ln_post(attn_pool(x)); pooled = x[:, 0] @ proj,
     tokens = x[:, 1:] (num_queries - 1 learned summaries, no longer one per patch), and patch_tokens: the
     transformer's outputs for the kept patches, what the TG-MIM decoder rebuilds the image from.
@@ -96,6 +175,8 @@ class VisionTransformer(nn.Module):
   pool: str = "tok"
   stem: str = "linear"
   stem_channels: Sequence[int] = (32, 32, 64, 64, 128)
+  stem_norm: str = "none"
+  pre_norm: bool = True
   attn_pooler_queries: int = 256
   attn_pooler_heads: int = 8
 
@@ -115,12 +196,16 @@ class VisionTransformer(nn.Module):
                             kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
     elif self.stem == "patch_cnn":
       self.patch_cnn = PatchCNN(t.width, tuple(self.stem_channels), t.norm_eps, t.dtype)
+    elif self.stem == "conv":
+      self.conv_stem = ConvStem(t.width, self.patch_size, tuple(self.stem_channels), self.stem_norm, t.norm_eps,
+                                t.dtype)
     else:
       raise ValueError(f"stem={self.stem!r}: choose from {STEMS}.")
     self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (t.width,))
     self.positional_embedding = self.param(
         "positional_embedding", nn.initializers.normal(scale), (self.num_patches + 1, t.width))
-    self.ln_pre = t.layer_norm()
+    if self.pre_norm:
+      self.ln_pre = t.layer_norm()
     self.transformer = layers.Transformer(t)
     if self.pool == "attn":
       self.attn_pool = AttentionalPooler(t, self.attn_pooler_queries, self.embed_dim, self.attn_pooler_heads)
@@ -141,6 +226,14 @@ class VisionTransformer(nn.Module):
     if self.stem == "linear":
       x = self.conv1(patches) + self.positional_embedding[1:].astype(self.tower.dtype)
       x = layers.take_tokens(x, ids_keep)
+    elif self.stem == "conv":
+      visible = None
+      if ids_keep is not None:
+        grid = self.image_size // self.patch_size
+        visible = jnp.zeros((images.shape[0], self.num_patches), bool)
+        visible = visible.at[jnp.arange(images.shape[0])[:, None], ids_keep].set(True).reshape(-1, grid, grid)
+      x = self.conv_stem(images.astype(self.tower.dtype), visible)
+      x = layers.take_tokens(x + self.positional_embedding[1:].astype(x.dtype), ids_keep)
     else:
       # Only the kept patches go through the stem: the convolutions cost most of the TG-MIM pass otherwise.
       patches = layers.take_tokens(patches, ids_keep)
@@ -150,13 +243,19 @@ class VisionTransformer(nn.Module):
       x = x + layers.take_tokens(positions, ids_keep).astype(x.dtype)
     cls = (self.class_embedding + self.positional_embedding[0]).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.tower.width)), x], axis=1)
-    x = self.transformer(self.ln_pre(x))
+    x = self.transformer(self.ln_pre(x) if self.pre_norm else x)
 
     if self.pool == "attn":
       patch_tokens = x[:, 1:]
       x = self.ln_post(self.attn_pool(x))
       return {"pooled": layers.matmul_f32(x[:, 0], self.proj), "tokens": x[:, 1:], "patch_tokens": patch_tokens}
     x = self.ln_post(x)
+    patches = x[:, 1:]
     # The pooled embedding feeds the contrastive logits (times a temperature up to 100): kept in float32.
-    return {"pooled": layers.matmul_f32(x[:, 0], self.proj), "tokens": x[:, 1:],
-            "patch_embeddings": x[:, 1:] @ self.proj.astype(x.dtype)}
+    if self.pool == "gap":
+      pooled = layers.matmul_f32(patches.mean(axis=1, dtype=jnp.float32).astype(x.dtype), self.proj)
+    elif self.pool == "max":
+      pooled = layers.matmul_f32(patches.max(axis=1), self.proj)
+    else:
+      pooled = layers.matmul_f32(x[:, 0], self.proj)
+    return {"pooled": pooled, "tokens": patches, "patch_embeddings": patches @ self.proj.astype(x.dtype)}

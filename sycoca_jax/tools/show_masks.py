@@ -180,7 +180,7 @@ class MaskViewer:
     captions = [captions] if isinstance(captions, str) else list(captions)
     if not captions:
       raise ValueError("Give at least one caption.")
-    if strategy == "attentive" and self.model.image_encoder.pool != "tok":
+    if strategy == "attentive" and self.model.image_encoder.pool == "attn":
       raise ValueError(
           "This model's image tower pools with attention (model.vision.pool='attn', as open_clip's coca_ViT-* "
           "models): it has no per-patch embeddings for attentive masking to score. Use strategy 'random' "
