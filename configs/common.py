@@ -81,7 +81,8 @@ def apply_variant(config: ml_collections.ConfigDict, name: str) -> ml_collection
 def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config to a smoke run on the built-in scenes data: tiny towers, a few steps, CPU-sized batch."""
   c = config
-  c.model.vision.update(image_size=32, patch_size=8, width=32, depth=2, heads=2, attn_pooler_queries=5)
+  c.model.vision.update(image_size=32, patch_size=8, width=32, depth=2, heads=2, attn_pooler_queries=5,
+                        stem_channels=(8, 8, 16, 16, 16))  # the patch_cnn / conv stems' widths
   c.model.text.update(vocab_size=min(c.model.text.vocab_size, 49408), context_length=16, width=32, depth=2, heads=2)
   c.model.text_decoder.update(width=32, depth=1, heads=2)
   c.model.image_decoder.update(width=32, depth=1, heads=2)

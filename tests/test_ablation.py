@@ -129,6 +129,14 @@ def test_welch_matches_the_textbook_formula():
   assert ablation.welch([2.0, 2.0], [2.0, 2.0]) == (0.0, 1.0)
 
 
+def test_holm_adjusts_for_the_number_of_comparisons():
+  # m = 4 valid p-values: 0.01 * 4, then max(0.04, 0.02 * 3), max(0.06, 0.04 * 2), max(0.08, 0.5 * 1).
+  np.testing.assert_allclose(ablation.holm([0.04, 0.01, float("nan"), 0.5, 0.02]),
+                             [0.08, 0.04, np.nan, 0.5, 0.06])
+  assert ablation.holm([0.3, 0.4]) == [0.6, 0.6]  # the running maximum keeps the order; capped at 1 otherwise
+  assert ablation.holm([0.9, 0.8]) == [1.0, 1.0]
+
+
 def test_rows_are_compared_with_the_baseline(tmp_path):
   for seed, (coca, sycoca) in enumerate(((0.10, 0.20), (0.12, 0.22), (0.11, 0.21))):
     _fake_run(tmp_path, "coca", seed, {"retrieval/i2t_r1": coca, "captioning/cider": 0.5})
@@ -139,11 +147,11 @@ def test_rows_are_compared_with_the_baseline(tmp_path):
   assert set(versus) == {"clip", "sycoca"}
   np.testing.assert_allclose(versus["sycoca"]["retrieval/i2t_r1"]["diff"], 10.0)
   assert versus["sycoca"]["retrieval/i2t_r1"]["p"] < 1e-3  # same spread, 10 points apart
-  assert versus["sycoca"]["captioning/cider"] == {"diff": 0.0, "p": 1.0}
+  assert versus["sycoca"]["captioning/cider"] == {"diff": 0.0, "p": 1.0, "p_holm": 1.0}
   assert "captioning/cider" not in versus["clip"]  # no captioner
   table = (tmp_path / "ablation.md").read_text()
   assert "### Against coca" in table
-  assert "| sycoca | 3 | +10.0 (p 0.00) | – | – | – | +0.0 (p 1.00) | – | – |" in table
+  assert "| sycoca | 3 | +10.0 (p 0.00, Holm 0.00) | – | – | – | +0.0 (p 1.00, Holm 1.00) | – | – |" in table
   assert "| clip | 1 | +19.0 | – |" in table  # one seed: the difference, no p
   # A baseline with one seed, or none: no comparison.
   assert ablation.write_outputs(str(tmp_path), baseline="clip")["versus_baseline"] == {}

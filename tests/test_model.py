@@ -96,16 +96,20 @@ def test_open_clip_coca_geometries_build():
 
 
 # Every stem, at widths that compile in seconds.
-STEMS = {"linear": {}, "patch_cnn": {"vision.stem_channels": (4, 4, 8, 8, 8)},
-         "conv": {"vision.stem_channels": (4, 4, 8, 8, 8)}}
+STEMS = {"linear": {"vision.stem": "linear"},
+         "patch_cnn": {"vision.stem": "patch_cnn", "vision.stem_channels": (4, 4, 8, 8, 8)},
+         "conv": {"vision.stem": "conv", "vision.stem_channels": (4, 4, 8, 8, 8)},
+         "conv_instance_norm_s2d": {"vision.stem": "conv", "vision.stem_channels": (4, 4, 8, 8, 8),
+                                    "vision.stem_norm": "instance", "vision.stem_space_to_depth": 2}}
 
 
 @pytest.mark.slow(reason="three full forward passes of the model per stem and strategy")
 @pytest.mark.parametrize("strategy", ["attentive", "random"])
-@pytest.mark.parametrize("stem", vit.STEMS)
+@pytest.mark.parametrize("stem", sorted(STEMS))
 def test_tg_mim_encoder_ignores_hidden_pixels(stem, strategy):
   """Changing the hidden patches' pixels leaves every output of the TG-MIM encoder pass bit-identical."""
-  cfg, model, params = _setup(**{"vision.stem": stem, "masking.strategy": strategy, **STEMS[stem]})
+  assert {s["vision.stem"] for s in STEMS.values()} == set(vit.STEMS)  # every stem is covered
+  cfg, model, params = _setup(**{"masking.strategy": strategy, **STEMS[stem]})
   images, text = random_batch(cfg)
   masks = model.apply({"params": params}, images, text, rng=jax.random.PRNGKey(1), heads=HEADS)["masks"]
   hidden = np.asarray(masks.mim_mask)[..., None]  # [B, N, 1]
@@ -123,7 +127,7 @@ def test_tg_mim_encoder_ignores_hidden_pixels(stem, strategy):
 
 def test_patch_cnn_tokens_see_their_own_patch_only():
   """A patch_cnn token is a function of its own patch: changing one patch changes that token alone."""
-  cfg, model, params = _setup(**{"vision.stem": "patch_cnn", **STEMS["patch_cnn"]})
+  cfg, model, params = _setup(**STEMS["patch_cnn"])
   images, _ = random_batch(cfg)
   stem = lambda im: model.image_encoder.apply({"params": params["image_encoder"]}, im, method=lambda m, x: m.patch_cnn(
       vit.patchify(x, 8).reshape(x.shape[0], -1, 8, 8, 3)))
@@ -146,6 +150,40 @@ def test_conv_stem_pools_to_the_patch_grid_and_sees_across_patch_borders():
   # Unlike patch_cnn's, its own token and its eight neighbours' change.
   neighbours = {r * 4 + c for r in (0, 1, 2) for c in (1, 2, 3)}
   assert differs.tolist() == [i in neighbours for i in range(16)]
+
+
+@pytest.mark.parametrize("pool", ["gap", "max"])
+def test_pooling_over_patch_tokens(pool):
+  """gap: the pooled embedding is the mean of the patch embeddings attentive masking scores; max: the patch
+  tokens' channel-wise max, projected."""
+  cfg, model, params = _setup(**{"vision.pool": pool})
+  images, _ = random_batch(cfg)
+  out = model.apply({"params": params}, images, method=SyCoCa.encode_image)
+  if pool == "gap":
+    np.testing.assert_allclose(out["pooled"], out["patch_embeddings"].mean(axis=1), rtol=1e-5, atol=1e-6)
+  else:
+    proj = params["image_encoder"]["proj"]
+    np.testing.assert_allclose(out["pooled"], out["tokens"].max(axis=1) @ proj, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["tokens", "caption"])
+def test_attentive_scores_compare_patches_with_the_caption(score):
+  """masking.score: 'tokens' (the paper's) takes each patch's best cosine over the caption's word tokens;
+  'caption' its cosine with the caption's global embedding."""
+  cfg, model, params = _setup(**{"masking.score": score})
+  images, text = random_batch(cfg)
+  out = model.apply({"params": params}, images, text, rng=jax.random.PRNGKey(1), heads=HEADS)
+  image = model.apply({"params": params}, images, method=SyCoCa.encode_image)
+  caption = model.apply({"params": params}, text, method=SyCoCa.encode_text)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  patches = unit(np.asarray(image["patch_embeddings"], np.float64))
+  if score == "caption":
+    expected = np.einsum("bne,be->bn", patches, unit(np.asarray(caption["pooled"], np.float64)))
+  else:
+    sim = np.einsum("bne,ble->bnl", patches, unit(np.asarray(caption["token_embeddings"], np.float64)))
+    valid = (np.asarray(text) != cfg.pad_id) & (np.arange(text.shape[1]) > 0)
+    expected = np.where(valid[:, None], sim, -np.inf).max(-1)
+  np.testing.assert_allclose(out["masks"].scores, expected, atol=1e-5)
 
 
 def test_text_is_causal():
@@ -272,5 +310,13 @@ def test_bad_model_config_names_the_key():
     build_model(tiny_model_config(**{"vision.stem": "hmlp"}))
   with pytest.raises(ValueError, match=r"config.model.vision.stem_channels: the conv stem pools by .* \(2, 2, 2\)"):
     build_model(tiny_model_config(**{"vision.stem": "conv", "vision.stem_channels": (8, 8)}))
+  with pytest.raises(ValueError, match=r"config.model.vision.stem_space_to_depth: 3 must be a positive divisor"):
+    build_model(tiny_model_config(**{"vision.stem": "conv", "vision.stem_space_to_depth": 3}))
+  with pytest.raises(ValueError, match=r"config.model.vision.stem_norm: 'batch' is not one of none, instance"):
+    build_model(tiny_model_config(**{"vision.stem": "conv", "vision.stem_norm": "batch"}))
+  with pytest.raises(ValueError, match=r"config.model.masking.score: 'words' is not one of tokens, caption"):
+    build_model(tiny_model_config(**{"masking.score": "words"}))
+  with pytest.raises(ValueError, match=r"config.model.vision.pool: 'cls' is not one of tok, gap, max, attn"):
+    build_model(tiny_model_config(**{"vision.pool": "cls"}))
   with pytest.raises(ValueError, match=r"config.model.vision.stem_channels"):
     build_model(tiny_model_config(**{"vision.stem": "patch_cnn", "vision.stem_channels": (8, 0)}))

@@ -38,6 +38,7 @@ class SyCoCa(nn.Module):
   text_decoder: TextDecoder
   image_decoder: ImageDecoder
   masking: str = "attentive"
+  mask_score: str = "tokens"  # masking.score: what attentive masking compares each patch with (MASK_SCORES)
   ic_ratio: float = 0.5
   mim_ratio: float = 0.5
   ic_reencode: bool = False
@@ -97,11 +98,14 @@ class SyCoCa(nn.Module):
       if self.masking == "attentive":
         raise ValueError("masking.strategy='attentive' needs per-patch tokens: model.vision.pool must not be 'attn'.")
       patch_embeddings = jnp.zeros((text.shape[0], self.image_encoder.num_patches, 1))
-    # The start token and padding carry no caption content; the appended CLS is not among the tokens.
-    valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+    if self.mask_score == "caption":
+      # Each patch against the caption's global embedding, the one vector ITC trains to match the image.
+      tokens, valid = text_out["pooled"][:, None], jnp.ones((text.shape[0], 1), bool)
+    else:
+      # The start token and padding carry no caption content; the appended CLS is not among the tokens.
+      tokens, valid = text_out["token_embeddings"], (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
     return masking_lib.get_strategy(self.masking)(
-        rng, patch_embeddings=patch_embeddings,
-        token_embeddings=text_out["token_embeddings"], token_valid=valid,
+        rng, patch_embeddings=patch_embeddings, token_embeddings=tokens, token_valid=valid,
         ic_ratio=self.ic_ratio, mim_ratio=self.mim_ratio)
 
   # -- The training forward pass. -------------------------------------------------------------------------------
@@ -180,13 +184,19 @@ def default_model_config() -> ml_collections.ConfigDict:
       # stem: how a patch becomes a token (vit.STEMS); stem_channels: the patch_cnn and conv stems' conv widths.
       vision=dict(image_size=288, patch_size=18, width=768, depth=12, heads=12, mlp_ratio=4.0,
                   pool="tok", attn_pooler_queries=256, attn_pooler_heads=8, stem="linear",
-                  stem_channels=(32, 32, 64, 64, 128), stem_norm="none"),
+                  stem_channels=(32, 32, 64, 64, 128), stem_norm="none",
+                  stem_space_to_depth=1),
       text=dict(vocab_size=49408, context_length=76, width=768, depth=12, heads=12, mlp_ratio=4.0,
                 legacy_cls_mask=False),
       text_decoder=dict(width=768, depth=12, heads=12, mlp_ratio=4.0),
       image_decoder=dict(width=512, depth=8, heads=16, mlp_ratio=4.0, cross_attention=True),
-      masking=dict(strategy="attentive", ic_ratio=0.5, mim_ratio=0.5, ic_reencode=False),
+      # score: "tokens", the paper's (a patch's max cosine with the caption's projected word tokens), or
+      # "caption" (its cosine with the caption's global embedding, which ITC aligns with the image's).
+      masking=dict(strategy="attentive", ic_ratio=0.5, mim_ratio=0.5, ic_reencode=False, score="tokens"),
   ))
+
+
+MASK_SCORES = ("tokens", "caption")
 
 
 def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
@@ -207,10 +217,14 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     fail("vision.stem_channels", f"{tuple(v.stem_channels)} must be one or more positive widths.")
   if v.stem_norm not in vit.STEM_NORMS:
     fail("vision.stem_norm", f"{v.stem_norm!r} is not one of {', '.join(vit.STEM_NORMS)}.")
-  if v.stem == "conv" and len(v.stem_channels) < len(vit.pool_factors(v.patch_size)):
-    fail("vision.stem_channels", f"the conv stem pools by the prime factors of patch_size={v.patch_size} "
-         f"{vit.pool_factors(v.patch_size)}, at least one convolution before each pool: give "
-         f"{len(vit.pool_factors(v.patch_size))} or more widths, not {len(v.stem_channels)}.")
+  s2d = v.stem_space_to_depth
+  if s2d < 1 or v.patch_size % s2d:
+    fail("vision.stem_space_to_depth", f"{s2d} must be a positive divisor of vision.patch_size={v.patch_size}.")
+  factors = vit.pool_factors(v.patch_size // s2d)
+  if v.stem == "conv" and len(v.stem_channels) < len(factors):
+    fail("vision.stem_channels", f"the conv stem pools by the prime factors of patch_size / stem_space_to_depth "
+         f"= {v.patch_size // s2d}, {factors}, at least one convolution before each pool: give {len(factors)} "
+         f"or more widths, not {len(v.stem_channels)}.")
   if v.pool not in vit.POOLS:
     fail("vision.pool", f"{v.pool!r} is not one of {', '.join(vit.POOLS)}.")
   if t.width != d.width:
@@ -237,6 +251,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     r = m[key]
     if not 0.0 <= r < 1.0:
       fail(f"masking.{key}", f"{r} must be in (0, 1), or 0 to switch that head's masking off.")
+  if m.score not in MASK_SCORES:
+    fail("masking.score", f"{m.score!r} is not one of {', '.join(MASK_SCORES)}.")
   if m.strategy == "none" and (m.ic_ratio or m.mim_ratio):
     fail("masking.strategy", "'none' needs masking.ic_ratio = masking.mim_ratio = 0.")
   if m.strategy == "attentive" and v.pool == "attn":
@@ -260,7 +276,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
   return SyCoCa(
       image_encoder=VisionTransformer(
           tower(v), v.image_size, v.patch_size, cfg.embed_dim, pool=v.pool, stem=v.stem,
-          stem_channels=tuple(v.stem_channels), stem_norm=v.stem_norm,
+          stem_channels=tuple(v.stem_channels), stem_norm=v.stem_norm, stem_space_to_depth=v.stem_space_to_depth,
           attn_pooler_queries=v.attn_pooler_queries, attn_pooler_heads=v.attn_pooler_heads),
       text_encoder=TextEncoder(
           tower(t), t.vocab_size, t.context_length, cfg.embed_dim, pad_id=cfg.pad_id,
@@ -272,6 +288,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
       ic_ratio=cfg.masking.ic_ratio,
       mim_ratio=cfg.masking.mim_ratio,
       ic_reencode=cfg.masking.ic_reencode,
+      mask_score=cfg.masking.score,
       init_logit_scale=cfg.init_logit_scale,
       pad_id=cfg.pad_id,
   )

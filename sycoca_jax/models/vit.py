@@ -77,6 +77,7 @@ class ConvStem(nn.Module):
   norm: str = "none"
   norm_eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  space_to_depth: int = 1
 
   def _instance_norm(self, x, mask, name):
     """Per image and channel, over the (visible) positions; a learned scale and bias per channel."""
@@ -91,9 +92,11 @@ class ConvStem(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, visible: Optional[jax.Array] = None) -> jax.Array:
-    factors = pool_factors(self.patch_size)
+    s2d = self.space_to_depth
+    factors = pool_factors(self.patch_size // s2d)
     groups = conv_groups(len(self.channels), len(factors))
-    x, side, index = images, self.patch_size, 0  # side: pixels per patch side at the current resolution
+    x = einops.rearrange(images, "b (h p1) (w p2) c -> b h w (p1 p2 c)", p1=s2d, p2=s2d)
+    side, index = self.patch_size // s2d, 0  # side: pixels per patch side at the current resolution
     for stage, count in enumerate(groups):
       for _ in range(count):
         mask = None
@@ -176,6 +179,7 @@ class VisionTransformer(nn.Module):
   stem: str = "linear"
   stem_channels: Sequence[int] = (32, 32, 64, 64, 128)
   stem_norm: str = "none"
+  stem_space_to_depth: int = 1
   pre_norm: bool = True
   attn_pooler_queries: int = 256
   attn_pooler_heads: int = 8
@@ -198,7 +202,7 @@ class VisionTransformer(nn.Module):
       self.patch_cnn = PatchCNN(t.width, tuple(self.stem_channels), t.norm_eps, t.dtype)
     elif self.stem == "conv":
       self.conv_stem = ConvStem(t.width, self.patch_size, tuple(self.stem_channels), self.stem_norm, t.norm_eps,
-                                t.dtype)
+                                t.dtype, self.stem_space_to_depth)
     else:
       raise ValueError(f"stem={self.stem!r}: choose from {STEMS}.")
     self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (t.width,))

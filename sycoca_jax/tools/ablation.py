@@ -417,8 +417,26 @@ def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
   return diff, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm's step-down adjustment of p-values for the number of comparisons (NaN ones are not counted).
+
+  The i-th smallest of m p-values is multiplied by m - i (i from 0), a running maximum keeps the order, and 1
+  caps it: rejecting where the adjusted p < alpha keeps the chance of any false rejection under alpha.
+  """
+  p = np.asarray(p_values, np.float64)
+  out = np.full(p.shape, np.nan)
+  valid = np.flatnonzero(~np.isnan(p))
+  order = valid[np.argsort(p[valid], kind="stable")]
+  running = 0.0
+  for i, index in enumerate(order):
+    running = max(running, min(1.0, (len(order) - i) * p[index]))
+    out[index] = running
+  return out.tolist()
+
+
 def compare(runs: Sequence[dict], groups: Sequence[dict], baseline: str) -> dict[str, dict]:
-  """Each group against the baseline variant's unswept group: {label: {metric: {"diff", "p"}}}, in percent.
+  """Each group against the baseline variant's unswept group: {label: {metric: {"diff", "p", "p_holm"}}}, in
+  percent; p_holm is Holm-adjusted over every comparison of the table (all groups and metrics).
 
   Empty when the baseline has fewer than two seeds; groups with one seed get a difference and a NaN p.
   """
@@ -441,6 +459,9 @@ def compare(runs: Sequence[dict], groups: Sequence[dict], baseline: str) -> dict
       if a and b:  # a metric either side never logged is left out, as the tables leave it
         diff, p = welch(a, b)
         out[g["label"]][metric] = {"diff": diff, "p": p}
+  cells = [c for row in out.values() for c in row.values()]
+  for c, adjusted in zip(cells, holm([c["p"] for c in cells])):
+    c["p_holm"] = adjusted
   return out
 
 
@@ -466,8 +487,9 @@ def markdown(groups: Sequence[dict], comparison: Optional[dict] = None, baseline
       lines.append(f"| {g['label']} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
   if comparison:
     lines += ["", f"### Against {baseline}", "",
-              f"Difference of means from the `{baseline}` row, in points, and the two-sided p-value of Welch's t-test "
-              "over seeds (no correction for the number of comparisons; one seed: no p).", "",
+              f"Difference of means from the `{baseline}` row, in points, the two-sided p-value of Welch's t-test "
+              "over seeds, and that p adjusted by Holm's method for every comparison in this table (one seed: no "
+              "p). Read a gap as beyond the seed spread only where the adjusted p is below 0.05.", "",
               "| run | seeds | " + " | ".join(_TITLES[m] for m in COMPARED) + " |",
               "|---|---|" + "---:|" * len(COMPARED)]
     for g in groups:
@@ -476,7 +498,8 @@ def markdown(groups: Sequence[dict], comparison: Optional[dict] = None, baseline
       cells = []
       for metric in COMPARED:
         c = comparison[g["label"]].get(metric)
-        cells.append("–" if c is None else f"{c['diff']:+.1f}" + ("" if math.isnan(c["p"]) else f" (p {c['p']:.2f})"))
+        cells.append("–" if c is None else f"{c['diff']:+.1f}" + (
+            "" if math.isnan(c["p"]) else f" (p {c['p']:.2f}, Holm {c['p_holm']:.2f})"))
       lines.append(f"| {g['label']} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
