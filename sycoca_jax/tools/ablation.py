@@ -9,8 +9,8 @@ r"""The paper's ablation at small scale: train each (variant, seed), evaluate it
 
 The rows are the config file's VARIANTS (configs/sycoca_tiny.py and sycoca_base.py offer the paper's six; a
 config without VARIANTS takes no `variant=`). Every run is the config file loaded as main.py loads it
-(ml_collections config_flags), with `variant=NAME` added to its argument, `seed` set, then the sweep value and the overrides applied as --config.KEY=VALUE would
-be. Each run trains with the trainer main.py calls (sycoca_jax.train), in a child process by default (memory
+(ml_collections config_flags), with `variant=NAME` added to its argument, `seed` set, then the sweep value and
+the overrides applied as --config.KEY=VALUE would be. Each run trains with the trainer main.py calls (sycoca_jax.train), in a child process by default (memory
 and compile caches go away with it), in DIR/<variant>[_<key><value>]_seed<k>/, and is then evaluated on its
 final checkpoint with the run's own evaluators (config.evals: on the built-in scenes, retrieval with
 fine-grained negatives, zero-shot, greedy captioning and mask quality) plus, with --extra_evals, those of
