@@ -103,7 +103,10 @@ class ConvStem(nn.Module):
         if visible is not None:
           mask = jnp.repeat(jnp.repeat(visible, side, axis=1), side, axis=2)[..., None]
           x = jnp.where(mask, x, jnp.zeros((), x.dtype))
-        x = nn.Conv(self.channels[index], (3, 3), dtype=self.dtype, name=f"conv{index}")(x)
+        # Before the instance norm a bias would be subtracted again with the mean: it would get no gradient but
+        # rounding noise, which Adam scales up to full-size steps (a parameter that only drifts).
+        x = nn.Conv(self.channels[index], (3, 3), use_bias=self.norm == "none", dtype=self.dtype,
+                    name=f"conv{index}")(x)
         if self.norm == "instance":
           x = self._instance_norm(x, mask, f"norm{index}")
         x = nn.relu(x)
