@@ -190,15 +190,25 @@ def test_flop_count_unrolls_scanned_layers_and_includes_remat():
 @needs_libtpu
 def test_train_step_compiles_for_a_v5e_slice_and_fits():
   config = small_train_config()  # sycoca_tiny:runlocal, batch 16
-  report = aot.compile_for_slice(config, "v5e:2x2")
+  report = aot.compile_for_slice(config, "v5e:2x2", breakdown=True)
   assert (report.slice.chips, report.hosts, report.mesh) == (4, 1, {"data": 4, "fsdp": 1})
   assert report.device_kind == "TPU v5 lite"
   # float32 parameters and two AdamW moments, replicated (fsdp = 1), plus a few scalars.
   assert report.state_bytes == pytest.approx(3 * 4 * report.params, rel=0.01)
   assert report.state_bytes < report.total_bytes < 0.1 * report.slice.chip.hbm_gib * aot.GIB
   assert report.fits(15.0)
-  table = aot.format_table(report, headroom=15.0, mfu=40.0)
+  table = aot.format_table(report, headroom=15.0)
   assert "4 x TPU v5 lite (v5e), 1 host" in table and "FITS with" in table
+  # The roofline takes each chip's quarter of the step's FLOPs and the compiled program's traffic, every replica
+  # reading at least its state (parameters, moments, gradients) once.
+  roof = report.roofline
+  assert roof.flops == pytest.approx(report.flops_per_step / 4) and roof.hbm_bytes > report.state_bytes
+  assert f"{100 * roof.mfu_ceiling:.1f} %" in table and re.search(rf"^bound +{roof.bound}$", table, re.M)
+  # The breakdown: every part of the model is found in the compiled step.
+  parts = {o.part for o in report.ops}
+  assert {"attention", "layer norms", "MLPs", "TG-MIM decoder", "vocabulary logits + caption loss",
+          "optimizer update", "masking gathers"} <= parts, parts
+  assert "Top 15 ops by bytes" in aot.format_breakdown(report.ops, report.bytes_accessed, report.compiled_flops)
 
 
 @needs_libtpu
