@@ -477,19 +477,20 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "collective-permute-done", "copy-done", "async-done", "async-update", "send-done", "recv-done"}
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
-# The model's parts, from an op's opcode and JAX's name stack (its op_name metadata: flax module paths and
-# named scopes); ordered, the first match wins. The TG-MIM decoder and the vocabulary logits are parts of their
-# own whatever their ops; attention, norms and MLPs are those of the other towers.
+# The model's parts, from an op's opcode and JAX's name stack (its op_name metadata: flax module paths and named
+# scopes, which autodiff wraps as jvp(name) / transpose(jvp(name))); ordered, the first match wins. The TG-MIM
+# decoder and the vocabulary logits are parts of their own whatever their ops; attention, norms and MLPs are those
+# of the other towers. A gather or sort outside those (the masking's argsort and gathers) counts as masking.
 PARTS = (
     ("FSDP gathers / collectives", r"^(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"),
     ("optimizer update", r"/optimizer/"),
     ("TG-MIM decoder", r"/image_decoder/"),
-    ("masking gathers", r"/choose_masks/|/masking/|/(gather|sort|argsort|take_along_axis|scatter-add|scatter)"),
-    ("vocabulary logits + caption loss", r"/text_decoder/(?!transformer/)|/caption_loss/"),
+    ("masking gathers", r"[/(](choose_masks|masking)[/)]|/(gather|sort|scatter|scatter-add)/"),
+    ("vocabulary logits + caption loss", r"/text_decoder/(?!transformer/)|[/(]caption_loss[/)]"),
     ("attention", r"/attn/"),
     ("layer norms", r"/(ln_\w*|norm\w*|LayerNorm_\d+)/"),
     ("MLPs", r"/mlp/"),
-    ("losses (contrastive, TG-MIM)", r"/(contrastive_loss|mim_loss|loss)/"),
+    ("losses (contrastive, TG-MIM)", r"[/(](contrastive_loss|mim_loss)[/)]"),
     ("other", r""),
 )
 
