@@ -485,12 +485,13 @@ PARTS = (
     ("FSDP gathers / collectives", r"^(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"),
     ("optimizer update", r"/optimizer/"),
     ("TG-MIM decoder", r"/image_decoder/"),
-    ("masking gathers", r"[/(](choose_masks|masking)[/)]|/(gather|sort|scatter|scatter-add)/"),
     ("vocabulary logits + caption loss", r"/text_decoder/(?!transformer/)|[/(]caption_loss[/)]"),
+    ("losses (contrastive, TG-MIM)", r"[/(](contrastive_loss|mim_loss)[/)]"),
+    ("token embedding", r"/token_embedding/"),
+    ("masking gathers", r"[/(](choose_masks|masking)[/)]|/(gather|sort|scatter|scatter-add)/"),
     ("attention", r"/attn/"),
     ("layer norms", r"/(ln_\w*|norm\w*|LayerNorm_\d+)/"),
     ("MLPs", r"/mlp/"),
-    ("losses (contrastive, TG-MIM)", r"[/(](contrastive_loss|mim_loss)[/)]"),
     ("other", r""),
 )
 
