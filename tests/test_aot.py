@@ -42,7 +42,7 @@ def test_chip_peaks_are_the_published_figures():
   assert aot.CHIPS["v5e"].ridge == pytest.approx(240.5, abs=0.1)   # 197e12 / 819e9 FLOP per byte
   assert aot.CHIPS["v6e"].ridge == pytest.approx(559.8, abs=0.1)
   table = aot.format_peaks("v6e")
-  assert "* v6e" in table and "  v5e           197       819              241" in table
+  assert "* v6e            918     1,640              560" in table and "  v5e            197       819              241" in table
 
 
 def test_roofline_of_a_memory_bound_and_a_compute_bound_step():
@@ -163,6 +163,10 @@ def test_hlo_costs_count_operands_and_results_once_per_trip():
     ("jit(train_step)/jit(main)/jvp(SyCoCa)/text_decoder/dot_general", "vocabulary logits + caption loss"),
     ("jit(train_step)/jit(main)/transpose(jvp(caption_loss))/reduce_max", "vocabulary logits + caption loss"),
     ("jit(train_step)/jit(main)/optimizer/mul", "optimizer update"),
+    ("jit(train_step)/jit(main)/jvp(SyCoCa)/SyCoCa.encode_image/image_encoder/conv_stem/conv1/conv_general_dilated",
+     "patch embedding / stem"),
+    ("jit(train_step)/jit(main)/jvp(SyCoCa)/SyCoCa.encode_image/image_encoder/conv1/dot_general",
+     "patch embedding / stem"),
 ])
 def test_ops_are_mapped_to_the_model_parts_by_their_name_stack(op_name, part):
   assert aot.OpCost("x", "fusion kLoop", "f32[1]", op_name, 1.0, 0.0).part == part

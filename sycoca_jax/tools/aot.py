@@ -6,7 +6,7 @@ roofline they give, and whether it fits.
   # and where the bytes go, per part of the model:
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-64 --breakdown
   # how far the compiler's byte count can be trusted, on programs whose traffic is known:
-  python -m sycoca_jax.tools.aot --check_cost_model --topology=v5e:1x1
+  python -m sycoca_jax.tools.aot --check_cost_model --topology=v5e:2x2
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py:slice=v4-64 --topology=v4-64
   python -m sycoca_jax.tools.aot --config=configs/sycoca_tiny.py:runlocal --topology=v5e:2x2
   # the contrastive logits path alone, every ITC loss and layout, at batch 32k on v5e-256:
@@ -489,6 +489,7 @@ PARTS = (
     ("losses (contrastive, TG-MIM)", r"[/(](contrastive_loss|mim_loss)[/)]"),
     ("token embedding", r"/token_embedding/"),
     ("masking gathers", r"[/(](choose_masks|masking)[/)]|/(gather|sort|scatter|scatter-add)/"),
+    ("patch embedding / stem", r"/image_encoder/(conv1|conv_stem|patch_cnn)/"),
     ("attention", r"/attn/"),
     ("layer norms", r"/(ln_\w*|norm\w*|LayerNorm_\d+)/"),
     ("MLPs", r"/mlp/"),
@@ -696,7 +697,7 @@ class CostCheck:
   analytic_bytes: float   # one read of every input and one write of every output
 
 
-def check_cost_model(topology: str = "v5e:1x1") -> list[CostCheck]:
+def check_cost_model(topology: str = "v5e:2x2") -> list[CostCheck]:
   """Compiles, for the first chip of `topology`, programs whose least HBM traffic is known, and sets the TPU
   compiler's count of their bytes (and the breakdown's estimate) against it.
 
@@ -821,7 +822,7 @@ def format_logits_table(config: ml_collections.ConfigDict, slice_: Slice, mesh: 
 def main(argv):
   del argv
   if FLAGS.check_cost_model:
-    topology = FLAGS.topology or "v5e:1x1"
+    topology = FLAGS.topology or "v5e:2x2"
     print(format_cost_checks(check_cost_model(topology), topology))
     return
   if not FLAGS.topology or FLAGS.config is None:
