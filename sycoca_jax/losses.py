@@ -290,14 +290,19 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
   terms: dict[str, jax.Array] = {"temperature": out["logit_scale"]}
   if loss_cfg.contrastive == "sigmoid":
     terms["logit_bias"] = out["logit_bias"]
+  # Each term under its own name scope: the compiled step's ops carry it (the AOT tool's breakdown reads it).
   if "itc" in heads:
-    terms["contrastive_loss"] = contrastive(out["image_embedding"], out["text_embedding"], out["logit_scale"],
-                                            out["logit_bias"])
+    with jax.named_scope("contrastive_loss"):
+      terms["contrastive_loss"] = contrastive(out["image_embedding"], out["text_embedding"], out["logit_scale"],
+                                              out["logit_bias"])
   if "ic" in heads:
-    terms["caption_loss"], terms["caption_tokens"] = caption_loss(out["caption_logits"], batch["text"], model.pad_id)
+    with jax.named_scope("caption_loss"):
+      terms["caption_loss"], terms["caption_tokens"] = caption_loss(out["caption_logits"], batch["text"],
+                                                                    model.pad_id)
   if "mim" in heads:
-    target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)
-    terms["mim_loss"] = mim_loss(out["mim_pred"], target, out["masks"].mim_mask, loss_cfg.mim_loss)
+    with jax.named_scope("mim_loss"):
+      target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)
+      terms["mim_loss"] = mim_loss(out["mim_pred"], target, out["masks"].mim_mask, loss_cfg.mim_loss)
   if "masks" in out:
     terms.update(masking_diagnostics(out["masks"]))
   return terms

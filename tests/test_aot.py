@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,142 @@ def test_bad_slice_names_say_what_is_expected():
     aot.parse_slice("v3-8")
 
 
+def test_chip_peaks_are_the_published_figures():
+  assert {g: (c.peak_bf16_tflops, c.hbm_gbps) for g, c in aot.CHIPS.items()} == {
+      "v4": (275, 1228), "v5e": (197, 819), "v5p": (459, 2765), "v6e": (918, 1640)}
+  assert aot.CHIPS["v5e"].ridge == pytest.approx(240.5, abs=0.1)   # 197e12 / 819e9 FLOP per byte
+  assert aot.CHIPS["v6e"].ridge == pytest.approx(559.8, abs=0.1)
+  table = aot.format_peaks("v6e")
+  assert "* v6e            918     1,640              560" in table and "  v5e            197       819              241" in table
+
+
+def test_roofline_of_a_memory_bound_and_a_compute_bound_step():
+  # 13.8 TFLOP and 151 GiB per v5e chip: 70.1 ms at 197 TFLOP/s, 198.0 ms at 819 GB/s.
+  roof = aot.Roofline(flops=13.8e12, hbm_bytes=151 * aot.GIB, chip=aot.CHIPS["v5e"])
+  assert roof.compute_seconds == pytest.approx(0.070051, rel=1e-4)
+  assert roof.memory_seconds == pytest.approx(0.197967, rel=1e-4)
+  assert roof.bound == "memory" and roof.step_seconds == roof.memory_seconds
+  assert roof.mfu_ceiling == pytest.approx(0.35385, rel=1e-4)
+  assert roof.intensity == pytest.approx(85.11, rel=1e-3)
+  # 55 TFLOP and 100 GiB per v5p chip: 119.8 ms of compute, 38.8 ms of traffic.
+  roof = aot.Roofline(flops=55e12, hbm_bytes=100 * aot.GIB, chip=aot.CHIPS["v5p"])
+  assert roof.bound == "compute" and roof.mfu_ceiling == 1.0
+  assert roof.step_seconds == pytest.approx(0.119826, rel=1e-4)
+  assert roof.memory_seconds == pytest.approx(0.038834, rel=1e-4)
+
+
+def _report(**overrides):
+  """A Report as compile_for_slice fills it, for v5e-64 (figures of the README's sycoca_base row)."""
+  fields = dict(slice=aot.parse_slice("v5e-64"), device_kind="TPU v5 lite", hosts=16, mesh={"data": 1, "fsdp": 64},
+                global_batch=2048, accum=1, model="bfloat16 compute", params=471_500_000, state_bytes=0.09 * aot.GIB,
+                batch_bytes=0.01 * aot.GIB, temp_bytes=8 * aot.GIB, total_bytes=8.44 * aot.GIB,
+                flops_per_step=64 * 13.8e12, bytes_accessed=151 * aot.GIB, scanned=False, num_steps=106_445,
+                compile_s=530.0, compiled_flops=13.9e12)
+  fields.update(overrides)
+  return aot.Report(**fields)
+
+
+def test_the_table_prints_the_roofline_per_chip():
+  report = _report()
+  # The step's FLOPs are the whole slice's; the roofline takes each chip's share.
+  assert report.roofline.flops == pytest.approx(13.8e12)
+  table = aot.format_table(report, headroom=15.0)
+  for row in ("883.20 TFLOP on the slice, 13.80 TFLOP per chip (0.43 TFLOP per example)",
+              "the TPU compiler counts 13.90 TFLOP per chip", "151.00 GiB per step", "85 FLOP per byte",
+              "ridge point: 241", "70.1 ms (FLOPs per chip / 197 TFLOP/s", "198.0 ms (HBM bytes per chip / 819 GB/s)",
+              "35.4 %", "198.0 ms, the memory time", "5.85 h"):   # 106,445 x 0.198 s
+    assert row in table, row
+  assert re.search(r"^bound +memory$", table, re.M)
+
+
+def test_no_roofline_without_a_true_traffic_count():
+  assert _report(scanned=True).roofline is None
+  assert "a scanned layer's traffic is counted once" in aot.format_table(_report(scanned=True), headroom=15.0)
+  refused = _report(error="RESOURCE_EXHAUSTED: ...", bytes_accessed=0.0)
+  assert refused.roofline is None and "roofline" in aot.format_table(refused, headroom=15.0)
+
+
+# A compiled program's text, as the TPU compiler prints it (tiled layouts, operands by name), cut down: an all-gather
+# of a weight, a matmul fusion in a loop of 3 trips, an optimizer fusion.
+HLO = """HloModule jit_train_step, is_scheduled=true
+
+%fused_computation (param_0: bf16[64,128], param_1: bf16[128,256]) -> bf16[64,256] {
+  %param_0 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %param_1 = bf16[128,256]{1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %convolution.1 = bf16[64,256]{1,0:T(8,128)(2,1)} convolution(%param_0, %param_1), dim_labels=bf_io->bf
+}
+
+%body (p: (s32[], bf16[64,128], bf16[128,256])) -> (s32[], bf16[64,128], bf16[128,256]) {
+  %p = (s32[], bf16[64,128]{1,0}, bf16[128,256]{1,0}) parameter(0)
+  %x = bf16[64,128]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %w = bf16[128,256]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=2
+  %fusion.2 = bf16[64,256]{1,0:T(8,128)(2,1)} fusion(%x, %w), kind=kOutput, calls=%fused_computation, \
+metadata={op_name="jit(train_step)/jit(main)/SyCoCa/image_encoder/transformer/layers_0/self/mlp/c_fc/dot_general"}
+  ROOT %t = (s32[], bf16[64,128]{1,0}, bf16[128,256]{1,0}) tuple(%p)
+}
+
+%cond (p.1: (s32[], bf16[64,128], bf16[128,256])) -> pred[] {
+  %p.1 = (s32[], bf16[64,128]{1,0}, bf16[128,256]{1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+%fused_computation.3 (param_0.3: f32[1000], param_1.3: f32[1000]) -> f32[1000] {
+  %param_0.3 = f32[1000]{0:T(1024)} parameter(0)
+  %param_1.3 = f32[1000]{0:T(1024)} parameter(1)
+  ROOT %add.3 = f32[1000]{0:T(1024)} add(%param_0.3, %param_1.3)
+}
+
+ENTRY %main.9 (Arg_0.1: bf16[64,128], Arg_1.2: bf16[16,256], Arg_2.3: f32[1000], Arg_3.4: f32[1000]) -> f32[1000] {
+  %Arg_0.1 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %Arg_1.2 = bf16[16,256]{1,0:T(8,128)(2,1)} parameter(1)
+  %Arg_2.3 = f32[1000]{0:T(1024)} parameter(2)
+  %Arg_3.4 = f32[1000]{0:T(1024)} parameter(3)
+  %all-gather-start = (bf16[16,256]{1,0:T(8,128)(2,1)}, bf16[128,256]{1,0:T(8,128)(2,1)}) all-gather-start(%Arg_1.2), \
+dimensions={0}, metadata={op_name="jit(train_step)/jit(main)/SyCoCa/image_encoder/transformer/layers_0/self/mlp/c_fc/all_gather"}
+  %all-gather-done = bf16[128,256]{1,0:T(8,128)(2,1)} all-gather-done(%all-gather-start)
+  %tuple = (s32[], bf16[64,128]{1,0}, bf16[128,256]{1,0}) tuple(%Arg_0.1, %all-gather-done)
+  %while = (s32[], bf16[64,128]{1,0}, bf16[128,256]{1,0}) while(%tuple), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %fusion.4 = f32[1000]{0:T(1024)} fusion(%Arg_2.3, %Arg_3.4), kind=kLoop, calls=%fused_computation.3, \
+metadata={op_name="jit(train_step)/jit(main)/optimizer/add" source_file="train.py" source_line=260}
+}
+"""  # (a backslash ends a line that the compiler prints as one)
+
+
+def test_hlo_costs_count_operands_and_results_once_per_trip():
+  ops = {o.name: o for o in aot.hlo_costs(HLO)}
+  assert set(ops) == {"all-gather-start", "fusion.2", "fusion.4"}
+  # Each of 3 trips reads [64, 128] and [128, 256] bf16 and writes [64, 256]: 2 x 64 x 128 x 256 FLOPs.
+  assert ops["fusion.2"].bytes == 3 * 2 * (64 * 128 + 128 * 256 + 64 * 256)
+  assert ops["fusion.2"].flops == 3 * 2 * 64 * 128 * 256
+  assert (ops["fusion.2"].opcode, ops["fusion.2"].shape, ops["fusion.2"].part) == (
+      "fusion kOutput", "bf16[64,256]", "MLPs")
+  # The gather reads its shard and writes the whole weight.
+  assert ops["all-gather-start"].bytes == 2 * (16 * 256 + 128 * 256)
+  assert ops["all-gather-start"].part == "FSDP gathers / collectives"
+  assert (ops["fusion.4"].bytes, ops["fusion.4"].flops, ops["fusion.4"].part) == (3 * 4000, 0, "optimizer update")
+  table = aot.format_breakdown(list(ops.values()), compiled_bytes=2 ** 20, compiled_flops=1e6)
+  assert re.search(r"^MLPs +0\.00 +\d+\.\d +0\.000 +100\.0 ", table, re.M)
+
+
+@pytest.mark.parametrize("op_name,part", [
+    ("jit(train_step)/jit(main)/transpose(jvp(SyCoCa))/text_encoder/transformer/layers_1/self/attn/query/dot_general",
+     "attention"),
+    ("jit(train_step)/jit(main)/jvp(SyCoCa)/image_encoder/transformer/layers_0/self/ln_2/reduce_sum", "layer norms"),
+    ("jit(train_step)/jit(main)/jvp(SyCoCa)/image_decoder/transformer/layers_0/self/mlp/c_fc/dot_general",
+     "TG-MIM decoder"),
+    ("jit(train_step)/jit(main)/jvp(SyCoCa)/text_decoder/dot_general", "vocabulary logits + caption loss"),
+    ("jit(train_step)/jit(main)/transpose(jvp(caption_loss))/reduce_max", "vocabulary logits + caption loss"),
+    ("jit(train_step)/jit(main)/optimizer/mul", "optimizer update"),
+    ("jit(train_step)/jit(main)/jvp(SyCoCa)/SyCoCa.encode_image/image_encoder/conv_stem/conv1/conv_general_dilated",
+     "patch embedding / stem"),
+    ("jit(train_step)/jit(main)/jvp(SyCoCa)/SyCoCa.encode_image/image_encoder/conv1/dot_general",
+     "patch embedding / stem"),
+])
+def test_ops_are_mapped_to_the_model_parts_by_their_name_stack(op_name, part):
+  assert aot.OpCost("x", "fusion kLoop", "f32[1]", op_name, 1.0, 0.0).part == part
+
+
 @needs_libtpu
 def test_v4_slices_have_one_device_per_chip():
   devices = aot.topology_devices(aot.parse_slice("v4-64"))
@@ -57,15 +194,25 @@ def test_flop_count_unrolls_scanned_layers_and_includes_remat():
 @needs_libtpu
 def test_train_step_compiles_for_a_v5e_slice_and_fits():
   config = small_train_config()  # sycoca_tiny:runlocal, batch 16
-  report = aot.compile_for_slice(config, "v5e:2x2")
+  report = aot.compile_for_slice(config, "v5e:2x2", breakdown=True)
   assert (report.slice.chips, report.hosts, report.mesh) == (4, 1, {"data": 4, "fsdp": 1})
   assert report.device_kind == "TPU v5 lite"
   # float32 parameters and two AdamW moments, replicated (fsdp = 1), plus a few scalars.
   assert report.state_bytes == pytest.approx(3 * 4 * report.params, rel=0.01)
   assert report.state_bytes < report.total_bytes < 0.1 * report.slice.chip.hbm_gib * aot.GIB
   assert report.fits(15.0)
-  table = aot.format_table(report, headroom=15.0, mfu=40.0)
+  table = aot.format_table(report, headroom=15.0)
   assert "4 x TPU v5 lite (v5e), 1 host" in table and "FITS with" in table
+  # The roofline takes each chip's quarter of the step's FLOPs and the compiled program's traffic, every replica
+  # reading at least its state (parameters, moments, gradients) once.
+  roof = report.roofline
+  assert roof.flops == pytest.approx(report.flops_per_step / 4) and roof.hbm_bytes > report.state_bytes
+  assert f"{100 * roof.mfu_ceiling:.1f} %" in table and re.search(rf"^bound +{roof.bound}$", table, re.M)
+  # The breakdown: every part of the model is found in the compiled step.
+  parts = {o.part for o in report.ops}
+  assert {"attention", "layer norms", "MLPs", "TG-MIM decoder", "vocabulary logits + caption loss",
+          "optimizer update", "masking gathers"} <= parts, parts
+  assert "Top 15 ops by bytes" in aot.format_breakdown(report.ops, report.bytes_accessed, report.compiled_flops)
 
 
 @needs_libtpu

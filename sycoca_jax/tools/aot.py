@@ -1,7 +1,12 @@
-r"""Compile the train step for a TPU slice ahead of time, on this machine: per-chip memory, FLOPs, and whether it fits.
+r"""Compile the train step for a TPU slice ahead of time, on this machine: per-chip memory, FLOPs, HBM traffic, the
+roofline they give, and whether it fits.
 
   pip install -e ".[tpu]"   # libtpu, the TPU compiler; no TPU is needed
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-64
+  # and where the bytes go, per part of the model:
+  python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-64 --breakdown
+  # how far the compiler's byte count can be trusted, on programs whose traffic is known:
+  python -m sycoca_jax.tools.aot --check_cost_model --topology=v5e:2x2
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py:slice=v4-64 --topology=v4-64
   python -m sycoca_jax.tools.aot --config=configs/sycoca_tiny.py:runlocal --topology=v5e:2x2
   # the contrastive logits path alone, every ITC loss and layout, at batch 32k on v5e-256:
@@ -31,7 +36,27 @@ the [B, B] logits cost without compiling the towers (minutes per slice for sycoc
 FLOPs per step: XLA's HLO cost analysis of the step lowered on this host with every layer unrolled (a scanned
 layer would be counted once, and a TPU lowering reports no count before compilation). It counts what the step
 executes: remat's recomputation included, and with gradient accumulation the extra forward pass of both encoders
-(the accumulation loop itself would also be counted once, so the whole batch is counted in one piece).
+(the accumulation loop itself would also be counted once, so the whole batch is counted in one piece). The table
+gives it for the slice and per chip (divided by the chip count: the data and fsdp axes both split the batch); the
+TPU compiler's own count for one chip's compiled program is printed beside it as a cross-check.
+
+HBM traffic per chip: the TPU compiler's cost analysis of the compiled (per-chip) program, its "bytes accessed":
+every read and write of device memory it plans in one step. A scanned layer's would be counted once.
+
+The roofline, per chip: compute time = FLOPs per chip / the chip's bf16 peak, memory time = HBM bytes / its HBM
+bandwidth (CHIPS: Google Cloud's published per-chip figures, printed below the table). The larger is the bound;
+the MFU ceiling is compute time / max(compute time, memory time), the best model FLOPs utilisation the traffic
+allows. The step time and run time the tool gives are estimates from the bound alone: the bound's time, as if it
+ran at peak with the other hidden under it; a real step is slower.
+
+--breakdown prints where the bytes and FLOPs of the compiled step go, per part of the model (attention, layer
+norms, MLPs, vocabulary logits, TG-MIM decoder, masking gathers, collectives, optimizer update, ...: ops are
+mapped by the flax module path and named scope in their op_name metadata, PARTS) and its top ops. XLA reports
+its cost analysis for the whole program only, so per op the bytes are an estimate made from the optimised HLO
+text: each op's operand and result shapes (hlo_costs says where that over- or undercounts); the table prints the
+estimate's total beside the compiler's. --check_cost_model compiles a few programs whose least traffic is known
+(a bf16 matmul, a float32 elementwise op, layer norms) for one chip and prints the compiler's count, the
+estimate and the analytic bytes side by side.
 """
 
 import dataclasses
@@ -40,7 +65,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 # The step is only compiled, never run: the host's own backend is enough, and without a TPU attached libtpu would
 # otherwise try (and fail, noisily) to initialise one. Compiling holds no TPU, so several compiles at once (two
@@ -67,7 +92,10 @@ def define_flags():
   flags.DEFINE_string("topology", None, "TPU slice: v4-64, v5e-64, v5p-32, v6e-64, ... or v5e:8x8.")
   flags.DEFINE_float("headroom", 15.0,
                      "Percent of the chip's HBM that must stay free for the step to count as fitting.")
-  flags.DEFINE_float("mfu", 40.0, "Assumed model FLOPs utilisation (percent of bf16 peak) for the time estimates.")
+  flags.DEFINE_bool("breakdown", False, "Also print where the compiled step's HBM bytes and FLOPs go: per part of "
+                    "the model, and its top ops by bytes and by FLOPs.")
+  flags.DEFINE_bool("check_cost_model", False, "Only compile a few programs whose HBM traffic is known, for one chip "
+                    "of --topology (default v5e), and print the compiler's count of their bytes against it.")
   flags.DEFINE_bool("logits_path", False, "Compile only the contrastive loss (every ITC option) and print its "
                     "per-chip memory, instead of the train step.")
 
@@ -80,15 +108,22 @@ class Chip:
   cores_in_name: int        # what one chip counts for in Cloud's slice name
   torus_dims: int
   hbm_gib: float            # what the TPU compiler plans with (its out-of-memory message), per chip
-  peak_bf16_tflops: float   # published dense bf16 peak per chip
+  peak_bf16_tflops: float   # dense bf16 peak per chip, TFLOP/s (Google Cloud's published figure)
+  hbm_gbps: float           # HBM bandwidth per chip, GB/s = 1e9 bytes/s (Google Cloud's published figure)
   chip_config: str = ""     # libtpu's chip_config_name; v4 runs its two TensorCores as one device (megacore)
+
+  @property
+  def ridge(self) -> float:
+    """FLOP per byte of HBM traffic above which a program is compute-bound on this chip."""
+    return self.peak_bf16_tflops * 1e12 / (self.hbm_gbps * 1e9)
 
 
 CHIPS = {
-    "v4": Chip(cores_in_name=2, torus_dims=3, hbm_gib=30.75, peak_bf16_tflops=275, chip_config="megacore"),
-    "v5e": Chip(cores_in_name=1, torus_dims=2, hbm_gib=15.75, peak_bf16_tflops=197),
-    "v5p": Chip(cores_in_name=2, torus_dims=3, hbm_gib=95.74, peak_bf16_tflops=459),
-    "v6e": Chip(cores_in_name=1, torus_dims=2, hbm_gib=31.25, peak_bf16_tflops=918),
+    "v4": Chip(cores_in_name=2, torus_dims=3, hbm_gib=30.75, peak_bf16_tflops=275, hbm_gbps=1228,
+               chip_config="megacore"),
+    "v5e": Chip(cores_in_name=1, torus_dims=2, hbm_gib=15.75, peak_bf16_tflops=197, hbm_gbps=819),
+    "v5p": Chip(cores_in_name=2, torus_dims=3, hbm_gib=95.74, peak_bf16_tflops=459, hbm_gbps=2765),
+    "v6e": Chip(cores_in_name=1, torus_dims=2, hbm_gib=31.25, peak_bf16_tflops=918, hbm_gbps=1640),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
@@ -157,6 +192,47 @@ def topology_devices(slice_: Slice) -> list[Any]:
   return devices
 
 
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+  """One chip's share of a step against the chip's two roofs, its bf16 peak and its HBM bandwidth.
+
+  compute time = FLOPs / peak and memory time = HBM bytes / bandwidth. The step can take no less than the larger
+  of the two (its bound), and takes that long only if the bound runs at its peak with the other hidden under it:
+  `step_seconds` is therefore an optimistic estimate, a lower bound, and `mfu_ceiling` the highest model FLOPs
+  utilisation that the step's HBM traffic allows (1 when compute-bound).
+  """
+
+  flops: float        # per chip and step
+  hbm_bytes: float    # per chip and step
+  chip: Chip
+
+  @property
+  def compute_seconds(self) -> float:
+    return self.flops / (self.chip.peak_bf16_tflops * 1e12)
+
+  @property
+  def memory_seconds(self) -> float:
+    return self.hbm_bytes / (self.chip.hbm_gbps * 1e9)
+
+  @property
+  def step_seconds(self) -> float:
+    return max(self.compute_seconds, self.memory_seconds)
+
+  @property
+  def bound(self) -> str:
+    return "compute" if self.compute_seconds >= self.memory_seconds else "memory"
+
+  @property
+  def mfu_ceiling(self) -> float:
+    """A fraction: compute time / max(compute time, memory time)."""
+    return self.compute_seconds / self.step_seconds
+
+  @property
+  def intensity(self) -> float:
+    """FLOP per byte of HBM traffic; above the chip's ridge point the step is compute-bound."""
+    return self.flops / self.hbm_bytes
+
+
 @dataclasses.dataclass
 class Report:
   slice: Slice
@@ -171,12 +247,14 @@ class Report:
   batch_bytes: float          # per chip
   temp_bytes: float           # per chip
   total_bytes: float          # per chip
-  flops_per_step: float       # whole slice
-  bytes_accessed: float       # per chip, the compiled program's HBM reads and writes
+  flops_per_step: float       # whole slice, XLA's count on the host lowering (count_flops)
+  bytes_accessed: float       # per chip, the compiled program's HBM reads and writes (the TPU compiler's count)
   scanned: bool
   num_steps: int
   compile_s: float
+  compiled_flops: float = 0.0  # per chip, the TPU compiler's own count on the compiled program (a cross-check)
   error: str = ""             # the compiler's out-of-memory message, when it refused
+  ops: Optional[list["OpCost"]] = None  # per op of the compiled program (compile_for_slice(breakdown=True))
 
   @property
   def headroom(self) -> float:
@@ -185,8 +263,13 @@ class Report:
   def fits(self, headroom: float) -> bool:
     return not self.error and self.headroom >= headroom
 
-  def step_seconds(self, mfu: float) -> float:
-    return self.flops_per_step / (self.slice.chips * self.slice.chip.peak_bf16_tflops * 1e12 * mfu / 100)
+  @property
+  def roofline(self) -> Optional[Roofline]:
+    """Per chip: the step's FLOPs split evenly (data and fsdp both split the batch) and the compiled program's HBM
+    traffic. None where the traffic is unknown (the compiler refused) or undercounted (layers scanned)."""
+    if self.error or self.scanned or not self.bytes_accessed:
+      return None
+    return Roofline(self.flops_per_step / self.slice.chips, self.bytes_accessed, self.slice.chip)
 
 
 def _shard_bytes(abstract: Any) -> float:
@@ -238,8 +321,11 @@ def _refused_bytes(r: Report) -> tuple[float, float]:
   return hbm, hbm - r.state_bytes - r.batch_bytes
 
 
-def compile_for_slice(config: ml_collections.ConfigDict, topology: str) -> Report:
-  """Lowers and compiles the train step of `config` for the TPU slice `topology`; nothing runs."""
+def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdown: bool = False) -> Report:
+  """Lowers and compiles the train step of `config` for the TPU slice `topology`; nothing runs.
+
+  `breakdown`: also estimate each compiled op's bytes and FLOPs (Report.ops, hlo_costs).
+  """
   slice_ = parse_slice(topology)
   devices = topology_devices(slice_)
   config_lib.validate(config, len(devices))
@@ -273,6 +359,9 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str) -> Repor
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.bytes_accessed = float(cost.get("bytes accessed", 0.0))
+  report.compiled_flops = float(cost.get("flops", 0.0))
+  if breakdown:
+    report.ops = hlo_costs(compiled.as_text())
   mem = compiled.memory_analysis()
   report.temp_bytes = float(mem.temp_size_in_bytes)
   report.total_bytes = float(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -280,13 +369,15 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str) -> Repor
   return report
 
 
-def format_table(r: Report, headroom: float, mfu: float) -> str:
+def format_table(r: Report, headroom: float) -> str:
   chip, s = r.slice.chip, r.slice
   hbm = chip.hbm_gib
   per_chip = r.global_batch // s.chips
   micro = f", {r.accum} micro-batches of {per_chip // r.accum}" if r.accum > 1 else ""
   gib = lambda b: f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / 2 ** 20:.1f} MiB"
   flops = lambda f: f"{f / 1e12:.2f} TFLOP" if f >= 1e11 else f"{f / 1e9:.3f} GFLOP"
+  ms = lambda seconds: f"{seconds * 1e3:.1f} ms"
+  compiler_flops = f"; the TPU compiler counts {flops(r.compiled_flops)} per chip" if r.compiled_flops else ""
   rows = [
       ("slice", f"{s.name} ({s.topology_name})"),
       ("chips", f"{s.chips} x {r.device_kind} ({s.generation}), {r.hosts} host{'s' if r.hosts > 1 else ''}"),
@@ -299,15 +390,33 @@ def format_table(r: Report, headroom: float, mfu: float) -> str:
       ("per chip: total", ("at least " if r.error else "") + f"{gib(r.total_bytes)} of {hbm:.2f} GiB HBM "
                           f"(the TPU compiler's budget)"),
       ("HBM headroom", f"{r.headroom:.1f} % (needed: {headroom:g} %)"),
-      ("FLOPs per step (XLA, layers unrolled)", f"{flops(r.flops_per_step)} "
-                                                f"({flops(r.flops_per_step / r.global_batch)} per example)"),
-      ("HBM traffic per chip (XLA, compiled)", "n/a" if r.error else f"{gib(r.bytes_accessed)} per step"
-                                               + (" (a scanned layer counted once)" if r.scanned else "")),
+      ("FLOPs per step (XLA, layers unrolled)",
+       f"{flops(r.flops_per_step)} on the slice, {flops(r.flops_per_step / s.chips)} per chip "
+       f"({flops(r.flops_per_step / r.global_batch)} per example){compiler_flops}"),
+      ("HBM traffic per chip (TPU compiler)", "n/a" if r.error else f"{gib(r.bytes_accessed)} per step"
+                                              + (" (a scanned layer counted once)" if r.scanned else "")),
       ("compile time", f"{r.compile_s:.0f} s"),
-      (f"step time at {mfu:g} % MFU (estimate)",
-       f"{r.step_seconds(mfu) * 1e3:.1f} ms (FLOPs / ({s.chips} x {chip.peak_bf16_tflops:g} TFLOP/s bf16 peak))"),
-      (f"{r.num_steps} steps at {mfu:g} % MFU (estimate)", f"{r.num_steps * r.step_seconds(mfu) / 3600:.2f} h"),
   ]
+  roof = r.roofline
+  if roof is None:
+    rows.append(("roofline", "n/a: " + ("the compiler refused the step" if r.error else
+                                        "a scanned layer's traffic is counted once; compile with "
+                                        "--config.model.scan_layers=False")))
+  else:
+    rows += [
+        ("per chip: arithmetic intensity", f"{roof.intensity:.0f} FLOP per byte of HBM traffic "
+                                           f"({s.generation} ridge point: {chip.ridge:.0f})"),
+        ("per chip: compute time", f"{ms(roof.compute_seconds)} (FLOPs per chip / {chip.peak_bf16_tflops:g} "
+                                   f"TFLOP/s bf16 peak)"),
+        ("per chip: memory time", f"{ms(roof.memory_seconds)} (HBM bytes per chip / {chip.hbm_gbps:,g} GB/s)"),
+        ("bound", roof.bound),
+        ("MFU ceiling", f"{100 * roof.mfu_ceiling:.1f} % (compute time / max(compute, memory time))"),
+        ("step time at the roofline (estimate)",
+         f"{ms(roof.step_seconds)}, the {roof.bound} time: a lower bound, reached only at the chip's peak with "
+         f"the other time hidden under it"),
+        (f"the config's {r.num_steps} steps at the roofline (estimate)",
+         f"{r.num_steps * roof.step_seconds / 3600:.2f} h"),
+    ]
   width = max(len(k) for k, _ in rows)
   lines = [f"{k:<{width}}  {v}" for k, v in rows]
   if r.error:
@@ -317,6 +426,17 @@ def format_table(r: Report, headroom: float, mfu: float) -> str:
   else:
     lines.append(f"DOES NOT FIT: {r.headroom:.1f} % headroom is under {headroom:g} %; the runtime's own buffers and "
                  f"fragmentation need the margin.")
+  return "\n".join(lines)
+
+
+def format_peaks(generation: str = "") -> str:
+  """The roofline's figures per chip generation (Google Cloud's published per-chip specifications); `generation`
+  is marked."""
+  lines = ["Per chip, as Google Cloud publishes them:",
+           f"  {'chip':<5} {'bf16 TFLOP/s':>12} {'HBM GB/s':>9} {'ridge FLOP/byte':>16}"]
+  for name, chip in CHIPS.items():
+    lines.append(f"{'*' if name == generation else ' '} {name:<5} {chip.peak_bf16_tflops:>12,g} {chip.hbm_gbps:>9,g} "
+                 f"{chip.ridge:>16.0f}")
   return "\n".join(lines)
 
 
@@ -342,6 +462,288 @@ def fit_hints(r: Report, config: ml_collections.ConfigDict) -> str:
   hints.append(f"--config.global_batch_size={r.global_batch // 2}: fewer examples per chip (changes the recipe), or "
                f"a larger slice.")
   return "To make it fit, try (cheapest for step time first):\n" + "\n".join(f"  {h}" for h in hints)
+
+
+# -- Where the bytes go: the compiled program, op by op. --------------------------------------------------------
+
+# Bytes per element of HLO's element types (s4 / u4 pack two to a byte).
+_ELEMENT_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                  "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+# Instructions that move no data of their own: naming, tuple plumbing, layout-only bitcasts, the second half of
+# an asynchronous pair (its bytes are counted at the start).
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+         "replica-id", "opt-barrier", "add-dependency", "all-gather-done", "all-reduce-done",
+         "collective-permute-done", "copy-done", "async-done", "async-update", "send-done", "recv-done"}
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+# The model's parts, from an op's opcode and JAX's name stack (its op_name metadata: flax module paths and named
+# scopes, which autodiff wraps as jvp(name) / transpose(jvp(name))); ordered, the first match wins. The TG-MIM
+# decoder and the vocabulary logits are parts of their own whatever their ops; attention, norms and MLPs are those
+# of the other towers. A gather or sort outside those (the masking's argsort and gathers) counts as masking.
+PARTS = (
+    ("FSDP gathers / collectives", r"^(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"),
+    ("optimizer update", r"/optimizer/"),
+    ("TG-MIM decoder", r"/image_decoder/"),
+    ("vocabulary logits + caption loss", r"/text_decoder/(?!transformer/)|[/(]caption_loss[/)]"),
+    ("losses (contrastive, TG-MIM)", r"[/(](contrastive_loss|mim_loss)[/)]"),
+    ("token embedding", r"/token_embedding/"),
+    ("masking gathers", r"[/(](choose_masks|masking)[/)]|/(gather|sort|scatter|scatter-add)/"),
+    ("patch embedding / stem", r"/image_encoder/(conv1|conv_stem|patch_cnn)/"),
+    ("attention", r"/attn/"),
+    ("layer norms", r"/(ln_\w*|norm\w*|LayerNorm_\d+)/"),
+    ("MLPs", r"/mlp/"),
+    ("other", r""),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+  """One instruction of the compiled (per-chip) program, with what it costs per step."""
+
+  name: str
+  opcode: str         # 'fusion' gives its kind, e.g. 'fusion kOutput'
+  shape: str          # its result, element types and dimensions only
+  op_name: str        # JAX's name stack, from the op's metadata
+  bytes: float        # operands + result, times the trip count of the loops around it (an estimate)
+  flops: float        # of its matmuls and convolutions, times the trip count of the loops around it
+
+  @property
+  def part(self) -> str:
+    key = f"{self.opcode} /{self.op_name}/"
+    return next(part for part, pattern in PARTS if re.search(pattern, key))
+
+
+def _matching(text: str, start: int) -> int:
+  """The index just past the bracket that closes text[start] ('(' or '{')."""
+  close = {"(": ")", "{": "}"}[text[start]]
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] == text[start]:
+      depth += 1
+    elif text[i] == close:
+      depth -= 1
+      if not depth:
+        return i + 1
+  return len(text)
+
+
+def _array_bytes(shape: str) -> float:
+  """Bytes of every array in an HLO shape (tuples summed), logical sizes: layouts' tile padding is ignored."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(re.sub(r"\{[^{}]*\}", "", shape)):
+    total += _ELEMENT_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0) * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _dims(shape: str) -> list[int]:
+  m = _ARRAY.search(shape)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+@dataclasses.dataclass
+class _Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  attrs: str
+
+
+def _parse_hlo(hlo: str) -> tuple[dict[str, list[_Instruction]], str]:
+  """Computations of an HLO module's text, by name, and the entry computation's name."""
+  computations: dict[str, list[_Instruction]] = {}
+  entry, current = "", None
+  for line in hlo.splitlines():
+    stripped = line.strip()
+    header = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{$", stripped)
+    if current is None and header and "=" not in stripped.split("->")[0].split("(")[0]:
+      current = computations.setdefault(header.group(2), [])
+      entry = header.group(2) if header.group(1) else entry
+      continue
+    if stripped == "}":
+      current = None
+      continue
+    m = re.match(r"(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*", stripped)
+    if current is None or not m:
+      continue
+    rest = stripped[m.end():]
+    end = _matching(rest, 0) if rest.startswith("(") else rest.index(" ")
+    shape, rest = rest[:end], rest[end:].lstrip()
+    opcode = rest[:rest.index("(")]
+    close = _matching(rest, len(opcode))
+    operands = re.findall(r"%([\w.\-]+)", rest[len(opcode):close])
+    current.append(_Instruction(m.group(1), shape, opcode, operands, rest[close:]))
+  return computations, entry
+
+
+def _dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+  """2 x multiply-adds of a dot or convolution: result elements x the size of what each one sums over."""
+  out = math.prod(_dims(inst.shape))
+  lhs = _dims(shapes.get(inst.operands[0], "")) if inst.operands else []
+  if inst.opcode == "dot":
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attrs)
+    idx = [int(d) for d in contracting.group(1).split(",") if d] if contracting else []
+    return 2.0 * out * math.prod(lhs[i] for i in idx if i < len(lhs))
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs)
+  window = re.search(r"window=\{size=([\dx]+)", inst.attrs)
+  groups = re.search(r"feature_group_count=(\d+)", inst.attrs)
+  if not labels or "f" not in labels.group(1) or len(labels.group(1)) != len(lhs):
+    return 0.0
+  features = lhs[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1)
+  taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
+  return 2.0 * out * features * taps
+
+
+def hlo_costs(hlo: str) -> list[OpCost]:
+  """Per instruction of a compiled HLO module's text: estimated HBM bytes and matmul FLOPs per run.
+
+  XLA exposes its cost analysis for the whole program only, so this estimate is made from the optimised HLO:
+  each op that runs on its own (a fusion, a collective, a copy, a custom call, ...) reads its operands and
+  writes its result, once; ops inside a loop body count once per trip. That is an upper bound where a fusion
+  reads only a slice of an operand, or updates a buffer in place, and it counts buffers that the memory-space
+  assignment keeps on chip as HBM traffic, so its sum need not match the compiler's total: the breakdown
+  prints both. FLOPs are those of dots and convolutions (2 per multiply-add); elementwise work is left out.
+  """
+  computations, entry = _parse_hlo(hlo)
+  ops: list[OpCost] = []
+
+  def flops_in(computation: str) -> float:
+    insts = computations.get(computation, [])
+    shapes = {i.name: i.shape for i in insts}
+    total = 0.0
+    for inst in insts:
+      if inst.opcode in ("dot", "convolution"):
+        total += _dot_flops(inst, shapes)
+      for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", inst.attrs):
+        total += flops_in(called)
+    return total
+
+  def walk(computation: str, trips: float) -> None:
+    insts = computations.get(computation, [])
+    shapes = {i.name: i.shape for i in insts}
+    for inst in insts:
+      attrs = inst.attrs
+      if inst.opcode == "while":
+        count = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+        body = re.search(r"body=%?([\w.\-]+)", attrs)
+        if body:
+          walk(body.group(1), trips * (int(count.group(1)) if count else 1))
+        continue
+      if inst.opcode in ("call", "conditional", "async-start"):
+        called = re.findall(r"(?:to_apply|calls|branch_computations=\{|true_computation|false_computation)="
+                            r"?%?([\w.\-]+)", attrs)
+        for c in called[:1] if inst.opcode == "conditional" else called:
+          walk(c, trips)
+        continue
+      if inst.opcode in _FREE:
+        continue
+      operand_bytes = sum(_array_bytes(shapes.get(o, "")) for o in inst.operands)
+      result_bytes = _array_bytes(inst.shape)
+      if inst.opcode.endswith("-start") and inst.shape.startswith("("):
+        # An asynchronous op's result holds its operands and its output (and small context): the operands are
+        # counted already.
+        result_bytes -= operand_bytes
+      flops = 0.0
+      if inst.opcode == "fusion":
+        fused = re.search(r"calls=%?([\w.\-]+)", attrs)
+        flops = flops_in(fused.group(1)) if fused else 0.0
+      elif inst.opcode in ("dot", "convolution"):
+        flops = _dot_flops(inst, shapes)
+      kind = re.search(r"kind=(\w+)", attrs)
+      op_name = re.search(r'op_name="([^"]*)"', attrs)
+      ops.append(OpCost(
+          name=inst.name, opcode=f"fusion {kind.group(1)}" if inst.opcode == "fusion" and kind else inst.opcode,
+          shape=" ".join(f"{t}[{d}]" for t, d in _ARRAY.findall(re.sub(r"\{[^{}]*\}", "", inst.shape))),
+          op_name=op_name.group(1) if op_name else "", bytes=trips * (operand_bytes + max(result_bytes, 0.0)),
+          flops=trips * flops))
+
+  walk(entry, 1.0)
+  return ops
+
+
+def format_breakdown(ops: list[OpCost], compiled_bytes: float, compiled_flops: float, top: int = 15) -> str:
+  """Per model part, then the top ops by bytes and by FLOPs: the estimate's share of each, per chip and step."""
+  total_bytes = sum(o.bytes for o in ops) or 1.0
+  total_flops = sum(o.flops for o in ops) or 1.0
+  gib = lambda b: f"{b / GIB:8.2f}"
+  lines = [f"Where the bytes go, per chip and step (estimated from the optimised HLO's operand and result shapes: "
+           f"{total_bytes / GIB:.2f} GiB, the compiler's count {compiled_bytes / GIB:.2f} GiB; matmul and "
+           f"convolution FLOPs {total_flops / 1e12:.3f} TFLOP, the compiler's count of all FLOPs "
+           f"{compiled_flops / 1e12:.3f} TFLOP):",
+           f"{'part':<34} {'GiB':>8} {'bytes %':>7} {'TFLOP':>8} {'FLOPs %':>7} {'FLOP/byte':>9} {'ops':>5}"]
+  parts: dict[str, list[OpCost]] = {}
+  for o in ops:
+    parts.setdefault(o.part, []).append(o)
+  for part, members in sorted(parts.items(), key=lambda kv: -sum(o.bytes for o in kv[1])):
+    b, f = sum(o.bytes for o in members), sum(o.flops for o in members)
+    lines.append(f"{part:<34} {gib(b)} {100 * b / total_bytes:>7.1f} {f / 1e12:>8.3f} {100 * f / total_flops:>7.1f} "
+                 f"{f / b if b else 0:>9.0f} {len(members):>5}")
+  short = lambda name: re.sub(r"^(jit\([^)]*\)/)+", "", name)[-90:]
+  for key, label in ((lambda o: o.bytes, "bytes"), (lambda o: o.flops, "FLOPs")):
+    lines += ["", f"Top {top} ops by {label}:",
+              f"{'GiB':>8} {'GFLOP':>9} {'part':<34} {'op':<16} {'result':<28} op_name (JAX name stack)"]
+    for o in sorted(ops, key=key, reverse=True)[:top]:
+      lines.append(f"{gib(o.bytes)} {o.flops / 1e9:>9.1f} {o.part:<34} {o.opcode:<16} {o.shape[:28]:<28} "
+                   f"{short(o.op_name)}")
+  return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostCheck:
+  program: str
+  compiler_bytes: float   # the TPU compiler's cost analysis ('bytes accessed')
+  estimate_bytes: float   # hlo_costs' sum over the compiled program
+  analytic_bytes: float   # one read of every input and one write of every output
+
+
+def check_cost_model(topology: str = "v5e:2x2") -> list[CostCheck]:
+  """Compiles, for the first chip of `topology`, programs whose least HBM traffic is known, and sets the TPU
+  compiler's count of their bytes (and the breakdown's estimate) against it.
+
+  A bf16 matmul reads both operands and writes the product once, an elementwise a * b + 1 reads two arrays and
+  writes one, and a layer norm (flax's, as the towers use it: float32 statistics) reads its input, scale and
+  bias and writes its output once, if the compiler keeps the statistics on chip. A ratio above 1 is traffic the
+  compiler plans (or counts) beyond that.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  device = topology_devices(parse_slice(topology))[0]
+  on_chip = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
+  nbytes = lambda *specs: float(sum(math.prod(a.shape) * a.dtype.itemsize for a in specs))
+  m = k = n = 4096
+  rows, width = 8192, 768
+  programs = []
+  a, b = spec((m, k), jnp.bfloat16), spec((k, n), jnp.bfloat16)
+  programs.append((f"bf16 matmul [{m},{k}] x [{k},{n}]", lambda x, y: x @ y, (a, b),
+                   nbytes(a, b, spec((m, n), jnp.bfloat16))))
+  a = spec((m, n), jnp.float32)
+  programs.append((f"f32 a * b + 1 on [{m},{n}]", lambda x, y: x * y + 1, (a, a), nbytes(a, a, a)))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    norm = nn.LayerNorm(dtype=dtype)
+    x = spec((rows, width), dtype)
+    params = jax.tree.map(lambda p: spec(p.shape, p.dtype), jax.eval_shape(norm.init, jax.random.PRNGKey(0), x))
+    programs.append((f"{jnp.dtype(dtype).name} layer norm [{rows},{width}]",
+                     lambda p, y, norm=norm: norm.apply(p, y), (params, x),
+                     nbytes(x, x, *jax.tree.leaves(params))))
+  checks = []
+  for name, fn, args, analytic in programs:
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    checks.append(CostCheck(name, float(cost["bytes accessed"]), sum(o.bytes for o in hlo_costs(compiled.as_text())),
+                            analytic))
+  return checks
+
+
+def format_cost_checks(checks: list[CostCheck], topology: str) -> str:
+  mib = lambda b: f"{b / 2 ** 20:10.1f}"
+  lines = [f"HBM bytes of programs with known traffic, compiled for one chip of {topology} (MiB):",
+           f"{'program':<34} {'compiler':>10} {'estimate':>10} {'analytic':>10} {'compiler / analytic':>20}"]
+  for c in checks:
+    lines.append(f"{c.program:<34} {mib(c.compiler_bytes)} {mib(c.estimate_bytes)} {mib(c.analytic_bytes)} "
+                 f"{c.compiler_bytes / c.analytic_bytes:>20.2f}")
+  return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -419,14 +821,22 @@ def format_logits_table(config: ml_collections.ConfigDict, slice_: Slice, mesh: 
 
 def main(argv):
   del argv
-  if not FLAGS.topology:
-    raise app.UsageError("--topology is required, e.g. --topology=v5e-64.")
+  if FLAGS.check_cost_model:
+    topology = FLAGS.topology or "v5e:2x2"
+    print(format_cost_checks(check_cost_model(topology), topology))
+    return
+  if not FLAGS.topology or FLAGS.config is None:
+    raise app.UsageError("--config and --topology are required, e.g. --config=configs/sycoca_base.py "
+                         "--topology=v5e-64.")
   config = FLAGS.config
   if FLAGS.logits_path:
     print(format_logits_table(config, *compile_logits_path(config, FLAGS.topology)))
     return
-  report = compile_for_slice(config, FLAGS.topology)
-  print(format_table(report, FLAGS.headroom, FLAGS.mfu))
+  report = compile_for_slice(config, FLAGS.topology, breakdown=FLAGS.breakdown)
+  print(format_table(report, FLAGS.headroom))
+  print(format_peaks(report.slice.generation))
+  if report.ops:
+    print(format_breakdown(report.ops, report.bytes_accessed, report.compiled_flops))
   if not report.fits(FLAGS.headroom):
     print(fit_hints(report, config))
     sys.exit(1)
@@ -434,5 +844,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config"])
   app.run(main)
