@@ -64,11 +64,12 @@ def conv_groups(num_convs: int, num_pools: int) -> list[int]:
 class ConvStem(nn.Module):
   """The `conv` stem: a CNN over the whole image down to the patch grid, images [B, S, S, C] -> tokens [B, N, D].
 
-  3x3 convolutions (each followed by a LayerNorm over the pixel's channels and a ReLU) and max-pools whose
-  factors multiply to the patch side, so that each pool window lies inside one patch. Its kernels overlap the
-  patch borders: a token sees its neighbours' pixels, as in a CNN. With `visible` [B, g, g] (the patches a
-  masked pass encodes), every hidden position is set to zero before every convolution, so no hidden pixel
-  reaches a visible token (ConvMAE / SparK's masked convolution); the norm has no batch or spatial statistics.
+  3x3 convolutions (each followed by the `norm`, "none" or "instance", and a ReLU) and max-pools whose factors
+  multiply to the patch side, so that each pool window lies inside one patch. Its kernels overlap the patch
+  borders: a token sees its neighbours' pixels, as in a CNN. With `visible` [B, g, g] (the patches a masked pass
+  encodes), every hidden position is set to zero before every convolution and left out of the instance norm's
+  statistics, so no hidden pixel reaches a visible token (ConvMAE / SparK's masked convolution). No statistic
+  spans the batch.
   """
 
   width: int
@@ -98,10 +99,11 @@ class ConvStem(nn.Module):
     x = einops.rearrange(images, "b (h p1) (w p2) c -> b h w (p1 p2 c)", p1=s2d, p2=s2d)
     side, index = self.patch_size // s2d, 0  # side: pixels per patch side at the current resolution
     for stage, count in enumerate(groups):
+      mask = None  # the visible positions at this resolution
+      if visible is not None:
+        mask = jnp.repeat(jnp.repeat(visible, side, axis=1), side, axis=2)[..., None]
       for _ in range(count):
-        mask = None
-        if visible is not None:
-          mask = jnp.repeat(jnp.repeat(visible, side, axis=1), side, axis=2)[..., None]
+        if mask is not None:
           x = jnp.where(mask, x, jnp.zeros((), x.dtype))
         # Before the instance norm a bias would be subtracted again with the mean: it would get no gradient but
         # rounding noise, which Adam scales up to full-size steps (a parameter that only drifts).
@@ -183,7 +185,6 @@ class VisionTransformer(nn.Module):
   stem_channels: Sequence[int] = (32, 32, 64, 64, 128)
   stem_norm: str = "none"
   stem_space_to_depth: int = 1
-  pre_norm: bool = True
   attn_pooler_queries: int = 256
   attn_pooler_heads: int = 8
 
@@ -211,8 +212,7 @@ class VisionTransformer(nn.Module):
     self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (t.width,))
     self.positional_embedding = self.param(
         "positional_embedding", nn.initializers.normal(scale), (self.num_patches + 1, t.width))
-    if self.pre_norm:
-      self.ln_pre = t.layer_norm()
+    self.ln_pre = t.layer_norm()
     self.transformer = layers.Transformer(t)
     if self.pool == "attn":
       self.attn_pool = AttentionalPooler(t, self.attn_pooler_queries, self.embed_dim, self.attn_pooler_heads)
@@ -250,7 +250,7 @@ class VisionTransformer(nn.Module):
       x = x + layers.take_tokens(positions, ids_keep).astype(x.dtype)
     cls = (self.class_embedding + self.positional_embedding[0]).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.tower.width)), x], axis=1)
-    x = self.transformer(self.ln_pre(x) if self.pre_norm else x)
+    x = self.transformer(self.ln_pre(x))
 
     if self.pool == "attn":
       patch_tokens = x[:, 1:]
