@@ -252,7 +252,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
     # a quarter of the bytes of float32 at every stage before, the host-to-device copy included.
     batch = dict(batch, image=pixels.normalize(batch["image"]))
     step_rng = jax.random.fold_in(state["rng"], state["step"])
-    grads, aux = grad_fn(state["params"], batch, step_rng)
+    # The mesh in context: what a Pallas kernel in the model (attention_impl='splash') needs to run per chip.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      grads, aux = grad_fn(state["params"], batch, step_rng)
     # Named so that the AOT tool's breakdown of the compiled step can tell the update's ops from the model's.
     with jax.named_scope("optimizer"):
       grad_norm = optax.tree.norm(grads)

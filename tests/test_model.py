@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from sycoca_jax.models import layers
 from sycoca_jax.models import vit
 from sycoca_jax.models.sycoca import HEADS, SyCoCa, build_model, init_params
 from tests.helpers import random_batch
@@ -259,8 +261,50 @@ def test_cudnn_attention_is_the_same_function(legacy, monkeypatch):
                              np.asarray(xla["caption_logits"])[real[:, :-1]], atol=2e-5)
 
 
+@pytest.mark.slow(reason="the Pallas kernel interpreted on CPU in every attention of the four towers: ~30 s")
+def test_splash_attention_is_the_same_function():
+  """attention_impl='splash' (TPU's Pallas kernel, interpreted here) computes what 'xla' computes in every tower:
+  lengths padded to its 128-key blocks, padding and short captions hidden by segment ids, causal text."""
+  cfg, model, params = _setup(**{"vision.depth": 1, "text.depth": 1, "text_decoder.depth": 1})
+  images, text = random_batch(cfg)  # captions of 4, 5 and 6 tokens out of 12
+  text = text.at[2].set(jnp.arange(3, 3 + cfg.text.context_length))  # and one full row
+  run = lambda m: m.apply({"params": params}, images, text, heads=HEADS)
+  xla, splash = run(model), run(_with_attention(model, "splash"))
+  for key in ("image_embedding", "text_embedding", "mim_pred"):
+    np.testing.assert_allclose(splash[key], xla[key], atol=2e-5, err_msg=key)
+  real = np.asarray(text != cfg.pad_id)
+  np.testing.assert_allclose(np.asarray(splash["caption_logits"])[real[:, :-1]],
+                             np.asarray(xla["caption_logits"])[real[:, :-1]], atol=2e-5)
+
+
+def test_splash_attention_runs_per_chip_under_the_mesh_and_differentiates():
+  """Under a mesh in context (as in the train step) the kernel runs on each chip's examples under shard_map;
+  values and gradients equal XLA's attention, for causal self-attention and cross-attention with key lengths."""
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rng = np.random.default_rng(0)
+  q, kv = (jnp.asarray(rng.standard_normal((8, n, 2, 8)), jnp.float32) for n in (17, 9))
+  lengths = jnp.asarray(rng.integers(1, 10, 8), jnp.int32)
+  q, kv, lengths = jax.device_put((q, kv, lengths), jax.sharding.NamedSharding(mesh, P(("data", "fsdp"))))
+
+  def loss(attention, q, kv):
+    return (attention(q, q, q, causal=True) ** 2).sum() + (attention(q, kv, kv, kv_lengths=lengths) ** 2).sum()
+
+  xla = lambda q, k, v, **kw: jax.nn.dot_product_attention(q, k, v, is_causal=kw.get("causal", False),
+                                                            key_value_seq_lengths=kw.get("kv_lengths"))
+
+  @jax.jit
+  def splash(q, kv):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return jax.value_and_grad(loss, argnums=(1, 2))(layers.splash_attention, q, kv)
+
+  want = jax.value_and_grad(loss, argnums=(1, 2))(xla, q, kv)
+  got = splash(q, kv)
+  assert "shard_map" in str(jax.make_jaxpr(splash)(q, kv))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
 def test_attention_impl_is_validated():
-  with pytest.raises(ValueError, match=r"config.model.attention_impl: 'flash' is not one of xla, cudnn"):
+  with pytest.raises(ValueError, match=r"config.model.attention_impl: 'flash' is not one of xla, cudnn, splash"):
     build_model(tiny_model_config(attention_impl="flash"))
   with pytest.raises(ValueError, match=r"config.model.attention_impl: 'cudnn' .* bfloat16"):
     build_model(tiny_model_config(attention_impl="cudnn"))

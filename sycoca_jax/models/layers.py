@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sycoca_jax.sharding import BATCH_AXES
+
 Dtype = Any
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -69,8 +71,71 @@ def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
 # logits. Masks are therefore given the way flash attention takes them where possible: a causal flag and
 # per-example key lengths (captions are right-padded, so their valid tokens are a prefix). A boolean mask is
 # only passed where neither expresses the pattern (the text encoder's CLS, under 'xla'), and then as
-# [B, 1, 1, S], never a full [B, H, L, S].
-ATTENTION_IMPLS = ("xla", "cudnn")
+# [B, 1, 1, S], never a full [B, H, L, S]. 'splash' is the same for TPUs: Pallas' splash attention kernel
+# (splash_attention below).
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+
+# Splash attention's key blocks are whole multiples of a TPU vector register's 128 lanes: sequences are padded to
+# one, and the padding is hidden from real queries by segment ids (see splash_attention).
+_SPLASH_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, q_len: int, kv_len: int, causal: bool, interpret: bool):
+  """One example's kernel, q [H, q_len, Dh] x k, v [H, kv_len, Dh] -> [H, q_len, Dh] (lengths padded)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks  # pylint: disable=g-import-not-at-top
+  shape = (q_len, kv_len)
+  mask = masks.MultiHeadMask([masks.CausalMask(shape) if causal else masks.FullMask(shape)] * heads)
+  block = dict(block_q=min(q_len, 512), block_kv=min(kv_len, 512), block_kv_compute=_SPLASH_BLOCK)
+  sizes = splash.BlockSizes(**block, block_q_dkv=block["block_q"], block_kv_dkv=block["block_kv"],
+                            block_kv_dkv_compute=_SPLASH_BLOCK, block_q_dq=block["block_q"],
+                            block_kv_dq=block["block_kv"])
+  # Built once per shape, outside any trace (the kernel keeps the mask's block tables as constants).
+  with jax.ensure_compile_time_eval():
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+  return kernel, splash
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                     kv_lengths: Optional[jax.Array] = None) -> jax.Array:
+  """Softmax attention by Pallas' splash attention kernel: q [B, L, H, Dh], k and v [B, S, H, Dh] -> [B, L, H, Dh].
+
+  The kernel keeps the [L, S] logits of a block of queries in the chip's vector memory: neither they nor the
+  probabilities are written to HBM, in the forward or the backward pass. Both lengths are padded to a multiple
+  of 128 (its key block); segment ids give real queries segment 1 and keys segment 1 up to `kv_lengths` [B]
+  (all keys without it), so no real query sees a padded or hidden key. Under a mesh in context
+  (jax.sharding.use_abstract_mesh, as the train step sets it) the kernel runs per chip on its examples under
+  shard_map; a Pallas kernel cannot be split by the compiler itself. On TPU it is the Mosaic kernel; on other
+  platforms the same kernel runs interpreted (slowly: for tests).
+  """
+  b, l, h, dh = q.shape
+  s = k.shape[1]
+  pad_to = lambda n: -(-n // _SPLASH_BLOCK) * _SPLASH_BLOCK
+  lp, sp = pad_to(l), pad_to(s)
+  if kv_lengths is None:
+    kv_lengths = jnp.full((b,), s, jnp.int32)
+
+  def per_chip(q, k, v, kv_lengths):
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    q_ids = jnp.broadcast_to(jnp.arange(lp) < l, (q.shape[0], lp)).astype(jnp.int32)
+    kv_ids = (jnp.arange(sp)[None] < kv_lengths[:, None]).astype(jnp.int32)
+    args = (pad(q * jnp.asarray(dh ** -0.5, q.dtype), lp), pad(k, sp), pad(v, sp), q_ids, kv_ids)
+
+    def run(interpret):
+      kernel, splash = _splash_kernel(h, lp, sp, causal, interpret)
+      one = lambda q, k, v, qi, ki: kernel(q, k, v, segment_ids=splash.SegmentIds(qi, ki))
+      return lambda *a: jax.vmap(one)(*a)
+
+    out = jax.lax.platform_dependent(*args, tpu=run(False), default=run(True))
+    return out.transpose(0, 2, 1, 3)[:, :l]
+
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  if axes:
+    spec = jax.sharding.PartitionSpec(axes)
+    per_chip = jax.shard_map(per_chip, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
+  return per_chip(q, k, v, kv_lengths)
 
 
 def key_padding_mask(valid: jax.Array) -> jax.Array:
@@ -163,8 +228,13 @@ class Attention(nn.Module):
       # pattern in the mask above. That is a matrix-vector product with nothing for flash attention to save,
       # so XLA's kernel runs whatever `implementation` says.
       causal, implementation = False, "xla"
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=kv_lengths,
-                                       implementation=implementation)
+    if implementation == "splash":
+      if mask is not None:
+        raise ValueError("attention_impl='splash' takes a causal flag and key lengths, not a mask.")
+      out = splash_attention(q, k, v, causal=causal, kv_lengths=kv_lengths)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=kv_lengths,
+                                         implementation=implementation)
     out = einops.rearrange(out, "b s h d -> b s (h d)")
     return dense("out", "proj")(out)
 

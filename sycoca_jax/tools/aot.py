@@ -96,6 +96,8 @@ def define_flags():
                     "the model, and its top ops by bytes and by FLOPs.")
   flags.DEFINE_bool("check_cost_model", False, "Only compile a few programs whose HBM traffic is known, for one chip "
                     "of --topology (default v5e), and print the compiler's count of their bytes against it.")
+  flags.DEFINE_string("hlo_out", None, "Also write the compiled step's optimised HLO text to this file (what the "
+                      "breakdown reads; for reading further, e.g. grep by op_name).")
   flags.DEFINE_bool("logits_path", False, "Compile only the contrastive loss (every ITC option) and print its "
                     "per-chip memory, instead of the train step.")
 
@@ -321,10 +323,12 @@ def _refused_bytes(r: Report) -> tuple[float, float]:
   return hbm, hbm - r.state_bytes - r.batch_bytes
 
 
-def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdown: bool = False) -> Report:
+def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdown: bool = False,
+                      hlo_out: Optional[str] = None) -> Report:
   """Lowers and compiles the train step of `config` for the TPU slice `topology`; nothing runs.
 
-  `breakdown`: also estimate each compiled op's bytes and FLOPs (Report.ops, hlo_costs).
+  `breakdown`: also estimate each compiled op's bytes and FLOPs (Report.ops, hlo_costs). `hlo_out`: a file to
+  write the optimised HLO text to.
   """
   slice_ = parse_slice(topology)
   devices = topology_devices(slice_)
@@ -360,8 +364,13 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdow
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.bytes_accessed = float(cost.get("bytes accessed", 0.0))
   report.compiled_flops = float(cost.get("flops", 0.0))
-  if breakdown:
-    report.ops = hlo_costs(compiled.as_text())
+  if breakdown or hlo_out:
+    hlo = compiled.as_text()
+    if hlo_out:
+      with open(hlo_out, "w") as f:
+        f.write(hlo)
+    if breakdown:
+      report.ops = hlo_costs(hlo)
   mem = compiled.memory_analysis()
   report.temp_bytes = float(mem.temp_size_in_bytes)
   report.total_bytes = float(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -832,7 +841,7 @@ def main(argv):
   if FLAGS.logits_path:
     print(format_logits_table(config, *compile_logits_path(config, FLAGS.topology)))
     return
-  report = compile_for_slice(config, FLAGS.topology, breakdown=FLAGS.breakdown)
+  report = compile_for_slice(config, FLAGS.topology, breakdown=FLAGS.breakdown, hlo_out=FLAGS.hlo_out)
   print(format_table(report, FLAGS.headroom))
   print(format_peaks(report.slice.generation))
   if report.ops:
