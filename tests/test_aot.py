@@ -154,6 +154,43 @@ def test_hlo_costs_count_operands_and_results_once_per_trip():
   assert re.search(r"^MLPs +0\.00 +\d+\.\d +0\.000 +100\.0 ", table, re.M)
 
 
+# What the memory-space assignment leaves in a TPU program: a prefetch of a weight into on-chip memory (S(1)), an
+# asynchronous slice of the batch into it, a fusion reading the prefetched copy, a concatenation by renaming.
+HLO_ON_CHIP = """HloModule jit_train_step, is_scheduled=true
+
+%fused_computation (param_0: bf16[64,128], param_1: bf16[128,256]) -> bf16[64,256] {
+  %param_0 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %param_1 = bf16[128,256]{1,0:T(8,128)(2,1)S(1)} parameter(1)
+  ROOT %convolution.1 = bf16[64,256]{1,0:T(8,128)(2,1)} convolution(%param_0, %param_1), dim_labels=bf_io->bf
+}
+
+ENTRY %main.2 (Arg_0.1: bf16[64,128], Arg_1.2: bf16[128,256], Arg_2.3: u8[32,16]) -> bf16[64,256] {
+  %Arg_0.1 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %Arg_1.2 = bf16[128,256]{1,0:T(8,128)(2,1)} parameter(1)
+  %Arg_2.3 = u8[32,16]{1,0} parameter(2)
+  %copy-start = (bf16[128,256]{1,0:T(8,128)(2,1)S(1)}, bf16[128,256]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%Arg_1.2)
+  %copy-done = bf16[128,256]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  %slice-start = ((u8[32,16]{1,0}), u8[8,16]{1,0:S(1)}, s32[]{:S(2)}) slice-start(%Arg_2.3), slice={[0:8], [0:16]}
+  %slice-done = u8[8,16]{1,0:S(1)} slice-done(%slice-start)
+  %custom-call = bf16[64,128]{1,0} custom-call(%Arg_0.1), custom_call_target="ConcatBitcast"
+  ROOT %fusion = bf16[64,256]{1,0:T(8,128)(2,1)} fusion(%custom-call, %copy-done), kind=kOutput, \
+calls=%fused_computation, metadata={op_name="jit(train_step)/jit(main)/SyCoCa/image_encoder/mlp/c_fc/dot_general"}
+}
+"""
+
+
+def test_hlo_costs_count_hbm_only():
+  """Buffers the memory-space assignment put on chip cost no HBM traffic: a prefetch reads its HBM source once, an
+  asynchronous slice reads its slice, a fusion reads only its operands in HBM, a ConcatBitcast moves nothing."""
+  ops = {o.name: o for o in aot.hlo_costs(HLO_ON_CHIP)}
+  assert set(ops) == {"copy-start", "slice-start", "fusion"}
+  assert ops["copy-start"].bytes == 2 * 128 * 256
+  assert ops["copy-start"].part == "prefetches / spills (on-chip memory)"
+  assert ops["slice-start"].bytes == 8 * 16 + 4   # the slice, and the done-flag the tuple carries
+  assert ops["fusion"].bytes == 2 * (64 * 128 + 64 * 256)   # the weight is read from on-chip memory
+  assert ops["fusion"].part == "MLPs"
+
+
 @pytest.mark.parametrize("op_name,part", [
     ("jit(train_step)/jit(main)/transpose(jvp(SyCoCa))/text_encoder/transformer/layers_1/self/attn/query/dot_general",
      "attention"),

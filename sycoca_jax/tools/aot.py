@@ -255,6 +255,8 @@ class Report:
   num_steps: int
   compile_s: float
   compiled_flops: float = 0.0  # per chip, the TPU compiler's own count on the compiled program (a cross-check)
+  hbm_placed_bytes: float = 0.0  # per chip, operands and results in HBM only, once each (hlo_costs: an estimate)
+  optimal_seconds: float = 0.0   # the TPU compiler's own estimate of the step's time (cost analysis)
   error: str = ""             # the compiler's out-of-memory message, when it refused
   ops: Optional[list["OpCost"]] = None  # per op of the compiled program (compile_for_slice(breakdown=True))
 
@@ -364,13 +366,15 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdow
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.bytes_accessed = float(cost.get("bytes accessed", 0.0))
   report.compiled_flops = float(cost.get("flops", 0.0))
-  if breakdown or hlo_out:
-    hlo = compiled.as_text()
-    if hlo_out:
-      with open(hlo_out, "w") as f:
-        f.write(hlo)
-    if breakdown:
-      report.ops = hlo_costs(hlo)
+  report.optimal_seconds = float(cost.get("optimal_seconds", 0.0))
+  hlo = compiled.as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(hlo)
+  ops = hlo_costs(hlo)
+  report.hbm_placed_bytes = sum(op.bytes for op in ops)
+  if breakdown:
+    report.ops = ops
   mem = compiled.memory_analysis()
   report.temp_bytes = float(mem.temp_size_in_bytes)
   report.total_bytes = float(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -426,6 +430,16 @@ def format_table(r: Report, headroom: float) -> str:
         (f"the config's {r.num_steps} steps at the roofline (estimate)",
          f"{r.num_steps * roof.step_seconds / 3600:.2f} h"),
     ]
+    # The compiler's byte count does not tell memory spaces apart (see check_cost_model): two other views.
+    if r.hbm_placed_bytes:
+      placed = Roofline(roof.flops, r.hbm_placed_bytes, chip)
+      rows.append(("HBM-placed buffers only (HLO estimate)",
+                   f"{gib(r.hbm_placed_bytes)} per step, memory time {ms(placed.memory_seconds)}: {placed.bound}-"
+                   f"bound, MFU ceiling {100 * placed.mfu_ceiling:.1f} % (each operand and result in HBM read or "
+                   f"written once; buffers placed on chip left out)"))
+    if r.optimal_seconds:
+      rows.append(("the TPU compiler's step-time estimate", f"{ms(r.optimal_seconds)} (its cost analysis' "
+                   f"optimal_seconds): MFU {100 * roof.compute_seconds / r.optimal_seconds:.1f} % at that time"))
   width = max(len(k) for k, _ in rows)
   lines = [f"{k:<{width}}  {v}" for k, v in rows]
   if r.error:
@@ -479,11 +493,18 @@ def fit_hints(r: Report, config: ml_collections.ConfigDict) -> str:
 _ELEMENT_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                   "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+# An array and its layout, e.g. bf16[64,772,768]{2,1,0:T(8,128)(2,1)S(1)}: S(n), n > 0, is a memory space other
+# than HBM (the TPU's on-chip VMEM and SMEM, or host memory), where the memory-space assignment put the buffer.
+_ARRAY_LAYOUT = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\](\{[^{}]*\})?")
+_OFF_HBM = re.compile(r"S\([1-9]\d*\)")
 # Instructions that move no data of their own: naming, tuple plumbing, layout-only bitcasts, the second half of
 # an asynchronous pair (its bytes are counted at the start).
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
          "replica-id", "opt-barrier", "add-dependency", "all-gather-done", "all-reduce-done",
-         "collective-permute-done", "copy-done", "async-done", "async-update", "send-done", "recv-done"}
+         "collective-permute-done", "copy-done", "slice-done", "async-done", "async-update", "send-done",
+         "recv-done"}
+# Custom calls that only rename memory: ConcatBitcast views operands written in place as one buffer.
+_FREE_CUSTOM_CALLS = {"ConcatBitcast"}
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 # The model's parts, from an op's opcode and JAX's name stack (its op_name metadata: flax module paths and named
@@ -492,6 +513,7 @@ _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "col
 # of the other towers. A gather or sort outside those (the masking's argsort and gathers) counts as masking.
 PARTS = (
     ("FSDP gathers / collectives", r"^(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"),
+    ("prefetches / spills (on-chip memory)", r"^(copy-start|slice-start) //$"),
     ("optimizer update", r"/optimizer/"),
     ("TG-MIM decoder", r"/image_decoder/"),
     ("vocabulary logits + caption loss", r"/text_decoder/(?!transformer/)|[/(]caption_loss[/)]"),
@@ -537,10 +559,15 @@ def _matching(text: str, start: int) -> int:
   return len(text)
 
 
-def _array_bytes(shape: str) -> float:
-  """Bytes of every array in an HLO shape (tuples summed), logical sizes: layouts' tile padding is ignored."""
+def _array_bytes(shape: str, hbm_only: bool = False) -> float:
+  """Bytes of every array in an HLO shape (tuples summed), logical sizes: layouts' tile padding is ignored.
+
+  `hbm_only`: leave out arrays that the layout places in another memory space than HBM (on-chip memory).
+  """
   total = 0.0
-  for dtype, dims in _ARRAY.findall(re.sub(r"\{[^{}]*\}", "", shape)):
+  for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+    if hbm_only and _OFF_HBM.search(layout):
+      continue
     total += _ELEMENT_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0) * math.prod(int(d) for d in dims.split(",") if d)
   return total
 
@@ -645,14 +672,18 @@ def hlo_costs(hlo: str) -> list[OpCost]:
         for c in called[:1] if inst.opcode == "conditional" else called:
           walk(c, trips)
         continue
-      if inst.opcode in _FREE:
+      if inst.opcode in _FREE or re.search(r'custom_call_target="(%s)"' % "|".join(_FREE_CUSTOM_CALLS), attrs):
         continue
-      operand_bytes = sum(_array_bytes(shapes.get(o, "")) for o in inst.operands)
-      result_bytes = _array_bytes(inst.shape)
-      if inst.opcode.endswith("-start") and inst.shape.startswith("("):
+      # Only HBM counts: an operand or result that the memory-space assignment keeps on chip costs no traffic.
+      operand_bytes = sum(_array_bytes(shapes.get(o, ""), hbm_only=True) for o in inst.operands)
+      result_bytes = _array_bytes(inst.shape, hbm_only=True)
+      if inst.opcode == "slice-start":
+        # An asynchronous slice (a prefetch into on-chip memory) reads its slice of the operand, not all of it.
+        operand_bytes, result_bytes = _array_bytes(inst.shape) - _array_bytes(shapes.get(inst.operands[0], "")), 0.0
+      elif inst.opcode.endswith("-start") and inst.shape.startswith("("):
         # An asynchronous op's result holds its operands and its output (and small context): the operands are
         # counted already.
-        result_bytes -= operand_bytes
+        result_bytes -= sum(_array_bytes(shapes.get(o, ""), hbm_only=True) for o in inst.operands)
       flops = 0.0
       if inst.opcode == "fusion":
         fused = re.search(r"calls=%?([\w.\-]+)", attrs)
