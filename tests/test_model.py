@@ -277,6 +277,7 @@ def test_splash_attention_is_the_same_function():
                              np.asarray(xla["caption_logits"])[real[:, :-1]], atol=2e-5)
 
 
+@pytest.mark.slow(reason="the Pallas kernel interpreted on CPU, forward and backward, on 8 devices")
 def test_splash_attention_runs_per_chip_under_the_mesh_and_differentiates():
   """Under a mesh in context (as in the train step) the kernel runs on each chip's examples under shard_map;
   values and gradients equal XLA's attention, for causal self-attention and cross-attention with key lengths."""

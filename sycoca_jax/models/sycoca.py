@@ -175,7 +175,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       act="gelu",                # gelu | gelu_tanh | quick_gelu
       norm_eps=1e-5,
       dtype="float32",           # compute dtype; parameters are always float32
-      attention_impl="xla",      # xla | cudnn (cuDNN flash attention: NVIDIA GPUs, bfloat16 / float16)
+      attention_impl="xla",      # xla | cudnn (cuDNN flash attention: NVIDIA GPUs, bf16 / f16) | splash (TPU Pallas)
       remat=False,
       remat_policy="full",       # with remat: full | dots (what each layer keeps; see layers.REMAT_POLICIES)
       scan_layers=False,

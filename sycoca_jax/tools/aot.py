@@ -735,6 +735,8 @@ class CostCheck:
   compiler_bytes: float   # the TPU compiler's cost analysis ('bytes accessed')
   estimate_bytes: float   # hlo_costs' sum over the compiled program
   analytic_bytes: float   # one read of every input and one write of every output
+  compiler_seconds: float = 0.0   # the compiler's own estimate of the program's time ('optimal_seconds')
+  roofline_seconds: float = 0.0   # max(FLOPs / bf16 peak, analytic bytes / HBM bandwidth)
 
 
 def check_cost_model(topology: str = "v5e:2x2") -> list[CostCheck]:
@@ -747,7 +749,8 @@ def check_cost_model(topology: str = "v5e:2x2") -> list[CostCheck]:
   compiler plans (or counts) beyond that.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  device = topology_devices(parse_slice(topology))[0]
+  slice_ = parse_slice(topology)
+  device = topology_devices(slice_)[0]
   on_chip = jax.sharding.SingleDeviceSharding(device)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
   nbytes = lambda *specs: float(sum(math.prod(a.shape) * a.dtype.itemsize for a in specs))
@@ -771,18 +774,22 @@ def check_cost_model(topology: str = "v5e:2x2") -> list[CostCheck]:
     compiled = jax.jit(fn).lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    roof = Roofline(float(cost.get("flops", 0.0)), analytic, slice_.chip)
     checks.append(CostCheck(name, float(cost["bytes accessed"]), sum(o.bytes for o in hlo_costs(compiled.as_text())),
-                            analytic))
+                            analytic, float(cost.get("optimal_seconds", 0.0)), roof.step_seconds))
   return checks
 
 
 def format_cost_checks(checks: list[CostCheck], topology: str) -> str:
   mib = lambda b: f"{b / 2 ** 20:10.1f}"
-  lines = [f"HBM bytes of programs with known traffic, compiled for one chip of {topology} (MiB):",
-           f"{'program':<34} {'compiler':>10} {'estimate':>10} {'analytic':>10} {'compiler / analytic':>20}"]
+  us = lambda t: f"{t * 1e6:13.0f}"
+  lines = [f"HBM bytes of programs with known traffic, compiled for one chip of {topology} (MiB; estimate: the "
+           f"breakdown's, HBM-placed buffers only), and their time (us; roofline: from the analytic bytes):",
+           f"{'program':<34} {'compiler':>10} {'estimate':>10} {'analytic':>10} {'compiler / analytic':>20} "
+           f"{'compiler time':>13} {'roofline time':>13}"]
   for c in checks:
     lines.append(f"{c.program:<34} {mib(c.compiler_bytes)} {mib(c.estimate_bytes)} {mib(c.analytic_bytes)} "
-                 f"{c.compiler_bytes / c.analytic_bytes:>20.2f}")
+                 f"{c.compiler_bytes / c.analytic_bytes:>20.2f} {us(c.compiler_seconds)} {us(c.roofline_seconds)}")
   return "\n".join(lines)
 
 
