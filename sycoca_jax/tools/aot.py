@@ -33,9 +33,10 @@ GPUs: `h100-N` / `h200-N` (N GPUs, in hosts of 8 beyond 8) or `h100:2x8` (hosts 
 XLA:GPU from jax's CUDA plugin for the card GPU_TARGETS describes: no GPU, driver or CUDA library is needed, and
 memory (the buffer plan, against the card's memory), FLOPs and the roofline (NVIDIA's peaks) come as for TPUs.
 What a compile without the GPU cannot do: autotune (each kernel gets a default tiling, and Triton matmul fusions
-fail with it, so matmuls are cuBLAS calls: GPU_COMPILER_OPTIONS); give XLA:GPU's own cost analysis (the HBM
-traffic is XLA's target-independent count of the GPU program, compiled_cost); nor build cuDNN's fused attention
-(model.attention_impl='cudnn' needs cuDNN and a GPU when it is traced and compiled).
+fail with it, so matmuls are cuBLAS calls: GPU_COMPILER_OPTIONS; cuBLAS and cuDNN pick no algorithm); nor give
+XLA:GPU's own cost analysis (the HBM traffic is XLA's target-independent count of the GPU program, with the
+library calls' bytes and FLOPs estimated from their shapes: compiled_cost). cuDNN's flash attention
+(model.attention_impl='cudnn') compiles to cuDNN calls, whose bytes are counted and FLOPs are not.
 
 --logits_path compiles, instead of the step, the contrastive loss and its gradient alone, on the global batch's
 [B, E] embeddings split over the config's mesh as training splits them (the same program serves gradient
@@ -240,8 +241,9 @@ def parse_slice(name: str) -> Slice:
   return Slice(name, generation, f"{generation}:{'x'.join(map(str, shape))}", math.prod(shape))
 
 
-def compiler_options(slice_: Slice) -> Optional[dict[str, Any]]:
-  return GPU_COMPILER_OPTIONS if slice_.chip.platform == "cuda" else None
+def compile_lowered(lowered: Any, slice_: Slice) -> Any:
+  """lowered.compile(), with the options the slice's compiler needs here (GPU_COMPILER_OPTIONS for GPUs)."""
+  return lowered.compile(GPU_COMPILER_OPTIONS if slice_.chip.platform == "cuda" else None)
 
 
 def topology_devices(slice_: Slice) -> list[Any]:
@@ -452,7 +454,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdow
 
   t = time.perf_counter()
   try:
-    compiled = step.step.lower(step.abstract_state, step.abstract_batch).compile(compiler_options(slice_))
+    compiled = compile_lowered(step.step.lower(step.abstract_state, step.abstract_batch), slice_)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -502,8 +504,9 @@ def format_table(r: Report, headroom: float) -> str:
       ("FLOPs per step (XLA, layers unrolled)",
        f"{flops(r.flops_per_step)} on the slice, {flops(r.flops_per_step / s.chips)} per chip "
        f"({flops(r.flops_per_step / r.global_batch)} per example){compiler_flops}"),
-      (f"HBM traffic per chip ({chip.cost_source.removeprefix('the ')})", "n/a" if r.error else f"{gib(r.bytes_accessed)} per step"
-                                              + (" (a scanned layer counted once)" if r.scanned else "")),
+      (f"HBM traffic per chip ({chip.cost_source.removeprefix('the ')})",
+       "n/a" if r.error else f"{gib(r.bytes_accessed)} per step"
+                             + (" (a scanned layer counted once)" if r.scanned else "")),
       ("compile time", f"{r.compile_s:.0f} s"),
   ]
   roof = r.roofline
@@ -858,7 +861,7 @@ def check_cost_model(topology: str = "v5e:2x2") -> list[CostCheck]:
                      nbytes(x, x, *jax.tree.leaves(params))))
   checks = []
   for name, fn, args, analytic in programs:
-    compiled = jax.jit(fn).lower(*args).compile(compiler_options(slice_))
+    compiled = compile_lowered(jax.jit(fn).lower(*args), slice_)
     cost = compiled_cost(compiled)
     checks.append(CostCheck(name, float(cost["bytes accessed"]), sum(o.bytes for o in hlo_costs(compiled.as_text())),
                             analytic))
@@ -908,7 +911,7 @@ def compile_logits_path(config: ml_collections.ConfigDict, topology: str) -> tup
                    out_shardings=(scalar.sharding, (emb.sharding, emb.sharding, scalar.sharding, scalar.sharding)))
       report = LogitsPathReport(contrastive, impl, 0.0, 0.0, "")
       try:
-        compiled = fn.lower(emb, emb, scalar, scalar).compile(compiler_options(slice_))
+        compiled = compile_lowered(fn.lower(emb, emb, scalar, scalar), slice_)
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
           raise
