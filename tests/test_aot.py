@@ -1,4 +1,5 @@
-"""The AOT tool: the train step that training runs, compiled by the TPU compiler for a small slice on this machine."""
+"""The AOT tool: the train step that training runs, compiled by the TPU compiler for a small slice (and by XLA:GPU for
+a few GPUs) on this machine."""
 
 import importlib.util
 import os
@@ -14,6 +15,9 @@ from tests.helpers import small_train_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler here")
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("jax_cuda12_plugin") is None,
+    reason="jax's CUDA plugin is not installed (pip install -e '.[gpu_aot]'): no GPU compiler here")
 
 
 @pytest.mark.parametrize("name,topology,chips", [
@@ -23,6 +27,10 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
     ("v5litepod-16", "v5e:4x4", 16),
     ("v6e-256", "v6e:16x16", 256),
     ("v5e:2x4", "v5e:2x4", 8),
+    ("h100-8", "h100:1x8", 8),        # GPUs: hosts x GPUs per host, 8 to a host
+    ("h100-4", "h100:1x4", 4),
+    ("h200-16", "h200:2x8", 16),
+    ("h100:2x4", "h100:2x4", 8),
 ])
 def test_slice_names(name, topology, chips):
   s = aot.parse_slice(name)
@@ -34,14 +42,18 @@ def test_bad_slice_names_say_what_is_expected():
     aot.parse_slice("v4-7")
   with pytest.raises(ValueError, match="expected e.g. v4-64"):
     aot.parse_slice("v3-8")
+  with pytest.raises(ValueError, match="h100:HOSTSxGPUS"):
+    aot.parse_slice("h100-12")
 
 
 def test_chip_peaks_are_the_published_figures():
   assert {g: (c.peak_bf16_tflops, c.hbm_gbps) for g, c in aot.CHIPS.items()} == {
-      "v4": (275, 1228), "v5e": (197, 819), "v5p": (459, 2765), "v6e": (918, 1640)}
+      "v4": (275, 1228), "v5e": (197, 819), "v5p": (459, 2765), "v6e": (918, 1640), "h100": (989, 3350),
+      "h200": (989, 4800)}
   assert aot.CHIPS["v5e"].ridge == pytest.approx(240.5, abs=0.1)   # 197e12 / 819e9 FLOP per byte
   assert aot.CHIPS["v6e"].ridge == pytest.approx(559.8, abs=0.1)
   table = aot.format_peaks("v6e")
+  assert aot.CHIPS["h100"].ridge == pytest.approx(295.2, abs=0.1)
   assert "* v6e            918     1,640              560" in table and "  v5e            197       819              241" in table
 
 
@@ -280,3 +292,32 @@ def test_logits_path_alone_for_a_v5e_slice():
   assert all(0 < r.total_bytes < 0.01 * slice_.chip.hbm_gib * aot.GIB and not r.error for r in reports)
   table = aot.format_logits_table(config, slice_, mesh, reports)
   assert "sigmoid  sharded" in table and "batch 512" in table
+
+
+@needs_cuda_plugin
+@pytest.mark.slow(reason="compiles the train step for four GPUs with XLA:GPU")
+def test_train_step_compiles_for_gpus_without_a_gpu():
+  config = small_train_config()  # sycoca_tiny:runlocal, batch 16
+  report = aot.compile_for_slice(config, "h100:1x4")
+  assert (report.slice.chips, report.hosts, report.mesh) == (4, 1, {"data": 4, "fsdp": 1})
+  assert report.device_kind == "NVIDIA H100 80GB HBM3"
+  # The GPU program's buffer plan: float32 parameters and two AdamW moments, replicated, plus a few scalars.
+  assert report.state_bytes == pytest.approx(3 * 4 * report.params, rel=0.01)
+  assert report.state_bytes < report.total_bytes < 0.01 * report.slice.chip.hbm_gib * aot.GIB
+  # XLA's count of the GPU program, matmuls (cuBLAS calls) included: every replica reads at least its parameters
+  # and moments and writes them back.
+  assert report.library_calls > 0 and report.bytes_accessed > 2 * report.state_bytes
+  roof = report.roofline
+  assert roof.flops == pytest.approx(report.flops_per_step / 4) and roof.hbm_bytes == report.bytes_accessed
+  table = aot.format_table(report, headroom=15.0)
+  assert "4 x NVIDIA H100 80GB HBM3 (h100), 1 host" in table and "FITS with" in table
+  assert f"{100 * roof.mfu_ceiling:.1f} %" in table and "(h100 ridge point: 295)" in table
+
+
+@needs_cuda_plugin
+def test_gpu_byte_count_of_a_matmul_is_its_operands_and_result():
+  """A cuBLAS call is opaque to XLA's cost analysis; its bytes are put back without its scratch workspace."""
+  check = aot.check_cost_model("h100-1")[0]
+  assert check.program.startswith("bf16 matmul")
+  assert check.compiler_bytes == pytest.approx(check.analytic_bytes, rel=1e-6)
+  assert check.estimate_bytes == pytest.approx(check.analytic_bytes, rel=1e-6)

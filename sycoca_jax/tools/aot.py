@@ -1,5 +1,5 @@
-r"""Compile the train step for a TPU slice ahead of time, on this machine: per-chip memory, FLOPs, HBM traffic, the
-roofline they give, and whether it fits.
+r"""Compile the train step for a TPU slice (or NVIDIA GPUs) ahead of time, on this machine: per-chip memory, FLOPs,
+HBM traffic, the roofline they give, and whether it fits.
 
   pip install -e ".[tpu]"   # libtpu, the TPU compiler; no TPU is needed
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-64
@@ -9,6 +9,8 @@ roofline they give, and whether it fits.
   python -m sycoca_jax.tools.aot --check_cost_model --topology=v5e:2x2
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py:slice=v4-64 --topology=v4-64
   python -m sycoca_jax.tools.aot --config=configs/sycoca_tiny.py:runlocal --topology=v5e:2x2
+  # NVIDIA GPUs, compiled by XLA:GPU without a GPU (jax's CUDA plugin, no CUDA libraries: pip install -e ".[gpu_aot]"):
+  python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=h100-8
   # the contrastive logits path alone, every ITC loss and layout, at batch 32k on v5e-256:
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --config.global_batch_size=32768 \
       --topology=v5e-256 --logits_path
@@ -26,6 +28,15 @@ temporaries; "parameters + optimizer state" is the state's shards, computed from
 against the HBM the TPU compiler itself plans with (what its out-of-memory errors quote: v4 30.75 GiB, v5e
 15.75 GiB, v5p 95.74 GiB, v6e 31.25 GiB), slightly less than the marketed 32 / 16 / 95 / 32 GB; compile-only
 devices report no memory_stats, so the table lives here.
+
+GPUs: `h100-N` / `h200-N` (N GPUs, in hosts of 8 beyond 8) or `h100:2x8` (hosts x GPUs per host), compiled by
+XLA:GPU from jax's CUDA plugin for the card GPU_TARGETS describes: no GPU, driver or CUDA library is needed, and
+memory (the buffer plan, against the card's memory), FLOPs and the roofline (NVIDIA's peaks) come as for TPUs.
+What a compile without the GPU cannot do: autotune (each kernel gets a default tiling, and Triton matmul fusions
+fail with it, so matmuls are cuBLAS calls: GPU_COMPILER_OPTIONS; cuBLAS and cuDNN pick no algorithm); nor give
+XLA:GPU's own cost analysis (the HBM traffic is XLA's target-independent count of the GPU program, with the
+library calls' bytes and FLOPs estimated from their shapes: compiled_cost). cuDNN's flash attention
+(model.attention_impl='cudnn') compiles to cuDNN calls, whose bytes are counted and FLOPs are not.
 
 --logits_path compiles, instead of the step, the contrastive loss and its gradient alone, on the global batch's
 [B, E] embeddings split over the config's mesh as training splits them (the same program serves gradient
@@ -89,7 +100,8 @@ def define_flags():
   """The command line, defined when the tool runs (not on import: several tools in one process, e.g. a test
   session, would define --config twice)."""
   config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':args'.", lock_config=True)
-  flags.DEFINE_string("topology", None, "TPU slice: v4-64, v5e-64, v5p-32, v6e-64, ... or v5e:8x8.")
+  flags.DEFINE_string("topology", None, "TPU slice: v4-64, v5e-64, v5p-32, v6e-64, ... or v5e:8x8; or NVIDIA GPUs: "
+                      "h100-8, h200-16, ... or h100:2x8 (hosts x GPUs per host).")
   flags.DEFINE_float("headroom", 15.0,
                      "Percent of the chip's HBM that must stay free for the step to count as fitting.")
   flags.DEFINE_bool("breakdown", False, "Also print where the compiled step's HBM bytes and FLOPs go: per part of "
@@ -107,12 +119,22 @@ GIB = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  cores_in_name: int        # what one chip counts for in Cloud's slice name
-  torus_dims: int
-  hbm_gib: float            # what the TPU compiler plans with (its out-of-memory message), per chip
-  peak_bf16_tflops: float   # dense bf16 peak per chip, TFLOP/s (Google Cloud's published figure)
-  hbm_gbps: float           # HBM bandwidth per chip, GB/s = 1e9 bytes/s (Google Cloud's published figure)
+  cores_in_name: int        # what one chip counts for in Cloud's slice name (GPUs: 1)
+  torus_dims: int           # TPUs; 0 for GPUs, which are counted as hosts x GPUs per host
+  hbm_gib: float            # what the TPU compiler plans with (its out-of-memory message); GPUs: the card's memory
+  peak_bf16_tflops: float   # dense bf16 peak per chip, TFLOP/s (Google Cloud's / NVIDIA's published figure)
+  hbm_gbps: float           # HBM bandwidth per chip, GB/s = 1e9 bytes/s (Google Cloud's / NVIDIA's published figure)
   chip_config: str = ""     # libtpu's chip_config_name; v4 runs its two TensorCores as one device (megacore)
+  platform: str = "tpu"     # the compiler's: 'tpu' (libtpu) or 'cuda' (XLA:GPU, from jax's CUDA plugin)
+
+  @property
+  def compiler(self) -> str:
+    return "TPU compiler" if self.platform == "tpu" else "GPU compiler"
+
+  @property
+  def cost_source(self) -> str:
+    """Whose count of the compiled program's FLOPs and bytes the table gives (compiled_cost)."""
+    return "the TPU compiler" if self.platform == "tpu" else "XLA's cost analysis of the GPU program"
 
   @property
   def ridge(self) -> float:
@@ -126,8 +148,42 @@ CHIPS = {
     "v5e": Chip(cores_in_name=1, torus_dims=2, hbm_gib=15.75, peak_bf16_tflops=197, hbm_gbps=819),
     "v5p": Chip(cores_in_name=2, torus_dims=3, hbm_gib=95.74, peak_bf16_tflops=459, hbm_gbps=2765),
     "v6e": Chip(cores_in_name=1, torus_dims=2, hbm_gib=31.25, peak_bf16_tflops=918, hbm_gbps=1640),
+    # SXM cards, NVIDIA's data sheets: dense (not 2:4 sparse) bf16 tensor-core peak; memory as GPU_TARGETS gives it.
+    "h100": Chip(cores_in_name=1, torus_dims=0, hbm_gib=79.11, peak_bf16_tflops=989, hbm_gbps=3350, platform="cuda"),
+    "h200": Chip(cores_in_name=1, torus_dims=0, hbm_gib=141.0, peak_bf16_tflops=989, hbm_gbps=4800, platform="cuda"),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+GPUS_PER_HOST = 8   # an HGX board: a GPU name's count beyond 8 is hosts of 8
+
+# What XLA:GPU needs to know of a card to compile for it without one (stream_executor.GpuTargetConfigProto, text
+# format: jax's CUDA plugin takes it as the topology's target_config): the figures it plans fusions, tiles and
+# schedules with. Hopper's (compute capability 9.0a: 132 SMs at 1.98 GHz, 50 MiB L2, 228 KiB shared memory per SM)
+# are common to both cards; memory size and bandwidth are each card's, as XLA's own target specs of them give
+# them (device_memory_size in bytes, memory_bandwidth in bytes/s). The cuDNN version is the one the compiler may
+# assume when it chooses library kernels.
+_HOPPER_TARGET = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448 shared_memory_per_core: 233472 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 thread_dim_limit_x: 1024 thread_dim_limit_y: 1024 thread_dim_limit_z: 64
+  memory_bandwidth: {bandwidth} l2_cache_size: 52428800 clock_rate_ghz: 1.98 device_memory_size: {memory}
+  cuda_compute_capability {{ major: 9 minor: 0 feature_extension: ACCELERATED_FEATURES }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  device_vendor: "NVIDIA Corporation" platform_version: "Compute Capability 9.0a" name: "{name}"
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 patch: 0 }}
+device_description_str: "{name}"
+"""
+# Without a GPU, XLA:GPU cannot autotune: every Triton matmul fusion gets one default tiling, with which this
+# version fails on the attention's output projection ("Couldn't find output tile sizes": the heads' merging
+# transpose fused into the matmul); with a GPU the autotuner would pass over that tiling or fall back to cuBLAS.
+# Compiled for GPUs, matmuls are therefore cuBLAS calls, as the autotuner may also choose.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+GPU_TARGETS = {
+    "h100": _HOPPER_TARGET.format(name="NVIDIA H100 80GB HBM3", memory=84942979072, bandwidth=3352320000000),
+    "h200": _HOPPER_TARGET.format(name="NVIDIA H200 141GB HBM3e", memory=151397597184, bandwidth=4800000000000),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,13 +215,22 @@ def _torus_shape(chips: int, dims: int) -> list[int]:
 
 
 def parse_slice(name: str) -> Slice:
-  """'v4-64' / 'v5e-64' / 'v5litepod-64' / 'v5e:8x8' -> the slice's generation, libtpu topology and chip count."""
-  m = re.fullmatch(r"(v\d+[a-z]*)([-:])([0-9x]+)", name.strip().lower())
+  """'v4-64' / 'v5e-64' / 'v5litepod-64' / 'v5e:8x8' -> the slice's generation, libtpu topology and chip count;
+  'h100-16' / 'h100:2x8' -> GPUs as hosts x GPUs per host."""
+  m = re.fullmatch(r"([a-z]+\d+[a-z]*)([-:])([0-9x]+)", name.strip().lower())
   generation = m and ALIASES.get(m.group(1), m.group(1))
   if not m or generation not in CHIPS:
-    raise ValueError(f"--topology={name!r}: expected e.g. v4-64, v5e-64, v5p-32, v6e-64 or v5e:8x8 "
-                     f"(generations {sorted(CHIPS)}).")
+    raise ValueError(f"--topology={name!r}: expected e.g. v4-64, v5e-64, v5p-32, v6e-64, v5e:8x8, h100-8 or "
+                     f"h100:2x8 (generations {sorted(CHIPS)}).")
   chip = CHIPS[generation]
+  if not chip.torus_dims:
+    dims = [int(d) for d in m.group(3).split("x")]
+    if m.group(2) == "-" and len(dims) == 1 and (dims[0] <= GPUS_PER_HOST or not dims[0] % GPUS_PER_HOST):
+      dims = [max(1, dims[0] // GPUS_PER_HOST), min(dims[0], GPUS_PER_HOST)]
+    if len(dims) != 2 or not all(dims):
+      raise ValueError(f"--topology={name!r}: GPUs are given as {generation}-N (N up to {GPUS_PER_HOST}, or a "
+                       f"multiple of {GPUS_PER_HOST}) or {generation}:HOSTSxGPUS, e.g. {generation}:2x8.")
+    return Slice(name, generation, f"{generation}:{dims[0]}x{dims[1]}", math.prod(dims))
   if m.group(2) == ":":
     shape = [int(d) for d in m.group(3).split("x")]
     if len(shape) != chip.torus_dims:
@@ -178,9 +243,24 @@ def parse_slice(name: str) -> Slice:
   return Slice(name, generation, f"{generation}:{'x'.join(map(str, shape))}", math.prod(shape))
 
 
+def compile_lowered(lowered: Any, slice_: Slice) -> Any:
+  """lowered.compile(), with the options the slice's compiler needs here (GPU_COMPILER_OPTIONS for GPUs)."""
+  return lowered.compile(GPU_COMPILER_OPTIONS if slice_.chip.platform == "cuda" else None)
+
+
 def topology_devices(slice_: Slice) -> list[Any]:
-  """The slice's compile-only devices (one per chip), from libtpu."""
+  """The slice's compile-only devices (one per chip), from libtpu or, for GPUs, jax's CUDA plugin."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if slice_.chip.platform == "cuda":
+    # The plugin's topology is partitions x hosts x GPUs per host, for the card GPU_TARGETS describes: XLA:GPU then
+    # compiles without a GPU (and without CUDA's libraries).
+    try:
+      topology = topologies.get_topology_desc(platform="cuda", topology=f"1x{slice_.topology_name.split(':')[1]}",
+                                              target_config=GPU_TARGETS[slice_.generation])
+    except NotImplementedError as e:
+      raise RuntimeError("jax's CUDA plugin (XLA:GPU) is not installed: pip install -e '.[gpu_aot]' (no GPU or CUDA "
+                         "libraries needed).") from e
+    return list(topology.devices)
   kwargs = {"chip_config_name": slice_.chip.chip_config} if slice_.chip.chip_config else {}
   try:
     topology = topologies.get_topology_desc(platform="tpu", topology_name=slice_.topology_name, **kwargs)
@@ -257,6 +337,7 @@ class Report:
   compiled_flops: float = 0.0  # per chip, the TPU compiler's own count on the compiled program (a cross-check)
   hbm_placed_bytes: float = 0.0  # per chip, operands and results in HBM only, once each (hlo_costs: an estimate)
   optimal_seconds: float = 0.0   # the TPU compiler's own estimate of the step's time (cost analysis)
+  library_calls: int = 0      # GPUs: cuBLAS / cuDNN calls, whose costs are estimated (compiled_cost)
   error: str = ""             # the compiler's out-of-memory message, when it refused
   ops: Optional[list["OpCost"]] = None  # per op of the compiled program (compile_for_slice(breakdown=True))
 
@@ -306,6 +387,32 @@ def _lowered_flops(fn, *args) -> float:
   return float(cost["flops"])
 
 
+def compiled_cost(compiled: Any) -> dict[str, float]:
+  """The cost analysis of a compiled program: 'flops', 'bytes accessed' (its HBM reads and writes) per device.
+
+  The TPU compiler gives its own. XLA:GPU compiling without a GPU gives none (UNIMPLEMENTED: GetCostAnalysis), so
+  for GPUs this is XLA's HLO cost analysis (the target-independent one) run on the GPU-compiled program's
+  optimised HLO: each kernel (a fusion, a collective) reads its operands and writes its result in HBM, as the GPU
+  compiler planned them; what happens inside a kernel (L2 cache reuse) is not seen. That analysis cannot see into
+  library calls (cuBLAS matmuls, cuDNN convolutions) and counts each as -1 FLOPs and -1 bytes: they are put back
+  as hlo_costs estimates them, bytes from their operands and results (less the library's scratch workspace) and
+  FLOPs from their shapes ('library calls' says how many there are).
+  """
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost:
+    return cost
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+  module, = compiled.runtime_executable().hlo_modules()
+  cost = dict(_jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module))
+  calls = [o for o in hlo_costs(compiled.as_text()) if o.opcode == "custom-call"]
+  cost["bytes accessed"] = cost.get("bytes accessed", 0.0) + sum(1.0 + o.bytes for o in calls)
+  cost["flops"] = cost.get("flops", 0.0) + sum(1.0 + o.flops for o in calls)
+  cost["library calls"] = float(len(calls))
+  return cost
+
+
 def _refused_bytes(r: Report) -> tuple[float, float]:
   """(total, temporaries) per chip, at least, from the TPU compiler's out-of-memory message.
 
@@ -353,7 +460,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdow
 
   t = time.perf_counter()
   try:
-    compiled = step.step.lower(step.abstract_state, step.abstract_batch).compile()
+    compiled = compile_lowered(step.step.lower(step.abstract_state, step.abstract_batch), slice_)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -362,8 +469,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdow
     report.total_bytes, report.temp_bytes = _refused_bytes(report)
     return report
   report.compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = compiled_cost(compiled)
   report.bytes_accessed = float(cost.get("bytes accessed", 0.0))
   report.compiled_flops = float(cost.get("flops", 0.0))
   report.optimal_seconds = float(cost.get("optimal_seconds", 0.0))
@@ -373,6 +479,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdow
       f.write(hlo)
   ops = hlo_costs(hlo)
   report.hbm_placed_bytes = sum(op.bytes for op in ops)
+  report.library_calls = int(cost.get("library calls", 0))
   if breakdown:
     report.ops = ops
   mem = compiled.memory_analysis()
@@ -390,7 +497,11 @@ def format_table(r: Report, headroom: float) -> str:
   gib = lambda b: f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / 2 ** 20:.1f} MiB"
   flops = lambda f: f"{f / 1e12:.2f} TFLOP" if f >= 1e11 else f"{f / 1e9:.3f} GFLOP"
   ms = lambda seconds: f"{seconds * 1e3:.1f} ms"
-  compiler_flops = f"; the TPU compiler counts {flops(r.compiled_flops)} per chip" if r.compiled_flops else ""
+  compiler_flops = f"; {chip.cost_source} counts {flops(r.compiled_flops)} per chip" if r.compiled_flops else ""
+  if r.library_calls:
+    compiler_flops += f", its {r.library_calls} cuBLAS / cuDNN calls' from their shapes"
+  budget = ("the TPU compiler's budget" if chip.platform == "tpu" else
+            "the card's; JAX's allocator takes 75 % of it unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise")
   rows = [
       ("slice", f"{s.name} ({s.topology_name})"),
       ("chips", f"{s.chips} x {r.device_kind} ({s.generation}), {r.hosts} host{'s' if r.hosts > 1 else ''}"),
@@ -401,13 +512,14 @@ def format_table(r: Report, headroom: float) -> str:
       ("per chip: batch", gib(r.batch_bytes)),
       ("per chip: temporaries", ("at least " if r.error else "") + gib(r.temp_bytes)),
       ("per chip: total", ("at least " if r.error else "") + f"{gib(r.total_bytes)} of {hbm:.2f} GiB HBM "
-                          f"(the TPU compiler's budget)"),
+                          f"({budget})"),
       ("HBM headroom", f"{r.headroom:.1f} % (needed: {headroom:g} %)"),
       ("FLOPs per step (XLA, layers unrolled)",
        f"{flops(r.flops_per_step)} on the slice, {flops(r.flops_per_step / s.chips)} per chip "
        f"({flops(r.flops_per_step / r.global_batch)} per example){compiler_flops}"),
-      ("HBM traffic per chip (TPU compiler)", "n/a" if r.error else f"{gib(r.bytes_accessed)} per step"
-                                              + (" (a scanned layer counted once)" if r.scanned else "")),
+      (f"HBM traffic per chip ({chip.cost_source.removeprefix('the ')})",
+       "n/a" if r.error else f"{gib(r.bytes_accessed)} per step"
+                             + (" (a scanned layer counted once)" if r.scanned else "")),
       ("compile time", f"{r.compile_s:.0f} s"),
   ]
   roof = r.roofline
@@ -443,7 +555,7 @@ def format_table(r: Report, headroom: float) -> str:
   width = max(len(k) for k, _ in rows)
   lines = [f"{k:<{width}}  {v}" for k, v in rows]
   if r.error:
-    lines.append(f"DOES NOT FIT: the TPU compiler refused: {r.error}")
+    lines.append(f"DOES NOT FIT: the {chip.compiler} refused: {r.error}")
   elif r.fits(headroom):
     lines.append(f"FITS with {r.headroom:.1f} % of HBM to spare.")
   else:
@@ -453,9 +565,9 @@ def format_table(r: Report, headroom: float) -> str:
 
 
 def format_peaks(generation: str = "") -> str:
-  """The roofline's figures per chip generation (Google Cloud's published per-chip specifications); `generation`
-  is marked."""
-  lines = ["Per chip, as Google Cloud publishes them:",
+  """The roofline's figures per chip generation (Google Cloud's and NVIDIA's published per-chip specifications);
+  `generation` is marked."""
+  lines = ["Per chip, as Google Cloud and NVIDIA publish them:",
            f"  {'chip':<5} {'bf16 TFLOP/s':>12} {'HBM GB/s':>9} {'ridge FLOP/byte':>16}"]
   for name, chip in CHIPS.items():
     lines.append(f"{'*' if name == generation else ' '} {name:<5} {chip.peak_bf16_tflops:>12,g} {chip.hbm_gbps:>9,g} "
@@ -631,6 +743,20 @@ def _dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
   return 2.0 * out * features * taps
 
 
+def _library_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+  """2 x multiply-adds of a GPU library call: a cuBLAS matmul (its backend config names the contracting dimensions)
+  or a cuDNN forward convolution (window and dim_labels as a convolution's); 0 for anything else (cuDNN's
+  backward convolutions among them)."""
+  if "__cublas" in inst.attrs:
+    contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.attrs)
+    lhs = _dims(shapes.get(inst.operands[0], "")) if inst.operands else []
+    idx = [int(d) for d in re.findall(r"\d+", contracting.group(1))] if contracting else []
+    return 2.0 * math.prod(_dims(inst.shape)) * math.prod(lhs[i] for i in idx if i < len(lhs))
+  if "__cudnn$convForward" in inst.attrs:
+    return _dot_flops(inst, shapes)
+  return 0.0
+
+
 def hlo_costs(hlo: str) -> list[OpCost]:
   """Per instruction of a compiled HLO module's text: estimated HBM bytes and matmul FLOPs per run.
 
@@ -684,12 +810,18 @@ def hlo_costs(hlo: str) -> list[OpCost]:
         # An asynchronous op's result holds its operands and its output (and small context): the operands are
         # counted already.
         result_bytes -= sum(_array_bytes(shapes.get(o, ""), hbm_only=True) for o in inst.operands)
+      arrays = _ARRAY.findall(re.sub(r"\{[^{}]*\}", "", inst.shape))
+      if inst.opcode == "custom-call" and len(arrays) > 1 and arrays[-1][0] in ("s8", "u8"):
+        # A GPU library call's (cuBLAS, cuDNN) last result is its scratch workspace, not data it reads or writes.
+        result_bytes -= _array_bytes(f"{arrays[-1][0]}[{arrays[-1][1]}]")
       flops = 0.0
       if inst.opcode == "fusion":
         fused = re.search(r"calls=%?([\w.\-]+)", attrs)
         flops = flops_in(fused.group(1)) if fused else 0.0
       elif inst.opcode in ("dot", "convolution"):
         flops = _dot_flops(inst, shapes)
+      elif inst.opcode == "custom-call":
+        flops = _library_flops(inst, shapes)
       kind = re.search(r"kind=(\w+)", attrs)
       op_name = re.search(r'op_name="([^"]*)"', attrs)
       ops.append(OpCost(
@@ -771,9 +903,8 @@ def check_cost_model(topology: str = "v5e:2x2") -> list[CostCheck]:
                      nbytes(x, x, *jax.tree.leaves(params))))
   checks = []
   for name, fn, args, analytic in programs:
-    compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    compiled = compile_lowered(jax.jit(fn).lower(*args), slice_)
+    cost = compiled_cost(compiled)
     roof = Roofline(float(cost.get("flops", 0.0)), analytic, slice_.chip)
     checks.append(CostCheck(name, float(cost["bytes accessed"]), sum(o.bytes for o in hlo_costs(compiled.as_text())),
                             analytic, float(cost.get("optimal_seconds", 0.0)), roof.step_seconds))
@@ -826,7 +957,7 @@ def compile_logits_path(config: ml_collections.ConfigDict, topology: str) -> tup
                    out_shardings=(scalar.sharding, (emb.sharding, emb.sharding, scalar.sharding, scalar.sharding)))
       report = LogitsPathReport(contrastive, impl, 0.0, 0.0, "")
       try:
-        compiled = fn.lower(emb, emb, scalar, scalar).compile()
+        compiled = compile_lowered(fn.lower(emb, emb, scalar, scalar), slice_)
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
           raise
