@@ -549,7 +549,7 @@ def format_table(r: Report, headroom: float) -> str:
                    f"{gib(r.hbm_placed_bytes)} per step, memory time {ms(placed.memory_seconds)}: {placed.bound}-"
                    f"bound, MFU ceiling {100 * placed.mfu_ceiling:.1f} % (each operand and result in HBM read or "
                    f"written once; buffers placed on chip left out)"))
-    if r.optimal_seconds:
+    if r.optimal_seconds > 0:  # on a whole train step the TPU compiler reports a negative time: none is printed
       rows.append(("the TPU compiler's step-time estimate", f"{ms(r.optimal_seconds)} (its cost analysis' "
                    f"optimal_seconds): MFU {100 * roof.compute_seconds / r.optimal_seconds:.1f} % at that time"))
   width = max(len(k) for k, _ in rows)
