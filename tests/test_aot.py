@@ -203,6 +203,15 @@ def test_hlo_costs_count_hbm_only():
   assert ops["fusion"].part == "MLPs"
 
 
+def test_attention_matmuls_written_as_dilated_convolutions_count_their_flops():
+  """The TPU compiler writes q @ k^T over [B, H] as a convolution with the batch dimensions spatial (window =
+  input dilation): each logit sums over the head width only."""
+  shapes = {"q": "f32[32,12,77,64]{3,2,1,0}", "k": "f32[32,12,77,64]{3,2,1,0}"}
+  inst = aot._Instruction("c", "f32[32,12,77,77]{2,3,1,0}", "convolution", ["q", "k"],
+                          "window={size=32x12 stride=31x11 lhs_dilate=32x12}, dim_labels=01bf_01oi->01bf")
+  assert aot._dot_flops(inst, shapes) == 2 * 32 * 12 * 77 * 77 * 64
+
+
 @pytest.mark.parametrize("op_name,part", [
     ("jit(train_step)/jit(main)/transpose(jvp(SyCoCa))/text_encoder/transformer/layers_1/self/attn/query/dot_general",
      "attention"),

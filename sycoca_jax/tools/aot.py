@@ -739,7 +739,12 @@ def _dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
   if not labels or "f" not in labels.group(1) or len(labels.group(1)) != len(lhs):
     return 0.0
   features = lhs[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1)
-  taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
+  sizes = [int(d) for d in window.group(1).split("x")] if window else []
+  # The TPU compiler writes a batched matmul (attention's) as a convolution whose batch dimensions are spatial,
+  # window size = input dilation: of a window's taps only one per dilation step meets an input element.
+  dilate = re.search(r"lhs_dilate=([\dx]+)", inst.attrs)
+  dilations = [int(d) for d in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
+  taps = math.prod(-(-size // d) for size, d in zip(sizes, dilations))
   return 2.0 * out * features * taps
 
 
