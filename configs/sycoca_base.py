@@ -11,7 +11,7 @@ compute, global batch 2048, 20 epochs of CC12M (~10.9M pairs available today -> 
 
 Hardware: TPU v4-64, v5e-64, v5p-32 or v6e-64 (batch 2048 = 64, 32, 128 or 32 per chip), or 32-64 A100/H100 GPUs.
 `:slice=v4-64 | v5e-64 | v5p-32 | v6e-64` picks the setting found fastest for that slice (SLICES below); compiled ahead
-of time for it, the step leaves 35-46 % of HBM free (README, "Scaling out"). Without `slice=` the v5e-64
+of time for it, the step leaves 35-47 % of HBM free (README, "Scaling out"). Without `slice=` the v5e-64
 setting runs (it also fits v5p-32, not v4-64). Check any other slice first, e.g.
   python -m sycoca_jax.tools.aot --config=configs/sycoca_base.py --topology=v5e-128
 On fewer chips, `--config.grad_accum_steps=K` keeps the contrastive negatives of the whole 2048 batch.
