@@ -68,6 +68,7 @@ def test_simple_tokenisation_matches_ptb_on_plain_captions():
   assert captioning.tokenize_for_scoring(texts, "ptb") == captioning.tokenize_for_scoring(texts, "simple")
 
 
+@pytest.mark.slow(reason="starts METEOR's Java virtual machine: ~5 s")
 def test_meteor_runs_when_java_is_there():
   if not captioning.java_available():
     pytest.skip("needs Java")

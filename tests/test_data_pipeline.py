@@ -127,6 +127,7 @@ def _coco_with_bad_files(directory, num_images=10):
                  tokenizer="clip_bpe", max_len=12, flip=True)
 
 
+@pytest.mark.slow(reason="spawns the input pipeline's worker processes, twice: ~5 s")
 def test_worker_processes_give_the_same_stream_skip_counts_and_exact_resume(tmp_path, monkeypatch):
   """Decoding in 2 worker processes changes nothing: batches, skip counts, states; and resume stays exact, with
   device prefetch queueing batches past the one a checkpoint is taken after, and skips before it."""
