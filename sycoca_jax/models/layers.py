@@ -106,8 +106,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   of 128 (its key block); segment ids give real queries segment 1 and keys segment 1 up to `kv_lengths` [B]
   (all keys without it), so no real query sees a padded or hidden key. Under a mesh in context
   (jax.sharding.use_abstract_mesh, as the train step sets it) the kernel runs per chip on its examples under
-  shard_map; a Pallas kernel cannot be split by the compiler itself. On TPU it is the Mosaic kernel; on other
-  platforms the same kernel runs interpreted (slowly: for tests).
+  shard_map; a Pallas kernel cannot be split by the compiler itself. Elsewhere (the evaluators trace without a
+  mesh in context) the call is left to the compiler's partitioner, which has to gather a split batch whole to
+  run it: not checked on a TPU. On TPU it is the Mosaic kernel; on other platforms the same kernel runs
+  interpreted (slowly: for tests).
   """
   b, l, h, dh = q.shape
   s = k.shape[1]
