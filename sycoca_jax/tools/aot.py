@@ -387,7 +387,7 @@ def _lowered_flops(fn, *args) -> float:
   return float(cost["flops"])
 
 
-def compiled_cost(compiled: Any) -> dict[str, float]:
+def compiled_cost(compiled: Any, ops: Optional[list["OpCost"]] = None) -> dict[str, float]:
   """The cost analysis of a compiled program: 'flops', 'bytes accessed' (its HBM reads and writes) per device.
 
   The TPU compiler gives its own. XLA:GPU compiling without a GPU gives none (UNIMPLEMENTED: GetCostAnalysis), so
@@ -406,7 +406,8 @@ def compiled_cost(compiled: Any) -> dict[str, float]:
   from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
   module, = compiled.runtime_executable().hlo_modules()
   cost = dict(_jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module))
-  calls = [o for o in hlo_costs(compiled.as_text()) if o.opcode == "custom-call"]
+  ops = hlo_costs(compiled.as_text()) if ops is None else ops   # the caller's, when it has them: parsed once
+  calls = [o for o in ops if o.opcode == "custom-call"]
   cost["bytes accessed"] = cost.get("bytes accessed", 0.0) + sum(1.0 + o.bytes for o in calls)
   cost["flops"] = cost.get("flops", 0.0) + sum(1.0 + o.flops for o in calls)
   cost["library calls"] = float(len(calls))
@@ -469,15 +470,15 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdow
     report.total_bytes, report.temp_bytes = _refused_bytes(report)
     return report
   report.compile_s = time.perf_counter() - t
-  cost = compiled_cost(compiled)
-  report.bytes_accessed = float(cost.get("bytes accessed", 0.0))
-  report.compiled_flops = float(cost.get("flops", 0.0))
-  report.optimal_seconds = float(cost.get("optimal_seconds", 0.0))
   hlo = compiled.as_text()
   if hlo_out:
     with open(hlo_out, "w") as f:
       f.write(hlo)
   ops = hlo_costs(hlo)
+  cost = compiled_cost(compiled, ops)
+  report.bytes_accessed = float(cost.get("bytes accessed", 0.0))
+  report.compiled_flops = float(cost.get("flops", 0.0))
+  report.optimal_seconds = float(cost.get("optimal_seconds", 0.0))
   report.hbm_placed_bytes = sum(op.bytes for op in ops)
   report.library_calls = int(cost.get("library calls", 0))
   if breakdown:
@@ -909,9 +910,10 @@ def check_cost_model(topology: str = "v5e:2x2") -> list[CostCheck]:
   checks = []
   for name, fn, args, analytic in programs:
     compiled = compile_lowered(jax.jit(fn).lower(*args), slice_)
-    cost = compiled_cost(compiled)
+    ops = hlo_costs(compiled.as_text())
+    cost = compiled_cost(compiled, ops)
     roof = Roofline(float(cost.get("flops", 0.0)), analytic, slice_.chip)
-    checks.append(CostCheck(name, float(cost["bytes accessed"]), sum(o.bytes for o in hlo_costs(compiled.as_text())),
+    checks.append(CostCheck(name, float(cost["bytes accessed"]), sum(o.bytes for o in ops),
                             analytic, float(cost.get("optimal_seconds", 0.0)), roof.step_seconds))
   return checks
 
