@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -200,8 +201,9 @@ def test_study_trains_evaluates_tabulates_and_skips_finished_runs(tmp_path):
   finals = {name: (tmp_path / name / "final_eval.json").read_text() for name in ("clip_seed0", "coca_seed0")}
   checkpoint = tmp_path / "coca_seed0" / "checkpoints" / "2"
   mtime = checkpoint.stat().st_mtime_ns
+  shutil.rmtree(tmp_path / "clip_seed0" / "checkpoints")  # deleted to save disk: the run stays finished
 
   log = _study(tmp_path)
   assert "clip_seed0: finished already, skipped" in log and "coca_seed0: finished already, skipped" in log
-  assert checkpoint.stat().st_mtime_ns == mtime
+  assert checkpoint.stat().st_mtime_ns == mtime and not (tmp_path / "clip_seed0" / "checkpoints").exists()
   assert {name: (tmp_path / name / "final_eval.json").read_text() for name in finals} == finals

@@ -17,8 +17,8 @@ fine-grained negatives, zero-shot, greedy captioning and mask quality) plus, wit
 another eval config (e.g. configs/eval_all.py). Evaluators the trainer already ran at the last step are read
 back from the run's metrics.jsonl rather than run twice.
 
-Resumable: a run with a final checkpoint and DIR/<run>/final_eval.json is skipped; an interrupted one resumes
-from its latest checkpoint (the trainer does that); a run dir trained with a different config is refused
+Resumable: a run with DIR/<run>/final_eval.json at its last step is skipped (its checkpoints may be deleted to
+save disk once that file is written); an interrupted one resumes from its latest checkpoint (the trainer does that); a run dir trained with a different config is refused
 rather than mixed in. Runs go seed-major (every variant's seed 0 first, then seed 1, ...), so an interrupted
 study has the widest comparison finished. After every run DIR/ablation.json, DIR/ablation.md (mean +- std
 over seeds) and DIR/ablation.png are rewritten from every finished run found in DIR.
@@ -216,9 +216,9 @@ def training_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def is_finished(run_dir: epath.Path, num_steps: int) -> bool:
+  # final_eval.json is written last, after training and evaluation, and only for the run's last step.
   result = _read_json(run_dir / FINAL_EVAL)
-  return (result is not None and result.get("step") == num_steps
-          and (run_dir / "checkpoints" / str(num_steps)).exists())
+  return result is not None and result.get("step") == num_steps
 
 
 def _check_same_config(run_dir: epath.Path, run: Run, spec: str) -> None:
