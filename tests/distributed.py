@@ -15,23 +15,49 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What processes that run together over loopback get on top of the test session's environment: no persistent
-# compilation cache. JAX writes cache entries from process 0 only and CPU processes key their programs apart, so
-# process 0 would load its programs at once while process 1 compiles; on two loaded cores that gap can pass gloo's
-# 30 s connection timeout.
-SEVERAL_PROCESSES_ENV = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
-
-
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
 
 
+def initialize(process_id: int, num_processes: int, port: int) -> None:
+  """jax.distributed over loopback with gloo collectives, the processes sharing one persistent compilation cache.
+
+  JAX keys a cache entry with the topology's fingerprint, which on CPU covers the calling process's devices only,
+  so the processes of one run key the same program apart, and only process 0 writes entries: process 0 would load
+  a program at once while process 1 compiles it, and on two loaded cores that gap can pass gloo's 30 s connection
+  timeout. Keyed on the program's devices instead (platform, kind and global id: the same on every process), every
+  process finds what process 0 wrote; and on a miss process 0 compiles once and hands the executable to the others
+  (jax_share_binary_between_hosts), rather than each process compiling it on the same cores. Where this jax has no
+  such hook, the cache is switched off for the run instead.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  try:
+    from jax._src import cache_key  # pylint: disable=g-import-not-at-top
+    shareable = callable(getattr(cache_key, "_hash_accelerator_config", None))
+  except ImportError:
+    shareable = False
+  if shareable:
+    def hash_devices(hash_obj, devices):
+      for d in devices.flat:
+        hash_obj.update(f"{d.platform}:{d.device_kind}:{d.id};".encode())
+    cache_key._hash_accelerator_config = hash_devices  # pylint: disable=protected-access
+    jax.config.update("jax_share_binary_between_hosts", True)
+    # A process that waits for an executable longer than this has lost its peer: fail rather than hang.
+    jax.config.update("jax_share_binary_between_hosts_timeout_ms", 300_000)
+  else:
+    jax.config.update("jax_enable_compilation_cache", False)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                             process_id=process_id)
+
+
 def run_on_processes(target: str, tmp_path, while_waiting=None, num_processes: int = 2, timeout: int = 400):
   """(while_waiting(), [each worker's result]) for `target` ('module:function') on `num_processes` processes."""
   port = free_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **SEVERAL_PROCESSES_ENV)
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("XLA_FLAGS", None)
   outs = [os.path.join(str(tmp_path), f"process_{i}.json") for i in range(num_processes)]
   procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed", target, str(i), str(num_processes),
@@ -60,9 +86,7 @@ def _worker():
   import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=int(num_processes),
-                             process_id=int(process_id))
+  initialize(int(process_id), int(num_processes), int(port))
   module, function = target.split(":")
   result = getattr(importlib.import_module(module), function)()
   with open(out, "w") as f:

@@ -46,7 +46,7 @@ def _overrides():
 def _spawn(**spec):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -105,18 +105,15 @@ def _compile_seconds(out):
 def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   workdir = tmp_path / "pod"
   overrides = _overrides()
-  # No persistent cache for the CPU processes of the pod: JAX writes cache entries from process 0 only, and
-  # on CPU process 1's programs have other keys, so a restart would load process 0's train step in seconds
-  # while process 1 compiles it for a minute on two loaded cores, beyond gloo's fixed 30 s connection timeout.
-  # The cache is checked on the one-process reference run instead.
-  env = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+  # The pod's processes share the session's compilation cache (tests/distributed.initialize): the first launch
+  # compiles each program once, on process 0, and the restarts load them.
   cached = {"env": {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}}  # the tiny model's programs too
   straight = dict(overrides, image_log_steps=0, compilation_cache_dir=str(tmp_path / "straight" / "cache"),
                   **{f"evals.{name}.log_steps": 0 for name in _EVALS})
   reference = _spawn(workdir=str(tmp_path / "straight"), devices=4, overrides=straight, **cached)
 
   # 1. SIGTERM to one host only.
-  procs = _pod(workdir, overrides, batch_delay=0.5, env=env)
+  procs = _pod(workdir, overrides, batch_delay=0.5)
   _wait_for_step(workdir, 5, procs)  # past the first evaluation (step 4): every program compiled
   seconds, outs = _terminate(procs, [1])
   assert seconds < 60 and all("PREEMPTED" in out for out in outs), (seconds, outs[0][-3000:])
@@ -129,7 +126,7 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   # 2. Requeued onto another host, the first one's lock left behind, stale; SIGTERM to both at once.
   (workdir / "LOCK").write_text(json.dumps({"host": "vanished-host", "pid": 1, "job": None,
                                             "heartbeat": time.time() - 3600}))
-  procs = _pod(workdir, overrides, batch_delay=0.5, env=env, hostname="requeued-host")
+  procs = _pod(workdir, overrides, batch_delay=0.5, hostname="requeued-host")
   _wait_for_step(workdir, first_stop + 2, procs)
   seconds, outs = _terminate(procs, [0, 1])
   assert seconds < 60 and all("PREEMPTED" in out for out in outs), (seconds, outs[0][-3000:])
@@ -139,7 +136,7 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
 
   # 3. One process's input-pipeline state of the newest checkpoint damaged: both fall back to the one before.
   (workdir / "data_state" / str(second_stop) / "process_1.json").write_text('{"process_count": 2, "sta')
-  outs = _finish(_pod(workdir, overrides, env=env), timeout=400)
+  outs = _finish(_pod(workdir, overrides), timeout=400)
   assert f"instead of step {second_stop}" in outs[0] and "input-pipeline state" in outs[0], outs[0][-3000:]
   assert os.path.isdir(workdir / "damaged_checkpoints" / str(second_stop))
   steps = [r["step"] for r in metrics.read_jsonl(workdir) if "loss" in r]

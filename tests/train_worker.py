@@ -50,14 +50,12 @@ def main(spec):
     socket.gethostname = lambda: spec["hostname"]
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-  import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.INFO)
   if spec.get("num_processes", 1) > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"localhost:{spec['port']}",
-                               num_processes=spec["num_processes"], process_id=spec["process_id"])
+    from tests import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(spec["process_id"], spec["num_processes"], spec["port"])
 
   from sycoca_jax import train  # pylint: disable=g-import-not-at-top
   from tests.helpers import small_train_config  # pylint: disable=g-import-not-at-top
