@@ -170,6 +170,25 @@ def test_a_run_dir_trained_with_another_config_is_refused(tmp_path):
     ablation._check_same_config(epath.Path(tmp_path) / run.name, other, TINY)
 
 
+def test_finished_runs_are_restored_from_an_earlier_summary(tmp_path):
+  planned = ablation.plan(f"{TINY}:runlocal", ["clip", "coca"], [0, 1])
+  steps = planned[0].num_steps
+  earlier = {"runs": [{"name": "clip_seed0", "step": steps, "metrics": {"retrieval/i2t_r1": 0.25}},
+                      {"name": "coca_seed0", "step": steps - 1, "metrics": {}},  # not at the plan's last step
+                      {"name": "clip_seed7", "step": steps, "metrics": {}},  # not in the plan
+                      {"name": "coca_seed1", "step": steps, "metrics": {"retrieval/i2t_r1": 0.5}}]}
+  (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+  (tmp_path / "study" / "coca_seed1").mkdir(parents=True)
+  (tmp_path / "study" / "coca_seed1" / "run.json").write_text("{}")  # a run already started here: left alone
+  restored = ablation.restore_runs(str(tmp_path / "study"), planned, TINY, str(tmp_path / "earlier.json"))
+  assert restored == ["clip_seed0"]
+  run_dir = epath.Path(tmp_path / "study" / "clip_seed0")
+  assert ablation.is_finished(run_dir, steps) and not ablation.is_finished(tmp_path / "study" / "coca_seed0", steps)
+  assert json.loads((run_dir / "final_eval.json").read_text()) == earlier["runs"][0]
+  ablation._check_same_config(run_dir, planned[0], TINY)  # its run.json is this plan's config
+  assert ablation.restore_runs(str(tmp_path / "study"), planned, TINY, str(tmp_path / "earlier.json")) == []
+
+
 # Two variants, one seed, two steps each, evaluators on a few examples: the whole study path in children.
 _SMALL_EVALS = ("total_steps=2,evals.retrieval.max_examples=16,evals.zeroshot.max_examples=8,"
                 "evals.captioning.max_examples=8,evals.masking.max_examples=8")

@@ -18,7 +18,8 @@ another eval config (e.g. configs/eval_all.py). Evaluators the trainer already r
 back from the run's metrics.jsonl rather than run twice.
 
 Resumable: a run with DIR/<run>/final_eval.json at its last step is skipped (its checkpoints may be deleted to
-save disk once that file is written); an interrupted one resumes from its latest checkpoint (the trainer does that); a run dir trained with a different config is refused
+save disk once that file is written), and --restore_from=ablation.json writes an earlier study's finished runs
+into a new DIR (a study moved to another machine); an interrupted run resumes from its latest checkpoint (the trainer does that); a run dir trained with a different config is refused
 rather than mixed in. Runs go seed-major (every variant's seed 0 first, then seed 1, ...), so an interrupted
 study has the widest comparison finished. After every run DIR/ablation.json, DIR/ablation.md (mean +- std
 over seeds) and DIR/ablation.png are rewritten from every finished run found in DIR.
@@ -68,6 +69,9 @@ def define_flags():
   flags.DEFINE_string("baseline", "coca", "The row every other row is compared with (difference of means and Welch's "
                       "t-test over seeds), when it has 2+ seeds; '' for none.")
   flags.DEFINE_bool("table_only", False, "Only rebuild ablation.json / .md / .png from the finished runs in workdir.")
+  flags.DEFINE_string("restore_from", "", "An ablation.json of an earlier study of the same config (e.g. one kept "
+                      "beside the docs): its finished runs are written into workdir as finished, so that a study "
+                      "moved to a new machine goes on from there. Their results are taken as recorded.")
   flags.DEFINE_bool("subprocess", True, "Train each run in a child process (false: all in this process).")
   flags.DEFINE_bool("child", False, "Internal: this process is one run of a study; its parent writes the tables.")
   flags.mark_flags_as_required(["workdir"])
@@ -239,6 +243,27 @@ def _check_same_config(run_dir: epath.Path, run: Run, spec: str) -> None:
     shown = ", ".join(f"{k}: {recorded_config.get(k)!r} -> {wanted.get(k)!r}" for k in diff[:5])
     raise ValueError(f"{run_dir} was trained with another config ({shown}{', ...' if len(diff) > 5 else ''}). "
                      "Use a new --workdir, or delete that run to retrain it.")
+
+
+def restore_runs(workdir: str, planned: Sequence[Run], spec: str, summary_path: str) -> list[str]:
+  """Writes the finished runs of an earlier study's ablation.json into workdir; returns their names.
+
+  Only runs of this plan at its step count are taken, and none whose folder holds a result or a config already.
+  Each gets this plan's config as its run.json: the results are trusted to come from the same config (the
+  summary does not record the configs, so that cannot be checked here).
+  """
+  summary = json.loads(epath.Path(summary_path).read_text())
+  recorded = {r["name"]: r for r in summary.get("runs", [])}
+  restored = []
+  for run in planned:
+    result, run_dir = recorded.get(run.name), epath.Path(workdir) / run.name
+    if (result is None or result.get("step") != run.num_steps or (run_dir / FINAL_EVAL).exists()
+        or (run_dir / RUN_CONFIG).exists()):
+      continue
+    _check_same_config(run_dir, run, spec)
+    _write_json(run_dir / FINAL_EVAL, result)
+    restored.append(run.name)
+  return restored
 
 
 def final_evals(run: Run, extra_evals: str, spec: str) -> ml_collections.ConfigDict:
@@ -587,6 +612,9 @@ def main(argv):
   if not FLAGS.config:
     raise app.UsageError("--config is required (except with --table_only).")
   runs = plan(FLAGS.config, FLAGS.variants, [int(s) for s in FLAGS.seeds], FLAGS.sweep, FLAGS.overrides)
+  if FLAGS.restore_from and not FLAGS.child:
+    restored = restore_runs(workdir, runs, FLAGS.config, FLAGS.restore_from)
+    print(f"{len(restored)} finished runs restored from {FLAGS.restore_from}: {', '.join(restored) or 'none'}.")
   failed = []
   if not FLAGS.child:
     write_outputs(workdir, runs, failed, order, FLAGS.baseline)  # what an earlier, interrupted study finished
