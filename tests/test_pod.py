@@ -46,7 +46,7 @@ def _overrides():
 def _spawn(**spec):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT,
+  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -19,10 +19,11 @@ back from the run's metrics.jsonl rather than run twice.
 
 Resumable: a run with DIR/<run>/final_eval.json at its last step is skipped (its checkpoints may be deleted to
 save disk once that file is written), and --restore_from=ablation.json writes an earlier study's finished runs
-into a new DIR (a study moved to another machine); an interrupted run resumes from its latest checkpoint (the trainer does that); a run dir trained with a different config is refused
-rather than mixed in. Runs go seed-major (every variant's seed 0 first, then seed 1, ...), so an interrupted
-study has the widest comparison finished. After every run DIR/ablation.json, DIR/ablation.md (mean +- std
-over seeds) and DIR/ablation.png are rewritten from every finished run found in DIR.
+into a new DIR (a study moved to another machine); an interrupted run resumes from its latest checkpoint (the
+trainer does that); a run dir trained with a different config is refused rather than mixed in. Runs go
+seed-major (every variant's seed 0 first, then seed 1, ...), so an interrupted study has the widest comparison
+finished. After every run DIR/ablation.json, DIR/ablation.md (mean +- std over seeds) and DIR/ablation.png are
+rewritten from every finished run found in DIR.
 """
 
 from __future__ import annotations
