@@ -1,6 +1,7 @@
 """Test setup: eight fake CPU devices so sharding code paths run for real."""
 
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -41,6 +42,17 @@ def pytest_configure(config):
   # Tests that train or compile for real (subprocesses, several processes, many steps); `-m "not slow"` leaves
   # them out and keeps the inner loop under a minute. Each says why it is slow: @pytest.mark.slow(reason="...").
   config.addinivalue_line("markers", "slow(reason): trains or compiles for real; the reason says what takes long.")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+  # An xdist worker has sent all its reports by now (xdist sends them at session finish). What is left is the
+  # interpreter's teardown: thousands of compiled programs, TensorFlow and torch freed one by one, a few seconds
+  # per worker on 2 cores with the main process waiting for it. Exit without it.
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    for stream in (sys.stdout, sys.stderr):
+      stream.flush()
+    os._exit(0)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,8 @@
 """The SyCoCa towers: output shapes and dtypes, and that no information leaks where it must not."""
 
+import copy
 import dataclasses
+import functools
 import re
 
 import jax
@@ -25,7 +27,16 @@ GEOMETRIES = {
 
 
 def _setup(**overrides):
-  cfg = tiny_model_config(**overrides)
+  """(config, model, params) of the tiny geometry with `overrides`. Each geometry is initialised once per test
+  process (tracing the whole model takes a second or two); every test gets its own copies of the config and of
+  the parameter dicts, so none can change what another sees."""
+  cfg, model, params = _initialised(tuple(sorted(overrides.items())))
+  return copy.deepcopy(cfg), model, jax.tree.map(lambda x: x, params)
+
+
+@functools.cache
+def _initialised(overrides):
+  cfg = tiny_model_config(**dict(overrides))
   model = build_model(cfg)
   return cfg, model, init_params(model, jax.random.PRNGKey(0))
 
