@@ -15,6 +15,20 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int = 1) -> str:
+  """The suite's XLA flags (tests/conftest.py) for a process of `devices` fake CPU devices."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT)]
+  return " ".join(flags + [f"{_DEVICE_COUNT}={devices}"])
+
+
+def child_env(devices: int = 1, **variables: str) -> dict[str, str]:
+  """The environment of a process a test starts: the test's own, with `devices` fake CPU devices."""
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices), **variables)
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -57,8 +71,7 @@ def initialize(process_id: int, num_processes: int, port: int) -> None:
 def run_on_processes(target: str, tmp_path, while_waiting=None, num_processes: int = 2, timeout: int = 400):
   """(while_waiting(), [each worker's result]) for `target` ('module:function') on `num_processes` processes."""
   port = free_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
+  env = child_env(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   outs = [os.path.join(str(tmp_path), f"process_{i}.json") for i in range(num_processes)]
   procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed", target, str(i), str(num_processes),
                              str(port), out], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -82,7 +95,7 @@ def run_on_processes(target: str, tmp_path, while_waiting=None, num_processes: i
 def _worker():
   target, process_id, num_processes, port, out = sys.argv[1:6]
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  os.environ["XLA_FLAGS"] = xla_flags(1)
   import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 

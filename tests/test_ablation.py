@@ -11,6 +11,7 @@ import pytest
 from etils import epath
 
 from sycoca_jax.tools import ablation
+from tests import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "sycoca_tiny.py")
@@ -195,8 +196,7 @@ _SMALL_EVALS = ("total_steps=2,evals.retrieval.max_examples=16,evals.zeroshot.ma
 
 
 def _study(workdir):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device per child: compiles faster than eight fake ones
+  env = distributed.child_env()  # one CPU device per child: compiles faster than eight fake ones
   cmd = [sys.executable, "-m", "sycoca_jax.tools.ablation", f"--config={TINY}:runlocal", "--variants=clip,coca",
          "--seeds=0", f"--overrides={_SMALL_EVALS}", f"--workdir={workdir}"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from tests import distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
 NOTEBOOKS = ("quickstart.ipynb", "attentive_masking.ipynb", "open_clip_import.ipynb", "evaluate.ipynb")
@@ -54,7 +56,7 @@ def test_notebook_runs_in_short_mode(name, shared_workdir, tmp_path, monkeypatch
     pytest.importorskip("open_clip", reason="needs open-clip-torch (pip install 'sycoca_jax[torch]')")
   monkeypatch.setenv("SYCOCA_NOTEBOOK_SMOKE", "1")
   monkeypatch.setenv("SYCOCA_NOTEBOOK_WORKDIR", str(shared_workdir))
-  monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as on a fresh runtime (not the tests' eight)
+  monkeypatch.setenv("XLA_FLAGS", distributed.xla_flags(1))  # one CPU device, as on a fresh runtime
   notebook = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3",
                                    resources={"metadata": {"path": NOTEBOOK_DIR}})

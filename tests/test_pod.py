@@ -44,9 +44,7 @@ def _overrides():
 
 
 def _spawn(**spec):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=distributed.child_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

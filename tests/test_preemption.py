@@ -12,6 +12,7 @@ import sys
 import time
 
 from sycoca_jax import preemption
+from tests import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,7 @@ while True:
 
 
 def _stuck(grace):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = distributed.child_env()
   proc = subprocess.Popen([sys.executable, "-c", _STUCK.format(root=ROOT, grace=grace)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   assert proc.stdout.readline().strip() == "ready"

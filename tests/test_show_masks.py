@@ -1,7 +1,6 @@
 """show_masks: the five-panel grid for a tiny trained checkpoint, the IC-only grid for an imported open_clip one."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ from PIL import Image
 from sycoca_jax.data import get_tokenizer
 from sycoca_jax.models.sycoca import build_model
 from sycoca_jax.tools import show_masks
+from tests import distributed
 from tests.helpers import ROOT
 from tests.helpers import random_params
 from tests.helpers import tiny_model_config
@@ -56,8 +56,7 @@ def test_trained_checkpoint_shows_all_five_panels(trained):
 def test_command_line_writes_the_grid(trained, tmp_path):
   image_path, out = tmp_path / "scene.png", tmp_path / "masks.png"
   Image.new("RGB", (40, 30), (200, 30, 30)).save(image_path)  # any size: resized and centre-cropped
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = distributed.child_env(JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, "-m", "sycoca_jax.tools.show_masks", f"--workdir={trained}", f"--image={image_path}",
        *[f"--caption={c}" for c in CAPTIONS], f"--out={out}", "--panel_size=64"],

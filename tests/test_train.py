@@ -25,9 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _spawn(**spec):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=distributed.child_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -41,20 +41,21 @@ class _Wrapped:
 
 
 def main(spec):
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec.get('devices', 1)}"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from tests import distributed  # pylint: disable=g-import-not-at-top  (no jax: the variables come first)
+
+  os.environ["XLA_FLAGS"] = distributed.xla_flags(spec.get("devices", 1))
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   os.environ.update(spec.get("env", {}))
   if spec.get("hostname"):
     import socket  # pylint: disable=g-import-not-at-top
     socket.gethostname = lambda: spec["hostname"]
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.INFO)
   if spec.get("num_processes", 1) > 1:
-    from tests import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(spec["process_id"], spec["num_processes"], spec["port"])
 
   from sycoca_jax import train  # pylint: disable=g-import-not-at-top
