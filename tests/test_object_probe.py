@@ -2,6 +2,9 @@
 
 import math
 
+import jax
+import numpy as np
+
 import pytest
 
 from sycoca_jax.tools import object_probe
@@ -23,3 +26,18 @@ def test_probe_learns_colour_of_large_objects_on_smooth_backgrounds(tower):
 def test_probe_names_the_towers_it_knows():
   with pytest.raises(ValueError, match="tower='resnet'.*cnn"):
     next(object_probe.probe(small_train_config(), steps=1, tower="resnet"))
+
+
+@pytest.mark.slow(reason="reads the shared trained run and trains two probes for a few steps")
+def test_frozen_probe_starts_from_a_run_and_trains_the_head_only(trained_run):
+  from sycoca_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  _, saved, _ = checkpoint.load_params(trained_run)
+  config = small_train_config(global_batch_size=8)
+  rows = list(object_probe.probe(config, steps=3, every=1, weights=str(trained_run), frozen=True))
+  for row in rows:  # the run's tower, unchanged at every step
+    jax.tree.map(np.testing.assert_array_equal, row["params"]["image_encoder"], saved["image_encoder"])
+  assert not np.array_equal(rows[0]["params"]["Dense_0"]["kernel"], rows[-1]["params"]["Dense_0"]["kernel"])
+  # Without --frozen the same start trains the tower too.
+  tuned = list(object_probe.probe(config, steps=1, every=1, weights=str(trained_run)))[-1]["params"]
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned["image_encoder"]),
+                                                      jax.tree.leaves(saved["image_encoder"])))

@@ -5,6 +5,7 @@ r"""Can a config's image tower learn what the scenes draw? A supervised check, b
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --tower=cnn --steps=400
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py \
       "--config.data.scenes.backgrounds=('gradient',)" --size=large
+  python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --frozen
 
 Trains the config's ViT (model.vision, fresh weights) with a linear head on its pooled feature to name the one
 object of single-object training scenes: its kind (8 shapes + 10 digits, chance ln 18 = 2.89 nats) or its
@@ -18,10 +19,15 @@ many examples as a pretraining run sees, the objectives are not what stops the t
 identity: the images are (resolution per object, clutter) or the tower is. `--tower=cnn` tells the two apart:
 it trains a small reference CNN (`ReferenceCNN`: five 3x3 conv + BatchNorm + ReLU layers, two max-pools, a
 global max-pool) on the same scenes, with the same optimiser and batches, in place of the ViT.
+
+What did pretraining teach the tower? `--weights=WORKDIR` starts the ViT from a run's latest checkpoint (the
+run's own model config), and `--frozen` trains the linear head alone: a linear probe of what the tower's pooled
+feature holds. `--frozen` without `--weights` probes a fresh initialisation's features, the baseline.
 """
 
 import dataclasses
 import time
+from typing import Optional
 from collections.abc import Iterator
 
 import flax.linen as nn
@@ -32,7 +38,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from sycoca_jax import config_lib, pixels
+from sycoca_jax import checkpoint, config_lib, pixels
 from sycoca_jax.data import scenes as scenes_lib
 from sycoca_jax.models import sycoca
 
@@ -48,6 +54,8 @@ def define_flags():
   flags.DEFINE_enum("label", "kind", ["kind", "colour"], "What the head names: object kind or colour.")
   flags.DEFINE_enum("size", "", ["", "small", "medium", "large"], "Draw every object at this size (default: all).")
   flags.DEFINE_enum("tower", "vit", ["vit", "cnn"], "The config's ViT, or the reference CNN (ReferenceCNN).")
+  flags.DEFINE_string("weights", None, "Start the ViT from this run's latest checkpoint (its model config).")
+  flags.DEFINE_bool("frozen", False, "Train the linear head only; the tower's weights stay as they start.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -92,31 +100,47 @@ def _batch(config, label: str, size: str, start: int, count: int) -> tuple[np.nd
   return np.stack(images), np.asarray(labels, np.int32)
 
 
-def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 50,
-          tower: str = "vit") -> Iterator[dict]:
-  """Trains the probe, yielding one {'step', 'loss', 'accuracy', 'seconds'} row per `every` steps.
+def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 50, tower: str = "vit",
+          weights: Optional[str] = None, frozen: bool = False) -> Iterator[dict]:
+  """Trains the probe, yielding one {'step', 'loss', 'accuracy', 'seconds', 'params'} row per `every` steps.
 
-  tower: "vit", the config's image encoder, or "cnn", ReferenceCNN.
+  tower: "vit", the config's image encoder, or "cnn", ReferenceCNN. weights: a run's workdir whose latest
+  checkpoint the ViT starts from (built from that run's model config). frozen: only the linear head trains.
   """
   config_lib.validate(config)
   num_classes = len(scenes_lib.KINDS) if label == "kind" else len(scenes_lib.COLOUR_NAMES)
   towers = {"vit": lambda: sycoca.build_model(config.model).image_encoder, "cnn": ReferenceCNN}
   if tower not in towers:
     raise ValueError(f"tower={tower!r}: choose from {sorted(towers)}.")
+  saved = None
+  if weights:
+    if tower != "vit":
+      raise ValueError(f"weights={weights!r} start the ViT; tower={tower!r} has none to read.")
+    run_config, saved, _ = checkpoint.load_params(weights)
+    config = config.copy_and_resolve_references()
+    config.model = run_config.model
+    if run_config.model.vision.image_size != config.data.image_size:
+      raise ValueError(f"weights={weights!r}: the run's tower takes {run_config.model.vision.image_size} px images,"
+                       f" --config's data {config.data.image_size} px; set config.data.image_size to match.")
   model = _Probe(towers[tower](), num_classes)
   batch_size, image_size = config.global_batch_size, config.data.image_size
   variables = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((2, image_size, image_size, 3)))
-  params = variables["params"]
+  params = dict(variables["params"])
+  if saved is not None:
+    params["image_encoder"] = saved["image_encoder"]
+  # A frozen tower is an argument of the step, not a parameter: no gradient is taken through it and no
+  # optimizer state is kept for it.
+  fixed = {"image_encoder": params.pop("image_encoder")} if frozen else {}
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.optim.lr, min(config.optim.warmup_steps, steps // 4),
                                                 steps)
   tx = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, images, labels):
+  def step(params, fixed, opt_state, images, labels):
     def loss_fn(p):
       # BatchNorm's running statistics (the CNN's) are never read: the probe only trains.
-      logits, _ = model.apply({**variables, "params": p}, images, mutable=["batch_stats"])
+      logits, _ = model.apply({**variables, "params": {**fixed, **p}}, images, mutable=["batch_stats"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -125,12 +149,12 @@ def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 
   window, start = [], time.time()
   for i in range(steps):
     images, labels = _batch(config, label, size, i * batch_size, batch_size)
-    params, opt_state, loss, accuracy = step(params, opt_state, images, labels)
+    params, opt_state, loss, accuracy = step(params, fixed, opt_state, images, labels)
     window.append((loss, accuracy))
     if (i + 1) % every == 0 or i + 1 == steps:
       losses, accuracies = np.asarray(jax.device_get(window)).T
       yield {"step": i + 1, "loss": float(losses.mean()), "accuracy": float(accuracies.mean()),
-             "seconds": time.time() - start}
+             "seconds": time.time() - start, "params": {**fixed, **params}}
       window = []
 
 
@@ -140,11 +164,15 @@ def main(argv):
   chance = np.log(len(scenes_lib.KINDS) if FLAGS.label == "kind" else len(scenes_lib.COLOUR_NAMES))
   v = config.model.vision
   tower = f"ViT patch {v.patch_size}, {v.stem} stem" if FLAGS.tower == "vit" else "reference CNN"
+  if FLAGS.weights:
+    tower = f"the ViT of {FLAGS.weights}"
+  tower += ", frozen (linear head only)" if FLAGS.frozen else ""
   print(f"probe: {FLAGS.label} of one-object scenes, {config.data.image_size} px, {tower}, backgrounds "
         f"{tuple(config.data.scenes.backgrounds)}, size {FLAGS.size or 'all'}; batch {config.global_batch_size}, "
         f"lr {config.optim.lr}; chance loss {chance:.2f}")
   print(f"{'step':>6} {'loss':>7} {'accuracy':>9} {'seconds':>8}")
-  for row in probe(config, FLAGS.steps, FLAGS.label, FLAGS.size, FLAGS.every, FLAGS.tower):
+  for row in probe(config, FLAGS.steps, FLAGS.label, FLAGS.size, FLAGS.every, FLAGS.tower, FLAGS.weights,
+                   FLAGS.frozen):
     print(f"{row['step']:>6} {row['loss']:>7.3f} {100 * row['accuracy']:>8.1f}% {row['seconds']:>8.0f}", flush=True)
 
 
