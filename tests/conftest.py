@@ -4,8 +4,9 @@ import os
 import sys
 
 # The test programs are tiny and run for a few steps: LLVM's optimisation passes are about half of what compiling
-# them costs on CPU (17 s -> 10 s for the trainer tests' step) and buy nothing measurable back. The same HLO is
-# compiled (XLA's own passes all run), without fast-math either way. Every process the tests start gets these
+# them costs on CPU (17-20 s -> 10 s for the trainer tests' step), and the slower code they leave costs the warm
+# quick loop a few seconds (README). The same HLO is compiled (XLA's own passes all run), without fast-math
+# either way. Every process the tests start gets these
 # flags too (tests/distributed.child_env), so that they all share the compilation cache below.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
                                    "--xla_llvm_disable_expensive_passes=true")

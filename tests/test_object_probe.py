@@ -4,7 +4,6 @@ import math
 
 import jax
 import numpy as np
-
 import pytest
 
 from sycoca_jax.tools import object_probe

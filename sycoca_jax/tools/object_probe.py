@@ -27,8 +27,8 @@ feature holds. `--frozen` without `--weights` probes a fresh initialisation's fe
 
 import dataclasses
 import time
-from typing import Optional
 from collections.abc import Iterator
+from typing import Optional
 
 import flax.linen as nn
 import jax
