@@ -29,6 +29,12 @@ def child_env(devices: int = 1, **variables: str) -> dict[str, str]:
   return dict(os.environ, XLA_FLAGS=xla_flags(devices), **variables)
 
 
+def spawn_train_worker(**spec) -> subprocess.Popen:
+  """tests/train_worker.py on `spec` (see its docstring) in a new process; its output, as text, on stdout."""
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "train_worker.py"), json.dumps(spec)],
+                          cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -26,9 +25,6 @@ import pytest
 
 from sycoca_jax import checkpoint, metrics
 from tests import distributed
-
-WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One evaluator (it gathers from both processes, as each does): every one of them would add half a minute of
 # compiling on two cores to each launch; tests/test_eval_multiprocess.py runs the others on two processes.
@@ -43,14 +39,9 @@ def _overrides():
   return o
 
 
-def _spawn(**spec):
-  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=distributed.child_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def _pod(workdir, overrides, **spec):
   port = distributed.free_port()
-  return [_spawn(workdir=str(workdir), devices=2, num_processes=2, process_id=i, port=port, overrides=overrides,
+  return [distributed.spawn_train_worker(workdir=str(workdir), devices=2, num_processes=2, process_id=i, port=port, overrides=overrides,
                  **spec) for i in range(2)]
 
 
@@ -108,7 +99,7 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   cached = {"env": {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}}  # the tiny model's programs too
   straight = dict(overrides, image_log_steps=0, compilation_cache_dir=str(tmp_path / "straight" / "cache"),
                   **{f"evals.{name}.log_steps": 0 for name in _EVALS})
-  reference = _spawn(workdir=str(tmp_path / "straight"), devices=4, overrides=straight, **cached)
+  reference = distributed.spawn_train_worker(workdir=str(tmp_path / "straight"), devices=4, overrides=straight, **cached)
 
   # 1. SIGTERM to one host only.
   procs = _pod(workdir, overrides, batch_delay=0.5)
@@ -151,11 +142,11 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   # The reference, restarted from step 14, loads its train step from the persistent compilation cache.
   for folder in ("checkpoints", "data_state"):
     shutil.rmtree(tmp_path / "straight" / folder / "16")
-  out = _finish([_spawn(workdir=str(tmp_path / "straight"), devices=4, overrides=straight, **cached)], 400)[0]
+  out = _finish([distributed.spawn_train_worker(workdir=str(tmp_path / "straight"), devices=4, overrides=straight, **cached)], 400)[0]
   compiled_again, line = _compile_seconds(out)
   assert "programs loaded from the compilation cache" in line and compiled_again < compiled_first, line
 
   # 4. The same workdir on one process: refused, naming both counts, before anything is compiled.
-  one = _spawn(workdir=str(workdir), devices=2, overrides=overrides)
+  one = distributed.spawn_train_worker(workdir=str(workdir), devices=2, overrides=overrides)
   out, _ = one.communicate(timeout=120)
   assert one.returncode != 0 and "was written by 2 processes, and this run has 1" in out, out[-3000:]

@@ -4,8 +4,6 @@ non-finite steps, bad configs, a single compile, and exact gradient accumulation
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -20,17 +18,9 @@ from tests.helpers import copy_run
 from tests.helpers import small_train_config
 from tests.helpers import trained_run_config
 
-WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _spawn(**spec):
-  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=ROOT, env=distributed.child_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
 
 def _run(**spec):
-  proc = _spawn(**spec)
+  proc = distributed.spawn_train_worker(**spec)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
   return out
@@ -61,7 +51,7 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run
   overrides = trained_run_config().to_dict()  # the shared trained_run is the 8-device run
   overrides = {k: overrides[k] for k in ("total_steps", "ckpt_steps", "async_checkpointing")}
   port = distributed.free_port()
-  procs = [_spawn(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i, port=port,
+  procs = [distributed.spawn_train_worker(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i, port=port,
                   overrides=overrides) for i in range(2)]
   _run(workdir=str(tmp_path / "one"), devices=1, overrides=overrides)  # while the two processes run
   for p in procs:
@@ -80,7 +70,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
   _run(workdir=str(tmp_path / "straight"), devices=2)  # the scenes decode in-process by default
   killed = tmp_path / "killed"
   workers = {"data.num_workers": 2}  # the killed and resumed runs decode in 2 input worker processes
-  proc = _spawn(workdir=str(killed), devices=2, batch_delay=0.3, overrides=workers)
+  proc = distributed.spawn_train_worker(workdir=str(killed), devices=2, batch_delay=0.3, overrides=workers)
   _wait_for(lambda: os.path.isdir(killed / "checkpoints" / "2"), proc)
   proc.send_signal(signal.SIGKILL)  # no chance to clean up
   proc.wait()
@@ -98,7 +88,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
 @pytest.mark.slow(reason="a training subprocess, stopped by a signal")
 def test_sigterm_checkpoints_the_current_step(tmp_path):
   workdir = tmp_path / "term"
-  proc = _spawn(workdir=str(workdir), devices=1, batch_delay=0.3,
+  proc = distributed.spawn_train_worker(workdir=str(workdir), devices=1, batch_delay=0.3,
                 overrides={"total_steps": 1000, "ckpt_steps": 500})
   _wait_for(lambda: os.path.exists(workdir / "metrics.jsonl") and max(_losses(workdir) or [0]) >= 3, proc)
   proc.send_signal(signal.SIGTERM)
@@ -113,7 +103,7 @@ def test_sigterm_checkpoints_the_current_step(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
   workdir = tmp_path / "nan"
   # It stops at step 5; 1000 steps make its train step the SIGTERM test's program, compiled once for both.
-  proc = _spawn(workdir=str(workdir), devices=1, nan_from_step=3,
+  proc = distributed.spawn_train_worker(workdir=str(workdir), devices=1, nan_from_step=3,
                 overrides={"ckpt_steps": 1, "max_bad_steps": 3, "total_steps": 1000})
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 3 and "3 steps in a row" in out, out[-3000:]

@@ -163,9 +163,12 @@ def main(argv):
   config = FLAGS.config
   chance = np.log(len(scenes_lib.KINDS) if FLAGS.label == "kind" else len(scenes_lib.COLOUR_NAMES))
   v = config.model.vision
-  tower = f"ViT patch {v.patch_size}, {v.stem} stem" if FLAGS.tower == "vit" else "reference CNN"
   if FLAGS.weights:
     tower = f"the ViT of {FLAGS.weights}"
+  elif FLAGS.tower == "vit":
+    tower = f"ViT patch {v.patch_size}, {v.stem} stem"
+  else:
+    tower = "reference CNN"
   tower += ", frozen (linear head only)" if FLAGS.frozen else ""
   print(f"probe: {FLAGS.label} of one-object scenes, {config.data.image_size} px, {tower}, backgrounds "
         f"{tuple(config.data.scenes.backgrounds)}, size {FLAGS.size or 'all'}; batch {config.global_batch_size}, "
