@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 
@@ -52,18 +53,33 @@ def default_optim_config() -> ml_collections.ConfigDict:
   ))
 
 
-def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_value: float = 0.0) -> optax.Schedule:
+def warmup_cosine(peak, warmup_steps, total_steps, end_value=0.0) -> optax.Schedule:
   """Linear warmup from 0 to `peak` over min(warmup_steps, total_steps - 1) steps, then cosine decay to
-  `end_value` at total_steps (pretraining and the evaluators' fine-tuning share it)."""
-  warmup = min(int(warmup_steps), max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-      end_value=end_value)
+  `end_value` at total_steps (pretraining and the evaluators' fine-tuning share it).
+
+  optax's warmup_cosine_decay_schedule in jnp alone: its arguments may be traced scalars as well as numbers, so
+  the train step can take them as arguments (make_train_step) instead of compiling them in.
+  """
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    warmup = jnp.minimum(warmup_steps, jnp.maximum(total_steps - 1, 0)).astype(jnp.float32)
+    decay = jnp.maximum(total_steps, warmup + 1) - warmup
+    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, decay) / decay))
+    return jnp.where(count < warmup, peak * count / jnp.maximum(warmup, 1.0),
+                     end_value + (peak - end_value) * cosine)
+
+  return schedule
+
+
+def schedule_args(cfg: ml_collections.ConfigDict, total_steps: int) -> dict[str, np.ndarray]:
+  """warmup_cosine's arguments for an optim config (see default_optim_config) and a run length."""
+  return {"peak": np.float32(cfg.lr), "warmup_steps": np.float32(cfg.warmup_steps),
+          "total_steps": np.float32(total_steps), "end_value": np.float32(cfg.lr * cfg.end_lr_fraction)}
 
 
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """The pretraining schedule of an optim config (see default_optim_config)."""
-  return warmup_cosine(cfg.lr, cfg.warmup_steps, total_steps, end_value=cfg.lr * cfg.end_lr_fraction)
+  return warmup_cosine(**schedule_args(cfg, total_steps))
 
 
 def clip_params(bounds: Sequence[tuple[str, float, float]]) -> optax.GradientTransformation:
@@ -94,12 +110,12 @@ def clip_params(bounds: Sequence[tuple[str, float, float]]) -> optax.GradientTra
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int,
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, learning_rate: optax.Schedule,
                    frozen: Sequence[str] = ()) -> optax.GradientTransformation:
-  """AdamW over trainable leaves, then cfg.param_bounds; leaves matching cfg.freeze or `frozen` get no update
-  (and no state), whatever their bounds."""
+  """AdamW at `learning_rate` (e.g. schedule(cfg, total_steps)) over trainable leaves, then cfg.param_bounds;
+  leaves matching cfg.freeze or `frozen` get no update (and no state), whatever their bounds."""
   decay_mask = match_rules(params, [(p, False) for p in cfg.no_decay], default=True)
-  adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+  adamw = optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
   tx = optax.chain(*chain, adamw, clip_params(cfg.param_bounds))

@@ -68,6 +68,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Replicated output: every host holds the whole (small) images, so process 0 can fetch them; the batch they
   # come from spans every host's devices, which no single host may read.
   visualise = jax.jit(functools.partial(_visualise, model, heads), out_shardings=sharding.replicated(mesh))
+  schedule_args = jax.device_put(train_step.schedule_args, sharding.replicated(mesh))  # once, not every step
 
   # ----------------------------------------------------------------------------- resume or initialise
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_ckpts,
@@ -147,9 +148,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = next(train_iter)
         if step == first_step + 1:
-          state, aux = _first_step(train_step.step, state, batch, cache_dir)
+          state, aux = _first_step(train_step.step, state, batch, schedule_args, cache_dir)
         else:
-          state, aux = train_step.step(state, batch)
+          state, aux = train_step.step(state, batch, schedule_args)
       if step == profile_last:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -209,7 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 class TrainStep(NamedTuple):
   """The jitted pieces of one training run on a mesh, and the shapes and shardings that feed them."""
   init: Callable[[jax.Array], dict[str, Any]]   # rng -> state, every array born split over the mesh
-  step: Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]  # (state, batch) -> (state, aux); donates state
+  # (state, batch, schedule_args) -> (state, aux); donates state
+  step: Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]
+  schedule_args: dict[str, np.ndarray]          # the learning-rate schedule's numbers (optim.schedule_args)
   abstract_state: Any                           # ShapeDtypeStructs of the state, carrying their shardings
   abstract_batch: dict[str, jax.ShapeDtypeStruct]  # one global batch, likewise
   state_sharding: Any
@@ -233,21 +236,26 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
   # The ITC loss picks the temperature's (and bias's) starting values: SigLIP's for the sigmoid loss.
   init_model = model.clone(**losses.contrastive_init(config.loss))
 
+  # The schedule's numbers (peak rate, warmup, length) are arguments of the step, not constants compiled into it:
+  # runs that differ only in length or peak rate (a resume with a new length, an lr sweep, the tests' runs of 2 and
+  # 6 steps) share one program and its entry in the persistent compilation cache.
+  make_tx = lambda params, schedule: optim.make_optimizer(config.optim, params, schedule, frozen=unused)
+
   def init_state(rng):
     params = sycoca.init_params(init_model, rng)
-    tx = optim.make_optimizer(config.optim, params, num_steps, frozen=unused)
+    tx = make_tx(params, optim.schedule(config.optim, num_steps))  # the state holds the count, not the rate
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": rng, "bad_steps": jnp.zeros((), jnp.int32)}
 
   abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
   state_sharding = sharding.param_shardings(abstract, mesh, config.sharding_rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  tx = optim.make_optimizer(config.optim, abstract["params"], num_steps, frozen=unused)
-  lr_schedule = optim.schedule(config.optim, num_steps)
 
-  @functools.partial(jax.jit, in_shardings=(state_sharding, batch_sharding),
+  @functools.partial(jax.jit, in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
-  def train_step(state, batch):
+  def train_step(state, batch, schedule_args):
+    lr_schedule = optim.warmup_cosine(**schedule_args)
+    tx = make_tx(state["params"], lr_schedule)
     # uint8 pixels from the host, normalised here once (one multiply-add that XLA fuses into its first use):
     # a quarter of the bytes of float32 at every stage before, the host-to-device copy included.
     batch = dict(batch, image=pixels.normalize(batch["image"]))
@@ -276,6 +284,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
       # Created under jit with out_shardings: every array is born split over the mesh, never whole on one device.
       init=jax.jit(init_state, out_shardings=state_sharding),
       step=train_step,
+      schedule_args=optim.schedule_args(config.optim, num_steps),
       abstract_state=jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   abstract, state_sharding),
       abstract_batch={"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sharding),
@@ -371,10 +380,10 @@ def _count_cache_hits() -> list[int]:
   return hits
 
 
-def _first_step(step_fn, state, batch, cache_dir: str):
+def _first_step(step_fn, state, batch, schedule_args, cache_dir: str):
   """The first step, whose call compiles the train step (or loads it from the cache): timed and logged."""
   hits, t = _count_cache_hits()[0], time.time()
-  state, aux = step_fn(state, batch)  # returns once compiled and dispatched
+  state, aux = step_fn(state, batch, schedule_args)  # returns once compiled and dispatched
   loaded = _count_cache_hits()[0] - hits
   logging.info("Train step compiled in %.1f s (%s from the compilation cache %s).", time.time() - t,
                f"{loaded} programs loaded" if loaded else "nothing loaded", cache_dir)

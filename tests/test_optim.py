@@ -23,7 +23,7 @@ def _optimizer(**overrides):
 
 
 def _step(cfg, params, grads, frozen=()):
-  tx = optim.make_optimizer(cfg, params, total_steps=10, frozen=frozen)
+  tx = optim.make_optimizer(cfg, params, optim.schedule(cfg, total_steps=10), frozen=frozen)
   updates, _ = tx.update(grads, tx.init(params), params)
   return optax.apply_updates(params, updates)
 
@@ -73,3 +73,25 @@ def test_bounds_inside_a_frozen_split():
   np.testing.assert_array_equal(new["w"], params["w"])
   new = _step(_optimizer(), params, grads, frozen=("^logit_scale$",))
   np.testing.assert_array_equal(new["logit_scale"], params["logit_scale"])
+
+
+@pytest.mark.parametrize("peak,warmup,total,end", [
+    (5e-4, 2000, 100_000, 0.0),   # the base config's shape
+    (1e-3, 2, 6, 1e-5),           # the tests' tiny runs
+    (1e-3, 0, 10, 0.0),           # no warmup
+    (2e-3, 100, 3, 0.0),          # warmup longer than the run: cut to total - 1
+    (1.0, 5, 1, 0.1),             # a run of one step
+])
+def test_schedule_is_optax_warmup_cosine_for_numbers_and_traced_arguments(peak, warmup, total, end):
+  """The train step takes the schedule's numbers as arguments (one program for any run length); the values are
+  optax's warmup_cosine_decay_schedule's, and a traced schedule gives what the numbers give."""
+  cut = min(warmup, max(total - 1, 0))
+  want = optax.warmup_cosine_decay_schedule(0.0, peak, cut, max(total, cut + 1), end)
+  cfg = optim.default_optim_config()
+  cfg.update(lr=peak, warmup_steps=warmup, end_lr_fraction=end / peak)
+  traced = jax.jit(lambda count, args: optim.warmup_cosine(**args)(count))
+  counts = sorted({0, 1, 2, cut - 1, cut, cut + 1, total // 2, total - 1, total, total + 7} - {-1})
+  got = [float(optim.schedule(cfg, total)(c)) for c in counts]
+  np.testing.assert_allclose(got, [float(want(c)) for c in counts], rtol=2e-5, atol=1e-7 * peak)
+  np.testing.assert_allclose([float(traced(c, optim.schedule_args(cfg, total))) for c in counts], got, rtol=1e-6)
+  assert got[-1] == pytest.approx(end, rel=1e-5, abs=1e-12) and max(got) == pytest.approx(peak, rel=1e-5)

@@ -190,7 +190,7 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used():
   bad = dict(good, image=np.full_like(good["image"], np.nan))
   logged = []
   for batch in (good, bad, good):
-    state, aux = step.step(state, sharding.global_batch(batch, mesh))
+    state, aux = step.step(state, sharding.global_batch(batch, mesh), step.schedule_args)
     logged.append(float(aux["learning_rate"]))
   schedule = optim.schedule(config.optim, num_steps)
   # Updates 1 and 3 ran with the optimizer's counts 0 and 1; step 2 was skipped.
@@ -230,7 +230,7 @@ def test_sigmoid_loss_starts_at_siglip_values_and_learns_its_bias():
   local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
   batch = sharding.global_batch({"image": local["image"], "text": local["text"]}, mesh)
   for _ in range(2):  # the first update's learning rate is 0 (warmup)
-    state, aux = step.step(state, batch)
+    state, aux = step.step(state, batch, step.schedule_args)
   assert np.isfinite(float(aux["contrastive_loss"])) and float(aux["logit_bias"]) == -10.0
   assert float(state["params"]["logit_bias"]) != -10.0   # trained (not frozen, as under the softmax loss)
 
@@ -305,3 +305,18 @@ def test_checkpoint_without_its_metadata_is_reported_as_damaged(tmp_path, traine
     os.remove(workdir / "checkpoints" / str(step) / "state" / "_METADATA")
   with pytest.raises(checkpoint.CheckpointUnreadable, match=r"checkpoints/2 is damaged: state/_METADATA is missing"):
     train.train_and_evaluate(trained_run_config(total_steps=4), str(workdir))
+
+
+@pytest.mark.slow(reason="traces and lowers the train step four times")
+def test_runs_of_another_length_or_peak_rate_share_one_train_step_program():
+  """The schedule's numbers are arguments of the step: a new run length (a resume that extends a run) or peak rate
+  (an lr sweep) lowers to the same program, one persistent-cache entry; the optimizer's constants still count."""
+  def lowered(**overrides):
+    config = small_train_config(**overrides)
+    mesh = sharding.make_mesh(config.mesh)
+    step = train.make_train_step(config, sycoca.build_model(config.model), mesh, config_lib.total_steps(config))
+    return step.step.lower(step.abstract_state, step.abstract_batch, step.schedule_args).as_text()
+
+  base = lowered()
+  assert lowered(total_steps=1000, **{"optim.lr": 3e-2, "optim.warmup_steps": 50}) == base
+  assert lowered(**{"optim.weight_decay": 0.123}) != base

@@ -371,7 +371,7 @@ def count_flops(config: ml_collections.ConfigDict) -> float:
   model = sycoca.build_model(twin.model)
   mesh = sharding.make_mesh(twin.mesh, jax.devices()[:1])
   step = train.make_train_step(twin, model, mesh, config_lib.total_steps(twin))
-  flops = _lowered_flops(step.step, step.abstract_state, step.abstract_batch)
+  flops = _lowered_flops(step.step, step.abstract_state, step.abstract_batch, step.schedule_args)
   if accum > 1 and "itc" in losses.enabled_heads(config.loss):
     # The gradient cache first embeds the whole batch without gradient: one more forward pass of both encoders.
     def embed(params, batch):
@@ -461,7 +461,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, topology: str, breakdow
 
   t = time.perf_counter()
   try:
-    compiled = compile_lowered(step.step.lower(step.abstract_state, step.abstract_batch), slice_)
+    compiled = compile_lowered(step.step.lower(step.abstract_state, step.abstract_batch, step.schedule_args), slice_)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
