@@ -47,6 +47,21 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax
   return (i2t + t2i) / 2
 
 
+def hard_negative_loss(image_emb: jax.Array, text_emb: jax.Array, negative_emb: jax.Array, temperature: jax.Array,
+                       valid: jax.Array) -> jax.Array:
+  """Each image against its caption and that caption's false twin (one object, attribute, relation or count
+  changed): -log softmax over the pair, mean over the examples that have a twin.
+
+  [B, E] x3 (L2-normalised), scalar temperature, bool [B] -> scalar. NegCLIP (Yuksekgonul et al. 2023) adds
+  such twins to the batch's softmax; scored against its own caption alone, the image must tell apart exactly what
+  the two sentences do, which the batch's other captions rarely ask of it. Per example: no device talks to another.
+  """
+  x = image_emb.astype(jnp.float32)
+  margin = temperature * jnp.sum(x * (negative_emb.astype(jnp.float32) - text_emb.astype(jnp.float32)), axis=-1)
+  weights = valid.astype(jnp.float32)
+  return jnp.sum(jax.nn.softplus(margin) * weights) / jnp.maximum(weights.sum(), 1.0)
+
+
 def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array, bias: jax.Array) -> jax.Array:
   """SigLIP: -sum log sigmoid(label * (t <x_i, y_j> + b)) / B, label +1 on matching pairs, -1 elsewhere.
 
@@ -250,6 +265,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # reference formula, whose [B, B] logits the compiler lays out as it likes.
       contrastive_impl="sharded",
       sigmoid_init_temperature=10.0, sigmoid_init_bias=-10.0,   # SigLIP's start; learned from there
+      # Each image against its caption's false twin (hard_negative_loss), for data whose captions come with one
+      # (data.scenes.hard_negatives); 0 = off. Needs the ITC head.
+      hard_negative_weight=0.0,
   ))
 
 
@@ -275,7 +293,8 @@ def enabled_heads(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 # Each objective's named term and the config.loss key of its weight, in the order they are summed.
-LOSS_WEIGHTS = {"contrastive_loss": "itc_weight", "caption_loss": "ic_weight", "mim_loss": "mim_weight"}
+LOSS_WEIGHTS = {"contrastive_loss": "itc_weight", "caption_loss": "ic_weight", "mim_loss": "mim_weight",
+                "hard_negative_loss": "hard_negative_weight"}
 
 
 def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str, Any],
@@ -295,6 +314,12 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
     with jax.named_scope("contrastive_loss"):
       terms["contrastive_loss"] = contrastive(out["image_embedding"], out["text_embedding"], out["logit_scale"],
                                               out["logit_bias"])
+  if "hard_negative_embedding" in out:
+    with jax.named_scope("hard_negative_loss"):
+      valid = jnp.any(batch["hard_negative"] != batch["text"], axis=-1)  # a twin equal to the caption is none
+      terms["hard_negative_loss"] = hard_negative_loss(out["image_embedding"], out["text_embedding"],
+                                                       out["hard_negative_embedding"], out["logit_scale"], valid)
+      terms["hard_negatives"] = valid.sum()
   if "ic" in heads:
     with jax.named_scope("caption_loss"):
       terms["caption_loss"], terms["caption_tokens"] = caption_loss(out["caption_logits"], batch["text"],
@@ -317,6 +342,20 @@ def total_loss(terms: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict)
   return total
 
 
+def forward(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, params: Any, batch: dict[str, jax.Array],
+            rng: jax.Array, heads: tuple[str, ...]) -> dict[str, Any]:
+  """The model's outputs for `heads` on `batch`, and with loss_cfg.hard_negative_weight the embeddings of the
+  batch's false twins of its captions (the text tower run on them as well)."""
+  out = model.apply({"params": params}, batch["image"], batch["text"], rng=rng, heads=heads)
+  if loss_cfg.hard_negative_weight > 0 and "itc" in heads:
+    if "hard_negative" not in batch:
+      raise ValueError("config.loss.hard_negative_weight is on, but the batch has no 'hard_negative' captions "
+                       "(data.scenes.hard_negatives).")
+    out["hard_negative_embedding"] = model.apply({"params": params}, batch["hard_negative"],
+                                                 method=SyCoCa.encode_text)["embedding"]
+  return out
+
+
 def make_loss_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> LossFn:
   """Returns loss_fn(params, batch, rng) -> (total loss, aux) for use inside one jit.
 
@@ -328,7 +367,7 @@ def make_loss_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, mesh: Optio
   contrastive = make_contrastive_fn(loss_cfg, mesh)
 
   def loss_fn(params, batch, rng):
-    out = model.apply({"params": params}, batch["image"], batch["text"], rng=rng, heads=heads)
+    out = forward(model, loss_cfg, params, batch, rng, heads)
     aux = loss_terms(model, loss_cfg, out, batch, heads, contrastive)
     aux["loss"] = total_loss(aux, loss_cfg)
     return aux["loss"], aux
@@ -379,10 +418,12 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
     return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
   def grad_fn(params, batch, rng):
-    micro = jax.tree.map(split, {"image": batch["image"], "text": batch["text"]})
+    micro = jax.tree.map(split, {k: batch[k] for k in ("image", "text", "hard_negative") if k in batch})
     rngs = jax.random.split(rng, accum_steps)
     batch_size = batch["text"].shape[0]
     num_tokens = jnp.maximum((batch["text"][:, 1:] != model.pad_id).sum(), 1).astype(jnp.float32)
+    if "hard_negative" in micro:
+      num_twins = jnp.maximum(jnp.any(batch["hard_negative"] != batch["text"], axis=-1).sum(), 1).astype(jnp.float32)
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
 
     aux: dict[str, jax.Array] = {}
@@ -401,14 +442,16 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
       mb, r, gi, gt = xs
 
       def surrogate(p):
-        out = model.apply({"params": p}, mb["image"], mb["text"], rng=r, heads=heads)
+        out = forward(model, loss_cfg, p, mb, r, heads)
         # ITC was taken on the whole batch above; the other terms are this micro-batch's share of the batch's
         # means (the caption loss: of its mean over all the batch's real tokens).
         terms = loss_terms(model, loss_cfg, out, mb, tuple(h for h in heads if h != "itc"))
-        count = terms.pop("caption_tokens", None)
+        count, twins = terms.pop("caption_tokens", None), terms.pop("hard_negatives", None)
         parts = {k: v / accum_steps for k, v in terms.items()}
         if "ic" in heads:
           parts["caption_loss"] = terms["caption_loss"] * count / num_tokens
+        if twins is not None:  # likewise: its share of the mean over all the batch's twins
+          parts["hard_negative_loss"] = terms["hard_negative_loss"] * twins / num_twins
         weighted = dict(parts)
         if "itc" in heads:
           # Its gradient reaches the parameters through the embeddings', computed above.

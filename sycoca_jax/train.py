@@ -57,7 +57,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Batches go to the devices (uint8) `data.device_prefetch` steps ahead; the state a checkpoint saves is the
   # one after the last batch the loop took, not after those queued.
   train_iter = DevicePrefetcher(train_iter, lambda local: sharding.global_batch(
-      {"image": local["image"], "text": local["text"]}, mesh), config.data.device_prefetch)
+      {k: local[k] for k in ("image", "text", "hard_negative") if k in local}, mesh), config.data.device_prefetch)
 
   # ---------------------------------------------- model, loss, optimizer, the train step and its sharded state
   # One builder for this loop, the benchmark and the AOT tool: the state is only described (eval_shape), its
@@ -280,6 +280,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
     return new_state, aux
 
   b, s, l = config.global_batch_size, config.model.vision.image_size, config.model.text.context_length
+  texts = ("text", "hard_negative") if config.loss.hard_negative_weight > 0 else ("text",)
   return TrainStep(
       # Created under jit with out_shardings: every array is born split over the mesh, never whole on one device.
       init=jax.jit(init_state, out_shardings=state_sharding),
@@ -288,7 +289,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
       abstract_state=jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   abstract, state_sharding),
       abstract_batch={"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sharding),
-                      "text": jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=batch_sharding)},
+                      **{k: jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=batch_sharding) for k in texts}},
       state_sharding=state_sharding,
       batch_sharding=batch_sharding,
   )

@@ -126,6 +126,9 @@ def test_eval_configs_take_the_geometry_of_model():
     ("total_steps", -5, r"config.total_steps: -5 is negative"),
     ("data.tokenizer", "clip_bpe", r"config.model.text.vocab_size: 119 is smaller than the vocabulary of "
                                    r"data.tokenizer='clip_bpe' \(49408\)"),
+    ("loss.hard_negative_weight", -1.0, r"config.loss.hard_negative_weight: -1.0 is negative"),
+    ("loss.hard_negative_weight", 0.5, r"config.loss.hard_negative_weight: 0.5 needs captions with false twins: "
+                                       r"data.name='scenes' with data.scenes.hard_negatives"),
 ])
 def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config = load("sycoca_tiny", "runlocal")

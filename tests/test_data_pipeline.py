@@ -237,6 +237,26 @@ def test_flip_mirrors_image_and_swaps_left_right():
   assert 0 < mirrored < 16
 
 
+def test_each_caption_comes_with_its_own_twin_flipped_alike():
+  cfg = _config(flip=True)
+  cfg.scenes.hard_negatives = ("object", "relation")
+  batch = next(data.build_train_iterator(cfg, global_batch_size=16, seed=0, process_index=0, process_count=1))
+  assert batch["hard_negative"].shape == batch["text"].shape and batch["hard_negative"].dtype == np.int32
+  tok = data.tokenizer_from_config(cfg)
+  source = scenes.ScenesSource("train", hard_negatives=("object", "relation"))
+  pairs = {}
+  for example_id in batch["example_id"]:
+    element = source[int(example_id)]
+    for caption, twin in zip(element["captions"], element["hard_negatives"]):
+      for swap in (lambda t: t, pipeline.swap_left_right):  # as it was drawn, or mirrored with the image
+        pairs[tok.normalize(swap(caption))] = tok.normalize(swap(twin))
+  for text, twin in zip(batch["text"], batch["hard_negative"]):
+    assert tok.decode(twin)[0] == pairs[tok.decode(text)[0]]
+  assert (batch["hard_negative"] != batch["text"]).any(axis=1).sum() >= 12
+  assert "hard_negative" not in next(data.build_train_iterator(_config(), global_batch_size=8, seed=0,
+                                                               process_index=0, process_count=1))
+
+
 def test_eval_batches_are_padded_masked_and_split_across_processes():
   cfg = _config()
   split = data.load_eval_split(cfg, "zeroshot_digit")

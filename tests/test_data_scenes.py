@@ -142,6 +142,27 @@ def test_negatives_are_false_and_differ_in_one_place():
   assert min(made.values()) > 20
 
 
+def test_hard_negative_twins_are_false_and_change_the_kind_only():
+  source = scenes.ScenesSource("train", hard_negatives=("object",))
+  kinds = (set(scenes.KINDS) | {w for words in scenes.SHAPE_WORDS.values() for w in words}
+           | set(scenes.SHAPE_PLURALS.values()) | {d + "s" for d in scenes.DIGITS})
+  twins = 0
+  for i in range(30):
+    element = source[i]
+    assert element["captions"] == source[i]["captions"]  # a pure function of the index, twins too
+    for caption, twin in zip(element["captions"], element["hard_negatives"]):
+      if twin == caption:  # the scene had nothing of the kind: a plain caption, no twin
+        continue
+      twins += 1
+      a, b = ([w for w in t.split() if w not in ("a", "an")] for t in (caption, twin))
+      changed = [(x, y) for x, y in zip(a, b) if x != y]
+      assert len(a) == len(b) and len(changed) == 1 and set(changed[0]) <= kinds, (caption, twin)
+  assert twins >= 100
+  assert "hard_negatives" not in scenes.ScenesSource("train")[0]
+  with pytest.raises(ValueError, match=r"config.data.scenes.hard_negatives: \['colour'\]"):
+    scenes.ScenesSource("train", hard_negatives=("colour",))
+
+
 def test_vqa_answers_are_correct():
   for i in range(100):
     scene = scenes.sample_scene(0, "test", i)

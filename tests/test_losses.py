@@ -28,6 +28,20 @@ def test_contrastive_loss_matches_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_hard_negative_loss_is_the_pair_softmax_over_examples_with_a_twin():
+  rng = np.random.RandomState(2)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  img, txt, neg = (unit(rng.randn(6, 8)) for _ in range(3))
+  valid = np.array([True, True, False, True, False, True])
+  pair = 10.0 * np.stack([(img * txt).sum(1), (img * neg).sum(1)], axis=1)  # [B, 2]: caption, twin
+  want = -_log_softmax(pair)[valid, 0].mean()
+  got = losses.hard_negative_loss(*(jnp.asarray(x, jnp.float32) for x in (img, txt, neg)), 10.0, jnp.asarray(valid))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  none = losses.hard_negative_loss(*(jnp.asarray(x, jnp.float32) for x in (img, txt, neg)), 10.0,
+                                   jnp.zeros(6, bool))
+  assert float(none) == 0.0  # a batch without twins adds nothing
+
+
 def test_caption_loss_ignores_padding():
   rng = np.random.RandomState(1)
   text = np.array([[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0]])

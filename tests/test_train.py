@@ -203,17 +203,19 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used():
 def test_gradient_accumulation_is_exact(contrastive):
   """Micro-batching (with contrastive negatives from the whole batch, sharded over the 8 devices: the ring for
   the sigmoid loss) gives the full-batch gradient of the dense formula on one device."""
-  config = small_train_config(**{"loss.contrastive": contrastive})
+  # The softmax case with the hard-negative term on: its mean over the batch's twins is exact too.
+  twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5}
+  config = small_train_config(**{"loss.contrastive": contrastive, **(twins if contrastive == "softmax" else {})})
   model = sycoca.build_model(config.model).clone(**losses.contrastive_init(config.loss))
   params = sycoca.init_params(model, jax.random.PRNGKey(0))
   from sycoca_jax.data import build_train_iterator  # pylint: disable=g-import-not-at-top
   local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
-  batch = {"image": local["image"], "text": local["text"]}
+  batch = {k: local[k] for k in ("image", "text", "hard_negative") if k in local}
   full, aux_full = jax.jit(losses.make_grad_fn(model, config.loss, 1))(params, batch, jax.random.PRNGKey(0))
   mesh = sharding.make_mesh(config.mesh)
   acc, aux_acc = jax.jit(losses.make_grad_fn(model, config.loss, 2, mesh))(
       params, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0))
-  for k in ("loss", "contrastive_loss", "caption_loss", "mim_loss"):
+  for k in ("loss", "contrastive_loss", "caption_loss", "mim_loss") + (("hard_negative_loss",) if "hard_negative" in batch else ()):
     np.testing.assert_allclose(aux_acc[k], aux_full[k], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-6), full, acc)
 

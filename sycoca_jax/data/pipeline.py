@@ -101,7 +101,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     prefetch_buffer_size  examples read ahead, shared out among the workers
     max_consecutive_skips fail (naming the last reason) after this many unusable examples in a row
     scenes          num_train (0: unbounded), num_captions, min_objects, max_objects, backgrounds (kinds drawn,
-                    repeats weight them; scenes.BACKGROUNDS)
+                    repeats weight them; scenes.BACKGROUNDS), hard_negatives (scenes.NEGATIVE_KINDS: each
+                    training caption comes with a false twin for loss.hard_negative_weight's term)
     path            webdataset_array_record: glob of .array_record files (local or gs://, sycoca_jax.paths);
                     coco_json: the annotation JSON
     image_dir       coco_json: folder the JSON's image paths are relative to
@@ -127,7 +128,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "prefetch_buffer_size": 64,
       "max_consecutive_skips": 1000,
       "scenes": {"num_train": 0, "num_captions": 5, "min_objects": 1, "max_objects": 4,
-                 "backgrounds": scenes_lib.BACKGROUNDS},
+                 "backgrounds": scenes_lib.BACKGROUNDS, "hard_negatives": ()},
       "path": "",
       "image_dir": "",
       "eval_path": "",
@@ -256,7 +257,8 @@ def swap_left_right(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ExampleMaker:
-  """(global stream position, record id) -> (cropped S x S image, caption ids [L]), or why it can not be used."""
+  """(global stream position, record id) -> (cropped S x S image, caption ids [L], its false twin's ids [L] or
+  None), or why it can not be used."""
 
   source: sources_lib.Source
   tokenizer: tokenizers_lib.Tokenizer
@@ -268,7 +270,7 @@ class ExampleMaker:
   flip: bool
 
   def __call__(self, position: int, record_id: int, attempt: int = 0,
-               record: dict | BadExample | None = None) -> tuple[Image.Image, np.ndarray] | str:
+               record: dict | BadExample | None = None) -> tuple[Image.Image, np.ndarray, np.ndarray | None] | str:
     """attempt > 0: the example is a substitute for an unusable one (see `substitute`), with its own draws.
 
     record: source[record_id] when it was read ahead (what reading it raised, if it failed); else read here.
@@ -286,13 +288,18 @@ class ExampleMaker:
       min_side = math.ceil(self.image_size / math.sqrt(self.crop_scale[0]))
       image = random_resized_crop(load_image(record, min_side), rng, self.image_size, self.crop_scale,
                                   self.crop_ratio)
-      caption = captions[int(rng.integers(len(captions)))]
+      pick = int(rng.integers(len(captions)))
+      caption = captions[pick]
+      # Its false twin, the same sentence with one thing changed (scenes with data.scenes.hard_negatives).
+      negative = dict(zip(record["captions"], record.get("hard_negatives", ()))).get(caption)
       if self.flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
         caption = swap_left_right(caption)
+        negative = negative and swap_left_right(negative)
     except BadExample as e:
       return e.reason
-    return image, self.tokenizer.encode([caption])[0]
+    encode = lambda text: None if text is None else self.tokenizer.encode([text])[0]
+    return image, encode(caption), encode(negative)
 
   def substitute(self, position: int, attempt: int) -> int:
     """The record tried at `position` after `attempt` unusable ones: drawn from a stream seeded by (seed,
@@ -307,7 +314,8 @@ _SUBSTITUTE = 0x5B  # keeps the substitutes' seeds apart from the examples' own 
 class ChunkMaker:
   """Chunk c -> examples K c ... K (c + 1) - 1 of this process's stream, stacked, every row usable.
 
-  {'image': uint8 [K, S, S, 3], 'text': int32 [K, L], 'example_id': int32 [K], 'skip': K tuples of the reasons
+  {'image': uint8 [K, S, S, 3], 'text': int32 [K, L], 'example_id': int32 [K], with hard negatives (a source's
+  `hard_negatives`) 'hard_negative': int32 [K, L] (a row equal to its text is none), 'skip': K tuples of the reasons
   why records tried for that row could not be used, () for most rows}. An unusable example is replaced in its
   own row by a substitute (`ExampleMaker.substitute`), so stream index k is always row k % K of chunk k // K:
   chunks stay aligned with batches after a skip, and a chunk of a whole batch is the batch, not copied again
@@ -331,6 +339,8 @@ class ChunkMaker:
     s, length = self.make_example.image_size, self.make_example.tokenizer.max_len
     out = {"image": np.zeros((self.size, s, s, 3), np.uint8), "text": np.zeros((self.size, length), np.int32),
            "example_id": np.zeros((self.size,), np.int32)}
+    if getattr(self.make_example.source, "hard_negatives", ()):
+      out["hard_negative"] = np.zeros((self.size, length), np.int32)
     rows = [tuple(int(x) for x in self.record_at(k + i)) for i in range(self.size)]
     records = [None] * self.size
     if self.read_threads > 1:
@@ -350,6 +360,8 @@ class ChunkMaker:
       if not isinstance(example, str):
         out["image"][i] = np.asarray(example[0])
         out["text"][i], out["example_id"][i] = example[1], record_id
+        if "hard_negative" in out:
+          out["hard_negative"][i] = example[1] if example[2] is None else example[2]
     out["skip"] = tuple(skips)
     return out
 
@@ -390,7 +402,7 @@ class SkipCounter:
                          f"{dict(self.counts)}). Check the data path and format.")
 
 
-_BATCH_KEYS = ("image", "text", "example_id")
+_BATCH_KEYS = ("image", "text", "example_id", "hard_negative")  # those a chunk has
 
 
 class TrainIterator:
@@ -443,8 +455,9 @@ class TrainIterator:
       need -= end - i
       self._next = self._chunk_start + end
     if len(pieces) == 1 and pieces[0][2] - pieces[0][1] == self._chunk_size:  # a whole chunk: as it is
-      return {key: np.asarray(pieces[0][0][key]) for key in _BATCH_KEYS}
-    return {key: np.concatenate([chunk[key][i:end] for chunk, i, end in pieces]) for key in _BATCH_KEYS}
+      return {key: np.asarray(pieces[0][0][key]) for key in _BATCH_KEYS if key in chunk}
+    return {key: np.concatenate([chunk[key][i:end] for chunk, i, end in pieces]) for key in _BATCH_KEYS
+            if key in chunk}
 
   @property
   def stats(self) -> dict[str, int]:

@@ -642,20 +642,26 @@ class ScenesSource:
   """Random-access source of rendered scenes (grain's RandomAccessDataSource protocol).
 
   Element i: {'image': uint8 [S, S, 3], 'captions': list[str], 'id': int} plus, for zero-shot splits,
-  'label': int, and with `patch_size`, 'object_patches': float32 [K, g, g].
+  'label': int, with `patch_size`, 'object_patches': float32 [K, g, g], and with `hard_negatives` (kinds of
+  NEGATIVE_KINDS), 'hard_negatives': list[str], caption j's false twin (training's pairwise ITC term).
   """
 
   def __init__(self, split: str = "train", *, seed: int = 0, image_size: int = 64, num_captions: int = 5,
                num_examples: int | None = None, min_objects: int = 1, max_objects: int = 4,
-               patch_size: int | None = None, backgrounds: Sequence[str] = BACKGROUNDS):
+               patch_size: int | None = None, backgrounds: Sequence[str] = BACKGROUNDS,
+               hard_negatives: Sequence[str] = ()):
     if split not in SPLIT_IDS:
       raise ValueError(f"Unknown scenes split {split!r}; known: {sorted(SPLIT_IDS)}")
+    unknown = [k for k in hard_negatives if k not in NEGATIVE_KINDS]
+    if unknown:
+      raise ValueError(f"config.data.scenes.hard_negatives: {unknown} not in {NEGATIVE_KINDS}.")
     if not 1 <= min_objects <= max_objects <= 4:
       raise ValueError(f"Need 1 <= min_objects <= max_objects <= 4, got {min_objects}, {max_objects}.")
     self.split, self.seed, self.image_size = split, seed, image_size
     self.num_captions, self.min_objects, self.max_objects = num_captions, min_objects, max_objects
     self.patch_size = patch_size
     self.backgrounds = tuple(backgrounds)
+    self.hard_negatives = tuple(hard_negatives)
     # Train is unbounded in principle; 2**31 - 1 keeps ids in int32 and is more than any run will read.
     self._len = num_examples or EVAL_SIZES.get(split, 2**31 - 1)
 
@@ -672,6 +678,8 @@ class ScenesSource:
       raise IndexError(f"Scene {index} out of range for {self.split!r} of size {self._len}.")
     scene = self.scene(index)
     element = {"captions": scene_captions(scene, self.num_captions), "id": index}
+    if self.hard_negatives:
+      element["captions"], element["hard_negatives"] = self._caption_pairs(scene)
     if self.patch_size:
       element["image"], masks = render_scene(scene, self.image_size, with_masks=True)
       element["object_patches"] = patch_masks(masks, self.patch_size)
@@ -680,6 +688,20 @@ class ScenesSource:
     if self.split in ZEROSHOT:
       element["label"] = label_of(scene)
     return element
+
+  def _caption_pairs(self, scene: Scene) -> tuple[list[str], list[str]]:
+    """num_captions true captions, each with a false twin that differs in one thing of a hard_negatives kind
+    (negative_caption); where the scene has nothing of that kind, a plain caption whose twin is itself."""
+    rng = _rng(scene.seed, scene.split, scene.index, 3)
+    captions, negatives = [], []
+    for j in range(self.num_captions):
+      pair = negative_caption(scene, self.hard_negatives[j % len(self.hard_negatives)], rng)
+      if pair is None:
+        caption = scene_captions(scene, self.num_captions)[j]
+        pair = (caption, caption)
+      captions.append(pair[0])
+      negatives.append(pair[1])
+    return captions, negatives
 
   def annotations(self, index: int) -> dict:
     """Everything but the image: captions, scene graph, VQA pairs and, for zero-shot splits, the label."""

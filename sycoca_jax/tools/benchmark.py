@@ -69,7 +69,10 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict[str, float]:
   text = rng.randint(3, config.model.text.vocab_size, (b, l)).astype(np.int32)
   text[:, 0], text[:, l // 2] = 1, 2
   text[:, l // 2 + 1:] = 0
-  batch = sharding.global_batch({"image": rng.randint(0, 256, (b, s, s, 3)).astype(np.uint8), "text": text}, mesh)
+  local = {"image": rng.randint(0, 256, (b, s, s, 3)).astype(np.uint8), "text": text}
+  if config.loss.hard_negative_weight > 0:  # each caption's false twin: its first word changed
+    local["hard_negative"] = np.where(np.arange(l) == 1, (text + 1) % config.model.text.vocab_size, text)
+  batch = sharding.global_batch(local, mesh)
   schedule_args = jax.device_put(train_step.schedule_args, sharding.replicated(mesh))
 
   t = time.perf_counter()
