@@ -55,9 +55,14 @@ def hard_negative_loss(image_emb: jax.Array, text_emb: jax.Array, negative_emb: 
   [B, E] x3 (L2-normalised), scalar temperature, bool [B] -> scalar. NegCLIP (Yuksekgonul et al. 2023) adds
   such twins to the batch's softmax; scored against its own caption alone, the image must tell apart exactly what
   the two sentences do, which the batch's other captions rarely ask of it. Per example: no device talks to another.
+
+  It trains the image tower alone (the texts' side is a constant): with a gradient into the text tower too, the
+  cheapest way down is to make the caption and its twin embed alike, which holds the loss at ln 2 while the image
+  learns nothing (a 500-step run of the default config did exactly that).
   """
   x = image_emb.astype(jnp.float32)
-  margin = temperature * jnp.sum(x * (negative_emb.astype(jnp.float32) - text_emb.astype(jnp.float32)), axis=-1)
+  direction = lax.stop_gradient(negative_emb.astype(jnp.float32) - text_emb.astype(jnp.float32))
+  margin = temperature * jnp.sum(x * direction, axis=-1)
   weights = valid.astype(jnp.float32)
   return jnp.sum(jax.nn.softplus(margin) * weights) / jnp.maximum(weights.sum(), 1.0)
 

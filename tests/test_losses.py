@@ -40,6 +40,10 @@ def test_hard_negative_loss_is_the_pair_softmax_over_examples_with_a_twin():
   none = losses.hard_negative_loss(*(jnp.asarray(x, jnp.float32) for x in (img, txt, neg)), 10.0,
                                    jnp.zeros(6, bool))
   assert float(none) == 0.0  # a batch without twins adds nothing
+  # It trains the image side only: the texts get no gradient from it (they would collapse the pair).
+  grads = jax.grad(losses.hard_negative_loss, argnums=(0, 1, 2))(
+      *(jnp.asarray(x, jnp.float32) for x in (img, txt, neg)), 10.0, jnp.asarray(valid))
+  assert np.abs(grads[0]).max() > 0.1 and not np.any(grads[1]) and not np.any(grads[2])
 
 
 def test_caption_loss_ignores_padding():

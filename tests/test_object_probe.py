@@ -40,3 +40,25 @@ def test_frozen_probe_starts_from_a_run_and_trains_the_head_only(trained_run):
   tuned = list(object_probe.probe(config, steps=1, every=1, weights=str(trained_run)))[-1]["params"]
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned["image_encoder"]),
                                                       jax.tree.leaves(saved["image_encoder"])))
+
+
+@pytest.mark.slow(reason="reads the shared trained run and embeds a few hundred captions")
+def test_twin_similarity_is_the_text_towers_cosine_of_caption_and_twin(trained_run):
+  from sycoca_jax import checkpoint, data  # pylint: disable=g-import-not-at-top
+  from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  from sycoca_jax.models import sycoca  # pylint: disable=g-import-not-at-top
+  rows = object_probe.twin_similarity(small_train_config(), str(trained_run), scenes=4)
+  assert list(rows) == list(scenes.NEGATIVE_KINDS)
+  # Against the embeddings computed here, for the object-kind twins of those four scenes.
+  config, params, _ = checkpoint.load_params(trained_run)
+  model, tokenizer = sycoca.build_model(config.model), data.tokenizer_from_config(config.data)
+  source = scenes.ScenesSource("train", hard_negatives=("object",))
+  pairs = [(c, n) for i in range(4) for c, n in zip(*source.caption_pairs(source.scene(i))) if c != n]
+  embed = lambda texts: np.asarray(model.apply({"params": params}, tokenizer.encode(list(texts)),
+                                               method=sycoca.SyCoCa.encode_text)["embedding"])
+  captions, twins = embed(c for c, _ in pairs), embed(n for _, n in pairs)
+  twin, other, count = rows["object"]
+  assert count == len(pairs) > 0
+  np.testing.assert_allclose(twin, (captions * twins).sum(-1).mean(), rtol=1e-4)
+  np.testing.assert_allclose(other, (captions * np.roll(captions, 1, axis=0)).sum(-1).mean(), rtol=1e-4)
+  assert -1 <= other < twin < 1

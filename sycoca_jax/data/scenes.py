@@ -679,7 +679,7 @@ class ScenesSource:
     scene = self.scene(index)
     element = {"captions": scene_captions(scene, self.num_captions), "id": index}
     if self.hard_negatives:
-      element["captions"], element["hard_negatives"] = self._caption_pairs(scene)
+      element["captions"], element["hard_negatives"] = self.caption_pairs(scene)
     if self.patch_size:
       element["image"], masks = render_scene(scene, self.image_size, with_masks=True)
       element["object_patches"] = patch_masks(masks, self.patch_size)
@@ -689,7 +689,7 @@ class ScenesSource:
       element["label"] = label_of(scene)
     return element
 
-  def _caption_pairs(self, scene: Scene) -> tuple[list[str], list[str]]:
+  def caption_pairs(self, scene: Scene) -> tuple[list[str], list[str]]:
     """num_captions true captions, each with a false twin that differs in one thing of a hard_negatives kind
     (negative_caption); where the scene has nothing of that kind, a plain caption whose twin is itself."""
     rng = _rng(scene.seed, scene.split, scene.index, 3)

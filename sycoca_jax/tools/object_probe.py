@@ -6,6 +6,7 @@ r"""Can a config's image tower learn what the scenes draw? A supervised check, b
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py \
       "--config.data.scenes.backgrounds=('gradient',)" --size=large
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --frozen
+  python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --twins
 
 Trains the config's ViT (model.vision, fresh weights) with a linear head on its pooled feature to name the one
 object of single-object training scenes: its kind (8 shapes + 10 digits, chance ln 18 = 2.89 nats) or its
@@ -23,6 +24,11 @@ global max-pool) on the same scenes, with the same optimiser and batches, in pla
 What did pretraining teach the tower? `--weights=WORKDIR` starts the ViT from a run's latest checkpoint (the
 run's own model config), and `--frozen` trains the linear head alone: a linear probe of what the tower's pooled
 feature holds. `--frozen` without `--weights` probes a fresh initialisation's features, the baseline.
+
+And the text tower? `--twins` embeds training captions and their false twins (the same sentence with one object
+kind, attribute, relation or count changed: scenes.negative_caption) with the run's text tower and prints their
+mean cosine per kind of change, beside the cosine of two unrelated captions: a tower that keeps the changed
+word apart gives the twin a lower cosine than 1, one that has learned to ignore the word gives it ~1.
 """
 
 import dataclasses
@@ -40,6 +46,7 @@ from ml_collections import config_flags
 
 from sycoca_jax import checkpoint, config_lib, pixels
 from sycoca_jax.data import scenes as scenes_lib
+from sycoca_jax.data import tokenizer_from_config
 from sycoca_jax.models import sycoca
 
 FLAGS = flags.FLAGS
@@ -56,6 +63,7 @@ def define_flags():
   flags.DEFINE_enum("tower", "vit", ["vit", "cnn"], "The config's ViT, or the reference CNN (ReferenceCNN).")
   flags.DEFINE_string("weights", None, "Start the ViT from this run's latest checkpoint (its model config).")
   flags.DEFINE_bool("frozen", False, "Train the linear head only; the tower's weights stay as they start.")
+  flags.DEFINE_bool("twins", False, "Instead: the text tower's cosine between captions and their false twins.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -158,9 +166,38 @@ def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 
       window = []
 
 
+def twin_similarity(config, weights: Optional[str] = None, scenes: int = 100) -> dict[str, tuple[float, float, int]]:
+  """{negative kind: (mean cosine of caption and twin, mean cosine of two unrelated captions, pairs)} of the text
+  tower of `weights` (a run's workdir; its model config) or of a fresh `config` model, over the training
+  captions of the first `scenes` train scenes."""
+  if weights:
+    run_config, params, _ = checkpoint.load_params(weights)
+    config = config.copy_and_resolve_references()
+    config.model, config.data = run_config.model, run_config.data
+  model = sycoca.build_model(config.model)
+  if not weights:
+    params = sycoca.init_params(model, jax.random.PRNGKey(config.seed))
+  tokenizer = tokenizer_from_config(config.data)
+  embed = jax.jit(lambda p, t: model.apply({"params": p}, t, method=sycoca.SyCoCa.encode_text)["embedding"])
+  rows = {}
+  for kind in scenes_lib.NEGATIVE_KINDS:
+    source = scenes_lib.ScenesSource("train", hard_negatives=(kind,))
+    pairs = [(c, n) for i in range(scenes) for c, n in zip(*source.caption_pairs(source.scene(i))) if c != n]
+    captions, twins = (np.asarray(embed(params, tokenizer.encode(list(t)))) for t in zip(*pairs))
+    unrelated = np.roll(captions, 1, axis=0)  # the caption of another scene (or another of the same scene's)
+    rows[kind] = (float((captions * twins).sum(-1).mean()), float((captions * unrelated).sum(-1).mean()), len(pairs))
+  return rows
+
+
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.twins:
+    print(f"text tower of {FLAGS.weights or 'a fresh initialisation'}: mean cosine of training captions with")
+    print(f"{'change':>10} {'their twin':>11} {'another caption':>16} {'pairs':>6}")
+    for kind, (twin, other, n) in twin_similarity(config, FLAGS.weights).items():
+      print(f"{kind:>10} {twin:>11.4f} {other:>16.4f} {n:>6}")
+    return
   chance = np.log(len(scenes_lib.KINDS) if FLAGS.label == "kind" else len(scenes_lib.COLOUR_NAMES))
   v = config.model.vision
   if FLAGS.weights:
