@@ -233,6 +233,10 @@ def test_sigmoid_loss_starts_at_siglip_values_and_learns_its_bias():
   batch = sharding.global_batch({"image": local["image"], "text": local["text"]}, mesh)
   for _ in range(2):  # the first update's learning rate is 0 (warmup)
     state, aux = step.step(state, batch, step.schedule_args)
+    # One step in flight at a time, as the trainer's log_steps=1 keeps it. The eight CPU devices share one thread
+    # pool: with several steps' rings of collectives queued on a loaded machine, a rendezvous can wait past
+    # XLA's 40 s termination timeout, which aborts the process (this test's worker crashed so, now and then).
+    jax.block_until_ready(aux)
   assert np.isfinite(float(aux["contrastive_loss"])) and float(aux["logit_bias"]) == -10.0
   assert float(state["params"]["logit_bias"]) != -10.0   # trained (not frozen, as under the softmax loss)
 
