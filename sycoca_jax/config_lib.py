@@ -79,14 +79,15 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   if config.loss.mim_weight > 0 and config.model.masking.mim_ratio <= 0:
     fail("loss.mim_weight", f"{config.loss.mim_weight} switches TG-MIM on, but model.masking.mim_ratio="
          f"{config.model.masking.mim_ratio} hides no patch for it to rebuild.")
-  hard = config.loss.hard_negative_weight
-  if hard < 0:
-    fail("loss.hard_negative_weight", f"{hard} is negative; use 0 to switch it off.")
-  if hard > 0 and config.loss.itc_weight <= 0:
-    fail("loss.hard_negative_weight", f"{hard} needs the contrastive head (loss.itc_weight is 0).")
-  if hard > 0 and not (config.data.name == "scenes" and config.data.scenes.hard_negatives):
-    fail("loss.hard_negative_weight", f"{hard} needs captions with false twins: data.name='scenes' with "
-         "data.scenes.hard_negatives, e.g. ('object',).")
+  for key in ("hard_negative_weight", "twin_text_weight"):
+    weight = config.loss[key]
+    if weight < 0:
+      fail(f"loss.{key}", f"{weight} is negative; use 0 to switch it off.")
+    if weight > 0 and config.loss.itc_weight <= 0:
+      fail(f"loss.{key}", f"{weight} needs the contrastive head (loss.itc_weight is 0).")
+    if weight > 0 and not (config.data.name == "scenes" and config.data.scenes.hard_negatives):
+      fail(f"loss.{key}", f"{weight} needs captions with false twins: data.name='scenes' with "
+           "data.scenes.hard_negatives, e.g. ('object',).")
   if config.data.image_size != config.model.vision.image_size:
     fail("data.image_size", f"{config.data.image_size} differs from model.vision.image_size="
          f"{config.model.vision.image_size}.")

@@ -67,6 +67,20 @@ def hard_negative_loss(image_emb: jax.Array, text_emb: jax.Array, negative_emb: 
   return jnp.sum(jax.nn.softplus(margin) * weights) / jnp.maximum(weights.sum(), 1.0)
 
 
+def twin_text_loss(text_emb: jax.Array, negative_emb: jax.Array, temperature: jax.Array,
+                   valid: jax.Array) -> jax.Array:
+  """The text tower's side: a caption and its false twin must not embed alike, whatever the image.
+
+  mean over valid examples of softplus(t (cos(caption, twin) - 1)) for [B, E] x2 (L2-normalised), the ITC
+  temperature t (not trained by this term) and bool [B]. Trained on the scenes, the text tower otherwise learns to
+  ignore the words that name an object's kind (README, "The text tower drops the kind word too").
+  """
+  cosine = jnp.sum(text_emb.astype(jnp.float32) * negative_emb.astype(jnp.float32), axis=-1)
+  weights = valid.astype(jnp.float32)
+  apart = jax.nn.softplus(lax.stop_gradient(temperature) * (cosine - 1.0))
+  return jnp.sum(apart * weights) / jnp.maximum(weights.sum(), 1.0)
+
+
 def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array, bias: jax.Array) -> jax.Array:
   """SigLIP: -sum log sigmoid(label * (t <x_i, y_j> + b)) / B, label +1 on matching pairs, -1 elsewhere.
 
@@ -273,6 +287,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # Each image against its caption's false twin (hard_negative_loss), for data whose captions come with one
       # (data.scenes.hard_negatives); 0 = off. Needs the ITC head.
       hard_negative_weight=0.0,
+      # The text side of the twins (twin_text_loss): caption and twin kept apart in the text tower; 0 = off.
+      twin_text_weight=0.0,
   ))
 
 
@@ -299,7 +315,7 @@ def enabled_heads(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 # Each objective's named term and the config.loss key of its weight, in the order they are summed.
 LOSS_WEIGHTS = {"contrastive_loss": "itc_weight", "caption_loss": "ic_weight", "mim_loss": "mim_weight",
-                "hard_negative_loss": "hard_negative_weight"}
+                "hard_negative_loss": "hard_negative_weight", "twin_text_loss": "twin_text_weight"}
 
 
 def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str, Any],
@@ -322,8 +338,12 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
   if "hard_negative_embedding" in out:
     with jax.named_scope("hard_negative_loss"):
       valid = jnp.any(batch["hard_negative"] != batch["text"], axis=-1)  # a twin equal to the caption is none
-      terms["hard_negative_loss"] = hard_negative_loss(out["image_embedding"], out["text_embedding"],
-                                                       out["hard_negative_embedding"], out["logit_scale"], valid)
+      if loss_cfg.hard_negative_weight > 0:
+        terms["hard_negative_loss"] = hard_negative_loss(out["image_embedding"], out["text_embedding"],
+                                                         out["hard_negative_embedding"], out["logit_scale"], valid)
+      if loss_cfg.twin_text_weight > 0:
+        terms["twin_text_loss"] = twin_text_loss(out["text_embedding"], out["hard_negative_embedding"],
+                                                 out["logit_scale"], valid)
       terms["hard_negatives"] = valid.sum()
   if "ic" in heads:
     with jax.named_scope("caption_loss"):
@@ -349,13 +369,13 @@ def total_loss(terms: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict)
 
 def forward(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, params: Any, batch: dict[str, jax.Array],
             rng: jax.Array, heads: tuple[str, ...]) -> dict[str, Any]:
-  """The model's outputs for `heads` on `batch`, and with loss_cfg.hard_negative_weight the embeddings of the
-  batch's false twins of its captions (the text tower run on them as well)."""
+  """The model's outputs for `heads` on `batch`, and with a twin term on (loss_cfg.hard_negative_weight,
+  twin_text_weight) the embeddings of the batch's false twins of its captions (the text tower run on them too)."""
   out = model.apply({"params": params}, batch["image"], batch["text"], rng=rng, heads=heads)
-  if loss_cfg.hard_negative_weight > 0 and "itc" in heads:
+  if max(loss_cfg.hard_negative_weight, loss_cfg.twin_text_weight) > 0 and "itc" in heads:
     if "hard_negative" not in batch:
-      raise ValueError("config.loss.hard_negative_weight is on, but the batch has no 'hard_negative' captions "
-                       "(data.scenes.hard_negatives).")
+      raise ValueError("config.loss.hard_negative_weight or twin_text_weight is on, but the batch has no "
+                       "'hard_negative' captions (data.scenes.hard_negatives).")
     out["hard_negative_embedding"] = model.apply({"params": params}, batch["hard_negative"],
                                                  method=SyCoCa.encode_text)["embedding"]
   return out
@@ -455,8 +475,9 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
         parts = {k: v / accum_steps for k, v in terms.items()}
         if "ic" in heads:
           parts["caption_loss"] = terms["caption_loss"] * count / num_tokens
-        if twins is not None:  # likewise: its share of the mean over all the batch's twins
-          parts["hard_negative_loss"] = terms["hard_negative_loss"] * twins / num_twins
+        for key in ("hard_negative_loss", "twin_text_loss"):  # likewise: shares of means over the batch's twins
+          if key in terms:
+            parts[key] = terms[key] * twins / num_twins
         weighted = dict(parts)
         if "itc" in heads:
           # Its gradient reaches the parameters through the embeddings', computed above.

@@ -129,6 +129,7 @@ def test_eval_configs_take_the_geometry_of_model():
     ("loss.hard_negative_weight", -1.0, r"config.loss.hard_negative_weight: -1.0 is negative"),
     ("loss.hard_negative_weight", 0.5, r"config.loss.hard_negative_weight: 0.5 needs captions with false twins: "
                                        r"data.name='scenes' with data.scenes.hard_negatives"),
+    ("loss.twin_text_weight", 1.0, r"config.loss.twin_text_weight: 1.0 needs captions with false twins"),
 ])
 def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config = load("sycoca_tiny", "runlocal")

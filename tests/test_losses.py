@@ -46,6 +46,22 @@ def test_hard_negative_loss_is_the_pair_softmax_over_examples_with_a_twin():
   assert np.abs(grads[0]).max() > 0.1 and not np.any(grads[1]) and not np.any(grads[2])
 
 
+def test_twin_text_loss_keeps_caption_and_twin_apart_and_trains_the_texts_only():
+  rng = np.random.RandomState(3)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  txt, neg = (unit(rng.randn(5, 8)) for _ in range(2))
+  valid = np.array([True, False, True, True, True])
+  want = np.log1p(np.exp(10.0 * ((txt * neg).sum(1) - 1.0)))[valid].mean()
+  args = lambda t: (jnp.asarray(txt, jnp.float32), jnp.asarray(neg, jnp.float32), t, jnp.asarray(valid))
+  np.testing.assert_allclose(losses.twin_text_loss(*args(10.0)), want, rtol=1e-5)
+  g_txt, g_neg, g_t = jax.grad(lambda a, b, t: losses.twin_text_loss(a, b, t, jnp.asarray(valid)),
+                               argnums=(0, 1, 2))(*args(jnp.float32(10.0))[:3])
+  assert float(g_t) == 0.0 and not np.any(np.asarray(g_txt)[1])  # no temperature, no invalid row
+  # A step down its gradient moves each valid pair apart.
+  moved = (unit(txt - 0.01 * np.asarray(g_txt)) * unit(neg - 0.01 * np.asarray(g_neg))).sum(1)
+  assert np.all(moved[valid] < (txt * neg).sum(1)[valid])
+
+
 def test_caption_loss_ignores_padding():
   rng = np.random.RandomState(1)
   text = np.array([[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0]])

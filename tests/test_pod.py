@@ -41,8 +41,8 @@ def _overrides():
 
 def _pod(workdir, overrides, **spec):
   port = distributed.free_port()
-  return [distributed.spawn_train_worker(workdir=str(workdir), devices=2, num_processes=2, process_id=i, port=port, overrides=overrides,
-                 **spec) for i in range(2)]
+  return [distributed.spawn_train_worker(workdir=str(workdir), devices=2, num_processes=2, process_id=i, port=port,
+                                         overrides=overrides, **spec) for i in range(2)]
 
 
 def _finish(procs, timeout):
@@ -99,7 +99,8 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   cached = {"env": {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}}  # the tiny model's programs too
   straight = dict(overrides, image_log_steps=0, compilation_cache_dir=str(tmp_path / "straight" / "cache"),
                   **{f"evals.{name}.log_steps": 0 for name in _EVALS})
-  reference = distributed.spawn_train_worker(workdir=str(tmp_path / "straight"), devices=4, overrides=straight, **cached)
+  reference = distributed.spawn_train_worker(workdir=str(tmp_path / "straight"), devices=4, overrides=straight,
+                                             **cached)
 
   # 1. SIGTERM to one host only.
   procs = _pod(workdir, overrides, batch_delay=0.5)
@@ -142,7 +143,8 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   # The reference, restarted from step 14, loads its train step from the persistent compilation cache.
   for folder in ("checkpoints", "data_state"):
     shutil.rmtree(tmp_path / "straight" / folder / "16")
-  out = _finish([distributed.spawn_train_worker(workdir=str(tmp_path / "straight"), devices=4, overrides=straight, **cached)], 400)[0]
+  restart = distributed.spawn_train_worker(workdir=str(tmp_path / "straight"), devices=4, overrides=straight, **cached)
+  out = _finish([restart], 400)[0]
   compiled_again, line = _compile_seconds(out)
   assert "programs loaded from the compilation cache" in line and compiled_again < compiled_first, line
 

@@ -51,8 +51,8 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run
   overrides = trained_run_config().to_dict()  # the shared trained_run is the 8-device run
   overrides = {k: overrides[k] for k in ("total_steps", "ckpt_steps", "async_checkpointing")}
   port = distributed.free_port()
-  procs = [distributed.spawn_train_worker(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i, port=port,
-                  overrides=overrides) for i in range(2)]
+  procs = [distributed.spawn_train_worker(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i,
+                                          port=port, overrides=overrides) for i in range(2)]
   _run(workdir=str(tmp_path / "one"), devices=1, overrides=overrides)  # while the two processes run
   for p in procs:
     out, _ = p.communicate(timeout=600)
@@ -203,8 +203,8 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used():
 def test_gradient_accumulation_is_exact(contrastive):
   """Micro-batching (with contrastive negatives from the whole batch, sharded over the 8 devices: the ring for
   the sigmoid loss) gives the full-batch gradient of the dense formula on one device."""
-  # The softmax case with the hard-negative term on: its mean over the batch's twins is exact too.
-  twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5}
+  # The softmax case with the twin terms on: their means over the batch's twins are exact too.
+  twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5, "loss.twin_text_weight": 0.5}
   config = small_train_config(**{"loss.contrastive": contrastive, **(twins if contrastive == "softmax" else {})})
   model = sycoca.build_model(config.model).clone(**losses.contrastive_init(config.loss))
   params = sycoca.init_params(model, jax.random.PRNGKey(0))
@@ -215,7 +215,8 @@ def test_gradient_accumulation_is_exact(contrastive):
   mesh = sharding.make_mesh(config.mesh)
   acc, aux_acc = jax.jit(losses.make_grad_fn(model, config.loss, 2, mesh))(
       params, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0))
-  for k in ("loss", "contrastive_loss", "caption_loss", "mim_loss") + (("hard_negative_loss",) if "hard_negative" in batch else ()):
+  twin_terms = ("hard_negative_loss", "twin_text_loss") if "hard_negative" in batch else ()
+  for k in ("loss", "contrastive_loss", "caption_loss", "mim_loss") + twin_terms:
     np.testing.assert_allclose(aux_acc[k], aux_full[k], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-6), full, acc)
 
