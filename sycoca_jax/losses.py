@@ -337,7 +337,7 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
                                               out["logit_bias"])
   if "hard_negative_embedding" in out:
     with jax.named_scope("hard_negative_loss"):
-      valid = jnp.any(batch["hard_negative"] != batch["text"], axis=-1)  # a twin equal to the caption is none
+      valid = has_twin(batch)
       if loss_cfg.hard_negative_weight > 0:
         terms["hard_negative_loss"] = hard_negative_loss(out["image_embedding"], out["text_embedding"],
                                                          out["hard_negative_embedding"], out["logit_scale"], valid)
@@ -367,12 +367,22 @@ def total_loss(terms: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict)
   return total
 
 
+def uses_twins(loss_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether a term on the captions' false twins is on: the batch then carries 'hard_negative' captions."""
+  return max(loss_cfg.hard_negative_weight, loss_cfg.twin_text_weight) > 0
+
+
+def has_twin(batch: dict[str, jax.Array]) -> jax.Array:
+  """bool [B]: which examples have a false twin (a 'hard_negative' row equal to its caption is none)."""
+  return jnp.any(batch["hard_negative"] != batch["text"], axis=-1)
+
+
 def forward(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, params: Any, batch: dict[str, jax.Array],
             rng: jax.Array, heads: tuple[str, ...]) -> dict[str, Any]:
   """The model's outputs for `heads` on `batch`, and with a twin term on (loss_cfg.hard_negative_weight,
   twin_text_weight) the embeddings of the batch's false twins of its captions (the text tower run on them too)."""
   out = model.apply({"params": params}, batch["image"], batch["text"], rng=rng, heads=heads)
-  if max(loss_cfg.hard_negative_weight, loss_cfg.twin_text_weight) > 0 and "itc" in heads:
+  if uses_twins(loss_cfg) and "itc" in heads:
     if "hard_negative" not in batch:
       raise ValueError("config.loss.hard_negative_weight or twin_text_weight is on, but the batch has no "
                        "'hard_negative' captions (data.scenes.hard_negatives).")
@@ -448,7 +458,7 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
     batch_size = batch["text"].shape[0]
     num_tokens = jnp.maximum((batch["text"][:, 1:] != model.pad_id).sum(), 1).astype(jnp.float32)
     if "hard_negative" in micro:
-      num_twins = jnp.maximum(jnp.any(batch["hard_negative"] != batch["text"], axis=-1).sum(), 1).astype(jnp.float32)
+      num_twins = jnp.maximum(has_twin(batch).sum(), 1).astype(jnp.float32)
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
 
     aux: dict[str, jax.Array] = {}

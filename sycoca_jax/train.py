@@ -280,8 +280,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
     return new_state, aux
 
   b, s, l = config.global_batch_size, config.model.vision.image_size, config.model.text.context_length
-  twins = max(config.loss.hard_negative_weight, config.loss.twin_text_weight) > 0
-  texts = ("text", "hard_negative") if twins else ("text",)
+  texts = ("text", "hard_negative") if losses.uses_twins(config.loss) else ("text",)
   return TrainStep(
       # Created under jit with out_shardings: every array is born split over the mesh, never whole on one device.
       init=jax.jit(init_state, out_shardings=state_sharding),

@@ -290,8 +290,9 @@ class ExampleMaker:
                                   self.crop_ratio)
       pick = int(rng.integers(len(captions)))
       caption = captions[pick]
-      # Its false twin, the same sentence with one thing changed (scenes with data.scenes.hard_negatives).
-      negative = dict(zip(record["captions"], record.get("hard_negatives", ()))).get(caption)
+      negative = None
+      if "hard_negatives" in record:  # its false twin, the same sentence with one thing changed (scenes)
+        negative = dict(zip(record["captions"], record["hard_negatives"]))[caption]
       if self.flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
         caption = swap_left_right(caption)

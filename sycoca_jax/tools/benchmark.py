@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sycoca_jax import config_lib, sharding, train
+from sycoca_jax import config_lib, losses, sharding, train
 from sycoca_jax.models import sycoca
 
 FLAGS = flags.FLAGS
@@ -70,7 +70,7 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict[str, float]:
   text[:, 0], text[:, l // 2] = 1, 2
   text[:, l // 2 + 1:] = 0
   local = {"image": rng.randint(0, 256, (b, s, s, 3)).astype(np.uint8), "text": text}
-  if max(config.loss.hard_negative_weight, config.loss.twin_text_weight) > 0:  # each caption's twin: a word changed
+  if losses.uses_twins(config.loss):  # each caption's false twin: its first word changed
     local["hard_negative"] = np.where(np.arange(l) == 1, (text + 1) % config.model.text.vocab_size, text)
   batch = sharding.global_batch(local, mesh)
   schedule_args = jax.device_put(train_step.schedule_args, sharding.replicated(mesh))
