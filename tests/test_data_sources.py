@@ -178,16 +178,28 @@ def test_karpathy_split_file(tmp_path):
     sources.build_source(cfg, "dev")
 
 
-def test_missing_datasets_fail_clearly(tmp_path):
+def test_missing_datasets_fail_clearly(tmp_path, monkeypatch):
   cfg = _coco_config(tmp_path)
   with pytest.raises(FileNotFoundError, match="captions.json"):
     data.load_eval_split(cfg, "val")
   cfg = _coco_config(tmp_path, name="webdataset_array_record", path=str(tmp_path / "*.array_record"))
   with pytest.raises(FileNotFoundError, match=r"No \.array_record files match .*\*\.array_record"):
     data.build_train_iterator(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)
-  cfg = _coco_config(tmp_path, name="tfds", tfds_name="coco_captions", data_dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match=f"'coco_captions' split 'test'.*{tmp_path}"):
+  # A data_dir without the dataset's folder fails before TFDS (and TensorFlow) is asked.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(tfds, "data_source", lambda name, **kwargs: calls.append(name) or 1 / 0)
+  cfg = _coco_config(tmp_path, name="tfds", tfds_name="coco_captions/2014:1.1.0", data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=f"'coco_captions/2014:1.1.0' split 'test'.*{tmp_path}: no folder "
+                                              f"{tmp_path / 'coco_captions'}"):
     data.load_eval_split(cfg, "test")
+  assert not calls
+  # With the folder there, whatever TFDS raises (here: it cannot open the split) arrives in the same form.
+  (tmp_path / "coco_captions").mkdir()
+  with pytest.raises(FileNotFoundError, match=f"'coco_captions/2014:1.1.0' split 'test'.*{tmp_path}: division by "
+                                              "zero. Prepare it there with `tfds build"):
+    data.load_eval_split(cfg, "test")
+  assert calls == ["coco_captions/2014:1.1.0"]
 
 
 # ------------------------------------------------------------------------------------------------ TFDS

@@ -19,15 +19,16 @@ from sycoca_jax import optim
 from sycoca_jax.models.sycoca import build_model, init_params
 from tests.helpers import tiny_model_config
 
-WIDTH, DEPTH, PATCH = 256, 12, 16
+WIDTH, DEPTH, PATCH = 128, 12, 16
 
 
 @pytest.fixture(scope="module")
 def params():
-  # Real init on CPU at a width and depth where the depth scaling is visible; scanned layers keep it quick.
+  # Real init on CPU at a depth where the depth scaling is visible, with every sample above ~2,000 draws;
+  # scanned layers keep it quick.
   cfg = tiny_model_config(**{
-      "embed_dim": 128, "scan_layers": True,
-      "vision.image_size": 2 * PATCH, "vision.patch_size": PATCH, "vision.width": WIDTH, "vision.heads": 4,
+      "embed_dim": 2 * WIDTH, "scan_layers": True,
+      "vision.image_size": 4 * PATCH, "vision.patch_size": PATCH, "vision.width": WIDTH, "vision.heads": 4,
       "text.vocab_size": 512, "text.context_length": 32, "text.width": WIDTH, "text.depth": DEPTH,
       "text.heads": 4, "text_decoder.width": WIDTH, "text_decoder.depth": DEPTH, "text_decoder.heads": 4})
   return init_params(build_model(cfg), jax.random.PRNGKey(0))

@@ -152,7 +152,7 @@ def test_gradients_reach_exactly_the_used_towers(name):
 def test_loss_compiles_once():
   cfg = tiny_model_config()
   model = build_model(cfg)
-  params = init_params(model, jax.random.PRNGKey(0))
+  params = random_params(model)
   inner = losses.make_loss_fn(model, losses.default_loss_config())
   traces = []
 

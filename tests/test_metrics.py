@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import PIL.Image
@@ -14,7 +15,10 @@ from sycoca_jax import metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_tensorboard_reads_scalars_images_texts_and_hparams(tmp_path):
+def test_tensorboard_reads_scalars_images_texts_and_hparams(tmp_path, monkeypatch):
+  # TensorBoard's own reader, as it runs where TensorFlow is not installed (the `notf` switch TensorBoard
+  # provides): it too checks every record's length and checksums, without the seconds of importing TensorFlow.
+  monkeypatch.setitem(sys.modules, "tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   writer = metrics.create_writer(tmp_path, resume_step=0)
   images = np.random.default_rng(0).uniform(size=(3, 8, 6, 3)).astype(np.float32)

@@ -299,7 +299,8 @@ def test_released_configs_map():
   b32 = convert_lib.model_config_from_open_clip(convert_lib.load_open_clip_config("coca_ViT-B-32"))
   assert (b32.vision.pool, b32.vision.width, b32.text.width, b32.embed_dim) == ("attn", 768, 512, 512)
   # Every head initialises (abstractly): with 255 pooled queries and 49 patches, the TG-MIM decoder must read
-  # per-patch tokens, not the pooler's.
+  # per-patch tokens, not the pooler's. (Scanned layers: the same towers, each layer traced once.)
+  b32.scan_layers = True
   shapes = jax.eval_shape(lambda: init_params(build_model(b32), jax.random.PRNGKey(0)))
   assert shapes["image_decoder"]["embed"]["kernel"].shape[0] == b32.vision.width
 

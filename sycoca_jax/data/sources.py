@@ -137,18 +137,24 @@ class TfdsSource:
   """
 
   def __init__(self, name: str, split: str, data_dir: str = ""):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (imports TensorFlow: slow)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     if not name:
       raise ValueError("data_config.tfds_name is empty: name the TFDS dataset, e.g. 'coco_captions'.")
+    where = data_dir or "TFDS' default data_dir (TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    missing = lambda reason: FileNotFoundError(
+        f"TFDS dataset {name!r} split {split!r} could not be opened under {where}: {reason}. Prepare it there "
+        f"with `tfds build {name} --file_format=array_record`.")
+    # A local data_dir without the dataset's folder fails here, in milliseconds: opening it through TFDS first
+    # imports TensorFlow (seconds) to describe the dataset's features.
+    folder = os.path.join(data_dir, name.partition(":")[0].partition("/")[0]) if data_dir else ""
+    if folder and not paths_lib.is_url(folder) and not os.path.isdir(folder):
+      raise missing(f"no folder {folder}")
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
                                   decoders={"image": tfds.decode.SkipDecoding()})
     except Exception as e:  # TFDS raises several types (not found, not array_record, bad split)
-      where = data_dir or "TFDS' default data_dir (TFDS_DATA_DIR or ~/tensorflow_datasets)"
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} split {split!r} could not be opened under {where}: {e}. Prepare it there "
-          f"with `tfds build {name} --file_format=array_record`.") from e
+      raise missing(e) from e
     if len(self._ds) == 0:
       raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty.")
     self._name = f"{name}:{split}"
