@@ -88,6 +88,11 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
     if weight > 0 and not (config.data.name == "scenes" and config.data.scenes.hard_negatives):
       fail(f"loss.{key}", f"{weight} needs captions with false twins: data.name='scenes' with "
            "data.scenes.hard_negatives, e.g. ('object',).")
+  if config.data.get("scenes", {}).get("twins", False):
+    if config.data.name != "scenes" or config.data.scenes.hard_negatives:
+      fail("data.scenes.twins", "pairs the built-in scenes (data.name='scenes'), without data.scenes.hard_negatives.")
+    if config.global_batch_size % 2:
+      fail("data.scenes.twins", f"needs an even global_batch_size (pairs of scenes), not {config.global_batch_size}.")
   if config.data.image_size != config.model.vision.image_size:
     fail("data.image_size", f"{config.data.image_size} differs from model.vision.image_size="
          f"{config.model.vision.image_size}.")

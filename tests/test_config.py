@@ -140,6 +140,19 @@ def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
     config_lib.validate(config)
 
 
+def test_twin_scenes_need_the_scenes_an_even_batch_and_no_other_hard_negatives():
+  config = load("sycoca_tiny", "runlocal")
+  config.data.scenes.twins = True
+  config_lib.validate(config)
+  for key, value, message in (("global_batch_size", 15, "needs an even global_batch_size"),
+                              ("data.scenes.hard_negatives", ("object",), r"pairs .*, without data.scenes.hard_negatives"),
+                              ("data.name", "coco_json", r"pairs the built-in scenes \(data.name='scenes'\)")):
+    changed = config.copy_and_resolve_references()
+    config_lib.set_by_path(changed, key, value)
+    with pytest.raises(ValueError, match=rf"config.data.scenes.twins: {message}"):
+      config_lib.validate(changed)
+
+
 def test_negative_epochs_and_examples_are_refused():
   for key, value in (("total_epochs", -1.0), ("total_examples", -64)):
     config = load("sycoca_tiny", "runlocal")

@@ -257,6 +257,32 @@ def test_each_caption_comes_with_its_own_twin_flipped_alike():
                                                                process_index=0, process_count=1))
 
 
+def test_twin_scenes_sit_side_by_side_in_every_process_slice_and_epoch():
+  """data.scenes.twins: rows 2j and 2j + 1 of a batch are a scene and its twin (records 2i, 2i + 1), each with its
+  own caption; one process or two see the same global batches; every pair once per epoch."""
+  cfg = _config()
+  cfg.scenes.twins = True  # 40 scenes -> 80 records, 10 batches of 8 per epoch
+  tok = data.tokenizer_from_config(cfg)
+  source = scenes.ScenesSource("train", num_examples=40, twins=True)
+  single = _take(data.build_train_iterator(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1), 11)
+  for batch in single:
+    ids = batch["example_id"]
+    assert (ids[0::2] % 2 == 0).all() and (ids[1::2] == ids[0::2] + 1).all()
+    for row, example_id in enumerate(ids):
+      (caption,) = source[int(example_id)]["captions"]
+      assert tok.decode(batch["text"][row : row + 1])[0] == tok.normalize(caption)
+  assert sorted(i for b in single[:10] for i in b["example_id"].tolist()) == list(range(80))
+  assert single[10]["example_id"].tolist() != single[0]["example_id"].tolist()  # the next epoch: a new order
+  per_process = [_take(data.build_train_iterator(cfg, global_batch_size=8, seed=0, process_index=p,
+                                                 process_count=2), 3) for p in range(2)]
+  for step in range(3):
+    for key in ("image", "text", "example_id"):
+      np.testing.assert_array_equal(np.concatenate([per_process[0][step][key], per_process[1][step][key]]),
+                                    single[step][key])
+  with pytest.raises(ValueError, match="config.data.scenes.twins: .*must be even"):
+    data.build_train_iterator(cfg, global_batch_size=6, seed=0, process_index=0, process_count=2)
+
+
 def test_eval_batches_are_padded_masked_and_split_across_processes():
   cfg = _config()
   split = data.load_eval_split(cfg, "zeroshot_digit")

@@ -1,5 +1,6 @@
 """The built-in scenes: determinism, captions true to the scene graph, held-out pairs, negatives, VQA."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -161,6 +162,39 @@ def test_hard_negative_twins_are_false_and_change_the_kind_only():
   assert "hard_negatives" not in scenes.ScenesSource("train")[0]
   with pytest.raises(ValueError, match=r"config.data.scenes.hard_negatives: \['colour'\]"):
     scenes.ScenesSource("train", hard_negatives=("colour",))
+
+
+def test_twin_scenes_change_one_kind_and_each_caption_names_its_own():
+  source = scenes.ScenesSource("train", twins=True)
+  counted = 0
+  for i in range(40):
+    scene, twin, (caption, twin_caption) = source.twin_pair(i)
+    changed = [k for k, (a, b) in enumerate(zip(scene.objects, twin.objects)) if a != b]
+    assert len(changed) == 1 and twin.background == scene.background, i
+    old, new = scene.objects[changed[0]], twin.objects[changed[0]]
+    assert old.shape != new.shape and old.is_digit == new.is_digit
+    assert dataclasses.replace(old, shape=new.shape) == new  # colour, size, place, fill and rotation kept
+    # Records 2i and 2i + 1: the two images with their captions, a pure function of the index.
+    assert source[2 * i]["captions"] == [caption] and source[2 * i + 1]["captions"] == [twin_caption]
+    np.testing.assert_array_equal(source[2 * i + 1]["image"], scenes.render_scene(twin, 64))
+    # The images differ where the changed object is drawn in either, and nowhere else (its masks' antialiased
+    # edges: one pixel around them).
+    (image, masks), (twin_image, twin_masks) = (scenes.render_scene(s, 64, with_masks=True) for s in (scene, twin))
+    drawn = np.pad(masks[changed[0]] | twin_masks[changed[0]], 1)
+    near = np.zeros_like(drawn)
+    for dy in (-1, 0, 1):
+      for dx in (-1, 0, 1):
+        near |= np.roll(drawn, (dy, dx), axis=(0, 1))
+    differs = (image != twin_image).any(-1)
+    assert differs.any() and not (differs & ~near[1:-1, 1:-1]).any(), i
+    # Each caption names the changed object by its own scene's kind, and the two say the same otherwise.
+    mentions, twin_mentions = _mentions(caption), _mentions(twin_caption)
+    assert (old.colour, old.shape) in mentions and (old.colour, new.shape) in twin_mentions, (caption, twin_caption)
+    assert caption != twin_caption and len(mentions) == len(twin_mentions)
+    counted += 1
+  assert counted == 40
+  with pytest.raises(ValueError, match="config.data.scenes.twins"):
+    scenes.ScenesSource("train", twins=True, hard_negatives=("object",))
 
 
 def test_vqa_answers_are_correct():

@@ -102,7 +102,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     max_consecutive_skips fail (naming the last reason) after this many unusable examples in a row
     scenes          num_train (0: unbounded), num_captions, min_objects, max_objects, backgrounds (kinds drawn,
                     repeats weight them; scenes.BACKGROUNDS), hard_negatives (scenes.NEGATIVE_KINDS: each
-                    training caption comes with a false twin for loss.hard_negative_weight's term)
+                    training caption comes with a false twin for loss.hard_negative_weight's term), twins
+                    (training batches of scene pairs that differ in one object's kind, each image with a
+                    caption false of the other: scenes.twin_scene)
     path            webdataset_array_record: glob of .array_record files (local or gs://, sycoca_jax.paths);
                     coco_json: the annotation JSON
     image_dir       coco_json: folder the JSON's image paths are relative to
@@ -128,7 +130,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "prefetch_buffer_size": 64,
       "max_consecutive_skips": 1000,
       "scenes": {"num_train": 0, "num_captions": 5, "min_objects": 1, "max_objects": 4,
-                 "backgrounds": scenes_lib.BACKGROUNDS, "hard_negatives": ()},
+                 "backgrounds": scenes_lib.BACKGROUNDS, "hard_negatives": (), "twins": False},
       "path": "",
       "image_dir": "",
       "eval_path": "",
@@ -636,11 +638,17 @@ def build_train_iterator(data_config, *, global_batch_size: int, seed: int, proc
   if num_records == 0:
     raise ValueError(f"{source} has no examples.")
   local_batch = global_batch_size // process_count
-  order = grain.MapDataset.range(num_records).shuffle(seed=seed).repeat()
+  # A paired source's records 2 i and 2 i + 1 belong together (scene twins): the order shuffles pairs, and
+  # positions 2 j and 2 j + 1 of the stream hold one pair, in one process's slice of the batch.
+  pair = 2 if getattr(source, "paired", False) else 1
+  if local_batch % pair:
+    raise ValueError(f"config.data.scenes.twins: each process's batch ({global_batch_size} // {process_count} "
+                     f"processes) must be even to hold whole pairs.")
+  order = grain.MapDataset.range(num_records // pair).shuffle(seed=seed).repeat()
 
   def this_process(k):
     position = (k // local_batch) * global_batch_size + process_index * local_batch + k % local_batch
-    return position, order[position]
+    return position, pair * order[position // pair] + position % pair
 
   make_example = ExampleMaker(
       source=source, tokenizer=tokenizer_from_config(data_config), seed=seed, num_records=num_records,

@@ -596,6 +596,41 @@ def negative_caption(scene: Scene, kind: str, rng: np.random.Generator, tries: i
   return None
 
 
+def twin_scene(scene: Scene, rng: np.random.Generator, tries: int = 50) -> tuple[Scene, str, str]:
+  """(twin, caption, twin's caption): the scene with one object's kind changed (a shape for a shape, a digit for a
+  digit; colour, size, place and background kept), and a caption of each that is false of the other.
+
+  Both captions are one claim about the changed object, drawn and worded with the same draws, so they differ in
+  its kind alone ("a red circle left of a 7" / "a red star left of a 7"). With `data.scenes.twins` a training
+  batch holds both images with both captions: contrastive training can only tell the pair apart by kind.
+  """
+  for attempt in range(tries + 1):
+    i = int(rng.integers(len(scene.objects)))
+    old = scene.objects[i]
+    pool = DIGITS if old.is_digit else SHAPES
+    changed = dataclasses.replace(old, shape=_choice(rng, [k for k in pool if k != old.shape]))
+    twin = dataclasses.replace(scene, objects=scene.objects[:i] + (changed,) + scene.objects[i + 1:])
+    state = rng.bit_generator.state
+    if attempt < tries:  # a claim about object i, drawn alike in both scenes (they differ in its kind only)
+      claims = []
+      for s in (scene, twin):
+        rng.bit_generator.state = state
+        claims.append(_sample_claim(s, rng, i))
+    else:  # the object named with its place, which no other object shares: true of one scene only
+      claims = [{"type": "exists", "obj": {"shape": o.shape, "colour": o.colour, "cell": (o.row, o.col)}}
+                for o in (old, changed)]
+    if not (claim_holds(scene, claims[0]) and claim_holds(twin, claims[1])
+            and not claim_holds(twin, claims[0]) and not claim_holds(scene, claims[1])):
+      continue
+    state = rng.bit_generator.state
+    texts = []
+    for claim in claims:
+      rng.bit_generator.state = state
+      texts.append(word_claim(claim, rng))
+    return twin, texts[0], texts[1]
+  raise AssertionError("unreachable: the last attempt's claims always tell the two scenes apart")
+
+
 # ------------------------------------------------------------------------------------------------ VQA
 
 _QUESTION_WORDS = ("what color is the", "what shape is", "how many are there", "is there", "what is")
@@ -644,17 +679,23 @@ class ScenesSource:
   Element i: {'image': uint8 [S, S, 3], 'captions': list[str], 'id': int} plus, for zero-shot splits,
   'label': int, with `patch_size`, 'object_patches': float32 [K, g, g], and with `hard_negatives` (kinds of
   NEGATIVE_KINDS), 'hard_negatives': list[str], caption j's false twin (training's pairwise ITC term).
+
+  With `twins`, records come in pairs: 2 i is scene i and 2 i + 1 its twin (`twin_scene`: one object's kind
+  changed), each with one caption, false of the other (`paired`: the input pipeline keeps the two together).
   """
 
   def __init__(self, split: str = "train", *, seed: int = 0, image_size: int = 64, num_captions: int = 5,
                num_examples: int | None = None, min_objects: int = 1, max_objects: int = 4,
                patch_size: int | None = None, backgrounds: Sequence[str] = BACKGROUNDS,
-               hard_negatives: Sequence[str] = ()):
+               hard_negatives: Sequence[str] = (), twins: bool = False):
     if split not in SPLIT_IDS:
       raise ValueError(f"Unknown scenes split {split!r}; known: {sorted(SPLIT_IDS)}")
     unknown = [k for k in hard_negatives if k not in NEGATIVE_KINDS]
     if unknown:
       raise ValueError(f"config.data.scenes.hard_negatives: {unknown} not in {NEGATIVE_KINDS}.")
+    if twins and (hard_negatives or split in ZEROSHOT):
+      raise ValueError("config.data.scenes.twins: training scenes in pairs, without hard_negatives (another kind of "
+                       "hard negative).")
     if not 1 <= min_objects <= max_objects <= 4:
       raise ValueError(f"Need 1 <= min_objects <= max_objects <= 4, got {min_objects}, {max_objects}.")
     self.split, self.seed, self.image_size = split, seed, image_size
@@ -662,8 +703,11 @@ class ScenesSource:
     self.patch_size = patch_size
     self.backgrounds = tuple(backgrounds)
     self.hard_negatives = tuple(hard_negatives)
+    self.paired = bool(twins)
     # Train is unbounded in principle; 2**31 - 1 keeps ids in int32 and is more than any run will read.
     self._len = num_examples or EVAL_SIZES.get(split, 2**31 - 1)
+    if self.paired:  # two records per scene
+      self._len = 2 * num_examples if num_examples else 2**31 - 2
 
   def __len__(self) -> int:
     return self._len
@@ -676,8 +720,13 @@ class ScenesSource:
     index = int(index)
     if not 0 <= index < self._len:
       raise IndexError(f"Scene {index} out of range for {self.split!r} of size {self._len}.")
-    scene = self.scene(index)
-    element = {"captions": scene_captions(scene, self.num_captions), "id": index}
+    if self.paired:
+      scene, twin, captions = self.twin_pair(index // 2)
+      scene, element = (twin, {"captions": [captions[1]]}) if index % 2 else (scene, {"captions": [captions[0]]})
+      element["id"] = index
+    else:
+      scene = self.scene(index)
+      element = {"captions": scene_captions(scene, self.num_captions), "id": index}
     if self.hard_negatives:
       element["captions"], element["hard_negatives"] = self.caption_pairs(scene)
     if self.patch_size:
@@ -688,6 +737,12 @@ class ScenesSource:
     if self.split in ZEROSHOT:
       element["label"] = label_of(scene)
     return element
+
+  def twin_pair(self, index: int) -> tuple[Scene, Scene, tuple[str, str]]:
+    """Scene `index`, its twin, and their captions (records 2 index and 2 index + 1 with `twins`)."""
+    scene = self.scene(index)
+    twin, caption, twin_caption = twin_scene(scene, _rng(scene.seed, scene.split, scene.index, 4))
+    return scene, twin, (caption, twin_caption)
 
   def caption_pairs(self, scene: Scene) -> tuple[list[str], list[str]]:
     """num_captions true captions, each with a false twin that differs in one thing of a hard_negatives kind
@@ -705,9 +760,13 @@ class ScenesSource:
 
   def annotations(self, index: int) -> dict:
     """Everything but the image: captions, scene graph, VQA pairs and, for zero-shot splits, the label."""
-    scene = self.scene(index)
-    out = {"captions": scene_captions(scene, self.num_captions), "scene_graph": scene.graph(),
-           "qa": vqa_pairs(scene)}
+    if self.paired:
+      scene, twin, captions = self.twin_pair(index // 2)
+      scene, captions = (twin, [captions[1]]) if index % 2 else (scene, [captions[0]])
+    else:
+      scene = self.scene(index)
+      captions = scene_captions(scene, self.num_captions)
+    out = {"captions": captions, "scene_graph": scene.graph(), "qa": vqa_pairs(scene)}
     if self.split in ZEROSHOT:
       out["label"] = label_of(scene)
     return out

@@ -366,7 +366,8 @@ def build_source(data_config, split: str) -> Source:
         split, seed=data_config.seed, image_size=data_config.image_size, num_captions=sc.num_captions,
         num_examples=(sc.num_train or None) if split == "train" else None, min_objects=sc.min_objects,
         max_objects=sc.max_objects, backgrounds=tuple(sc.backgrounds),
-        hard_negatives=tuple(sc.get("hard_negatives", ())) if split == "train" else ())
+        hard_negatives=tuple(sc.get("hard_negatives", ())) if split == "train" else (),
+        twins=bool(sc.get("twins", False)) and split == "train")
   if name == "coco_json":
     return CocoJsonSource(data_config.path.format(split=split), data_config.image_dir, split)
   if name == "tfds":
