@@ -706,7 +706,7 @@ class ScenesSource:
     self.paired = bool(twins)
     # Train is unbounded in principle; 2**31 - 1 keeps ids in int32 and is more than any run will read.
     self._len = num_examples or EVAL_SIZES.get(split, 2**31 - 1)
-    if self.paired:  # two records per scene
+    if self.paired:  # two records per scene, an even count within int32
       self._len = 2 * num_examples if num_examples else 2**31 - 2
 
   def __len__(self) -> int:
@@ -720,13 +720,8 @@ class ScenesSource:
     index = int(index)
     if not 0 <= index < self._len:
       raise IndexError(f"Scene {index} out of range for {self.split!r} of size {self._len}.")
-    if self.paired:
-      scene, twin, captions = self.twin_pair(index // 2)
-      scene, element = (twin, {"captions": [captions[1]]}) if index % 2 else (scene, {"captions": [captions[0]]})
-      element["id"] = index
-    else:
-      scene = self.scene(index)
-      element = {"captions": scene_captions(scene, self.num_captions), "id": index}
+    scene, captions = self._scene_and_captions(index)
+    element = {"captions": captions, "id": index}
     if self.hard_negatives:
       element["captions"], element["hard_negatives"] = self.caption_pairs(scene)
     if self.patch_size:
@@ -737,6 +732,14 @@ class ScenesSource:
     if self.split in ZEROSHOT:
       element["label"] = label_of(scene)
     return element
+
+  def _scene_and_captions(self, index: int) -> tuple[Scene, list[str]]:
+    """Record `index`'s scene and captions; with `twins`, one of a pair and its one caption."""
+    if not self.paired:
+      scene = self.scene(index)
+      return scene, scene_captions(scene, self.num_captions)
+    scene, twin, captions = self.twin_pair(index // 2)
+    return (twin, [captions[1]]) if index % 2 else (scene, [captions[0]])
 
   def twin_pair(self, index: int) -> tuple[Scene, Scene, tuple[str, str]]:
     """Scene `index`, its twin, and their captions (records 2 index and 2 index + 1 with `twins`)."""
@@ -760,12 +763,7 @@ class ScenesSource:
 
   def annotations(self, index: int) -> dict:
     """Everything but the image: captions, scene graph, VQA pairs and, for zero-shot splits, the label."""
-    if self.paired:
-      scene, twin, captions = self.twin_pair(index // 2)
-      scene, captions = (twin, [captions[1]]) if index % 2 else (scene, [captions[0]])
-    else:
-      scene = self.scene(index)
-      captions = scene_captions(scene, self.num_captions)
+    scene, captions = self._scene_and_captions(index)
     out = {"captions": captions, "scene_graph": scene.graph(), "qa": vqa_pairs(scene)}
     if self.split in ZEROSHOT:
       out["label"] = label_of(scene)
