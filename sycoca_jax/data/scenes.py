@@ -694,8 +694,8 @@ class ScenesSource:
     if unknown:
       raise ValueError(f"config.data.scenes.hard_negatives: {unknown} not in {NEGATIVE_KINDS}.")
     if twins and (hard_negatives or split in ZEROSHOT):
-      raise ValueError("config.data.scenes.twins: training scenes in pairs, without hard_negatives (another kind of "
-                       "hard negative).")
+      raise ValueError("config.data.scenes.twins: pairs of captioned scenes, not with hard_negatives (another kind "
+                       "of hard negative) nor on a zero-shot split.")
     if not 1 <= min_objects <= max_objects <= 4:
       raise ValueError(f"Need 1 <= min_objects <= max_objects <= 4, got {min_objects}, {max_objects}.")
     self.split, self.seed, self.image_size = split, seed, image_size
