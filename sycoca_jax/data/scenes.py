@@ -589,11 +589,18 @@ def negative_caption(scene: Scene, kind: str, rng: np.random.Generator, tries: i
     if negative is None or claim_holds(scene, negative):
       continue
     # Word both with the same draws, so the sentences differ only where the claims do.
-    state = rng.bit_generator.state
-    positive_text = word_claim(claim, rng)
-    rng.bit_generator.state = state
-    return positive_text, word_claim(negative, rng)
+    positive_text, negative_text = _with_same_draws(rng, lambda c: word_claim(c, rng), (claim, negative))
+    return positive_text, negative_text
   return None
+
+
+def _with_same_draws(rng: np.random.Generator, fn, items) -> list:
+  """[fn(item) for item in items], each call starting from the generator state the first one had."""
+  state, out = rng.bit_generator.state, []
+  for item in items:
+    rng.bit_generator.state = state
+    out.append(fn(item))
+  return out
 
 
 def twin_scene(scene: Scene, rng: np.random.Generator, tries: int = 50) -> tuple[Scene, str, str]:
@@ -610,24 +617,16 @@ def twin_scene(scene: Scene, rng: np.random.Generator, tries: int = 50) -> tuple
     pool = DIGITS if old.is_digit else SHAPES
     changed = dataclasses.replace(old, shape=_choice(rng, [k for k in pool if k != old.shape]))
     twin = dataclasses.replace(scene, objects=scene.objects[:i] + (changed,) + scene.objects[i + 1:])
-    state = rng.bit_generator.state
     if attempt < tries:  # a claim about object i, drawn alike in both scenes (they differ in its kind only)
-      claims = []
-      for s in (scene, twin):
-        rng.bit_generator.state = state
-        claims.append(_sample_claim(s, rng, i))
+      claims = _with_same_draws(rng, lambda s: _sample_claim(s, rng, i), (scene, twin))
     else:  # the object named with its place, which no other object shares: true of one scene only
       claims = [{"type": "exists", "obj": {"shape": o.shape, "colour": o.colour, "cell": (o.row, o.col)}}
                 for o in (old, changed)]
     if not (claim_holds(scene, claims[0]) and claim_holds(twin, claims[1])
             and not claim_holds(twin, claims[0]) and not claim_holds(scene, claims[1])):
       continue
-    state = rng.bit_generator.state
-    texts = []
-    for claim in claims:
-      rng.bit_generator.state = state
-      texts.append(word_claim(claim, rng))
-    return twin, texts[0], texts[1]
+    caption, twin_caption = _with_same_draws(rng, lambda c: word_claim(c, rng), claims)
+    return twin, caption, twin_caption
   raise AssertionError("unreachable: the last attempt's claims always tell the two scenes apart")
 
 
