@@ -3,13 +3,15 @@
 import os
 import sys
 
-# The test programs are tiny and run for a few steps: LLVM's optimisation passes are about half of what compiling
-# them costs on CPU (17-20 s -> 10 s for the trainer tests' step), and the slower code they leave costs the warm
-# quick loop a few seconds (README). The same HLO is compiled (XLA's own passes all run), without fast-math
-# either way. Every process the tests start gets these
-# flags too (tests/distributed.child_env), so that they all share the compilation cache below.
+# The test programs are tiny and run for a few steps, so the suite compiles them for compile time, not speed:
+# without LLVM's optimisation passes (17-20 s -> 10 s for the trainer tests' step on 2 cores), and with XLA's older
+# elemental emitters for fusions instead of the fusion emitters (which build each fusion through MLIR: another
+# third off the train step's compile, 7.0-8.6 s -> 5.0-5.9 s). The same HLO is compiled (XLA's own passes all
+# run), without fast-math either way; the code is slower, which costs the warm quick loop a few seconds (README).
+# Every process the tests start gets these flags too (tests/distributed.child_env), so that they all share the
+# compilation cache below.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                                   "--xla_llvm_disable_expensive_passes=true")
+                                   "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
