@@ -7,6 +7,7 @@ The target is called in each worker after jax.distributed.initialize and must re
 returned beside the workers'.
 """
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -33,6 +34,24 @@ def spawn_train_worker(**spec) -> subprocess.Popen:
   """tests/train_worker.py on `spec` (see its docstring) in a new process; its output, as text, on stdout."""
   return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "train_worker.py"), json.dumps(spec)],
                           cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def drain(proc: subprocess.Popen, timeout: float) -> concurrent.futures.Future:
+  """Reads `proc`'s output while it runs; the future's result is all of it, once the process has exited.
+
+  A process that logs into a pipe nobody reads stops at its first write past the pipe's 64 KiB, and waits there
+  until someone reads: a training run left to run beside something else would stall (its peers too, in their next
+  collective) until the test got round to reading it.
+  """
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  future = pool.submit(lambda: proc.communicate(timeout=timeout)[0])
+  pool.shutdown(wait=False)
+  return future
+
+
+def communicate(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+  """The output of each of `procs`, read from all of them at once (see `drain`), once they have all exited."""
+  return [future.result() for future in [drain(p, timeout) for p in procs]]
 
 
 def free_port() -> int:

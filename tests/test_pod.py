@@ -46,7 +46,7 @@ def _pod(workdir, overrides, **spec):
 
 
 def _finish(procs, timeout):
-  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  outs = distributed.communicate(procs, timeout)
   print(f"{time.strftime('%X')} pod exited", flush=True, file=sys.stderr)
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
@@ -101,6 +101,7 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
                   **{f"evals.{name}.log_steps": 0 for name in _EVALS})
   reference = distributed.spawn_train_worker(workdir=str(tmp_path / "straight"), devices=4, overrides=straight,
                                              **cached)
+  reference_out = distributed.drain(reference, timeout=600)  # it runs beside the pod's launches, to its end
 
   # 1. SIGTERM to one host only.
   procs = _pod(workdir, overrides, batch_delay=0.5)
@@ -131,7 +132,7 @@ def test_pod_rehearsal_preemption_requeue_cache_and_damaged_state(tmp_path):
   assert os.path.isdir(workdir / "damaged_checkpoints" / str(second_stop))
   steps = [r["step"] for r in metrics.read_jsonl(workdir) if "loss" in r]
   assert steps == list(range(1, 17))  # each step logged once
-  out, _ = reference.communicate(timeout=400)
+  out = reference_out.result()
   assert reference.returncode == 0, out[-3000:]
   compiled_first, _ = _compile_seconds(out)
   want, got = (checkpoint.load_params(str(w), 16)[1] for w in (tmp_path / "straight", workdir))

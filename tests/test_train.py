@@ -53,10 +53,11 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run
   port = distributed.free_port()
   procs = [distributed.spawn_train_worker(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i,
                                           port=port, overrides=overrides) for i in range(2)]
+  outs = [distributed.drain(p, timeout=600) for p in procs]
   _run(workdir=str(tmp_path / "one"), devices=1, overrides=overrides)  # while the two processes run
-  for p in procs:
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
+  for p, out in zip(procs, outs):
+    log = out.result()
+    assert p.returncode == 0, log[-3000:]
   one, eight, two = _losses(tmp_path / "one"), _losses(trained_run), _losses(tmp_path / "two")
   assert sorted(one) == [1, 2] and sorted(eight) == [1, 2] and sorted(two) == [1, 2]
   for step in one:
