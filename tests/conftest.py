@@ -7,7 +7,8 @@ import sys
 # without LLVM's optimisation passes (17-20 s -> 10 s for the trainer tests' step on 2 cores), and with XLA's older
 # elemental emitters for fusions instead of the fusion emitters (which build each fusion through MLIR: another
 # third off the train step's compile, 7.0-8.6 s -> 5.0-5.9 s). The same HLO is compiled (XLA's own passes all
-# run), without fast-math either way; the code is slower, which costs the warm quick loop a few seconds (README).
+# run), without fast-math either way; the code may run slower, which matters only to the few tests that run many
+# steps.
 # Every process the tests start gets these flags too (tests/distributed.child_env), so that they all share the
 # compilation cache below.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
