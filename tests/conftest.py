@@ -6,9 +6,9 @@ import sys
 # The test programs are tiny and run for a few steps, so the suite compiles them for compile time, not speed:
 # without LLVM's optimisation passes (17-20 s -> 10 s for the trainer tests' step on 2 cores, when it had the
 # convolutional stem), and with XLA's older elemental emitters for fusions instead of its newer fusion emitters
-# (another third off that step's backend compile, 7.0-8.6 s -> 5.0-5.9 s). The same HLO is compiled (XLA's own passes all
-# run), without fast-math either way; the code may run slower, which matters only to the few tests that run many
-# steps.
+# (another third off that step's backend compile, 7.0-8.6 s -> 5.0-5.9 s). The same HLO is compiled (XLA's own
+# passes all run), without fast-math either way; the code may run slower, which matters only to the few tests that
+# run many steps.
 # Every process the tests start gets these flags too (tests/distributed.child_env), so that they all share the
 # compilation cache below.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
