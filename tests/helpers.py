@@ -109,8 +109,8 @@ def small_train_config(**overrides):
 
   Its tower has the paper's linear patch embedding and CLS token, not the convolutional stem of sycoca_tiny: what
   these tests check (checkpoints, resume, preemption, several processes) does not depend on the stem, and the
-  linear one compiles the train step in about 30 % less time. The stems have their own tests (tests/test_model.py), and
-  sycoca_tiny:runlocal itself trains in the ablation and notebook tests."""
+  linear one compiles the train step in about 30 % less time. The stems have their own tests (tests/test_model.py),
+  and sycoca_tiny:runlocal itself trains in the ablation and notebook tests."""
   spec = importlib.util.spec_from_file_location("sycoca_tiny", os.path.join(ROOT, "configs", "sycoca_tiny.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
