@@ -43,6 +43,13 @@ LONGEST_FIRST = ("tests/test_pod.py::", "tests/test_ablation.py::test_study",
                  "tests/test_train.py::test_init_from")
 
 
+# Tests that share an expensive setup of their process (a module fixture, an import): given out test by test, both
+# workers would pay for it. Each group runs on one worker (pytest_xdist_make_scheduler).
+SAME_WORKER = (("tests/test_open_clip_parity.py::", "torch"),  # torch and open_clip's import, the reference models
+               ("tests/test_show_masks.py::test_imported_open_clip", "torch"),
+               ("tests/test_init.py::", "test_init"))  # the deep towers' initialisation
+
+
 def pytest_configure(config):
   # xdist's default hands each worker a quarter of its share of the tests at once, in collection order: one worker
   # would get every long test below. One test at a time keeps both busy to the end.
@@ -51,6 +58,22 @@ def pytest_configure(config):
   # Tests that train or compile for real (subprocesses, several processes, many steps); `-m "not slow"` leaves
   # them out and keeps the inner loop under a minute. Each says why it is slow: @pytest.mark.slow(reason="...").
   config.addinivalue_line("markers", "slow(reason): trains or compiles for real; the reason says what takes long.")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's load balancing, test by test, except that each of SAME_WORKER's groups goes to one worker as a unit."""
+  if config.getvalue("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class Scheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      return next((group for prefix, group in SAME_WORKER if nodeid.startswith(prefix)), nodeid)
+
+  config.option.loadscopereorder = False  # in the order of pytest_collection_modifyitems, not by group size
+  return Scheduling(config, log)
 
 
 @pytest.hookimpl(trylast=True)
@@ -71,9 +94,13 @@ def pytest_collection_modifyitems(config, items):
     raise pytest.UsageError("Mark slow tests with @pytest.mark.slow(reason=...): " + ", ".join(unexplained))
   # Longest first (stable otherwise): the few multi-minute runs, then the other slow tests, then the rest. With
   # xdist handing out one test at a time (pytest_configure), no worker is left to finish a long run alone at the end.
+  # A SAME_WORKER group is handed out where its first test stands: put the groups before the other fast tests.
   def rank(item):
     longest = [i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)]
-    return longest[0] if longest else len(LONGEST_FIRST) + (item.get_closest_marker("slow") is None)
+    if longest:
+      return longest[0]
+    grouped = any(item.nodeid.startswith(prefix) for prefix, _ in SAME_WORKER)
+    return len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1 if grouped else 2)
   items.sort(key=rank)
 
 

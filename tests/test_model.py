@@ -14,6 +14,7 @@ from sycoca_jax.models import layers
 from sycoca_jax.models import vit
 from sycoca_jax.models.sycoca import HEADS, SyCoCa, build_model, init_params
 from tests.helpers import random_batch
+from tests.helpers import random_params
 from tests.helpers import tiny_model_config
 
 GEOMETRIES = {
@@ -30,11 +31,12 @@ GEOMETRIES = {
 PARAMETER_FREE = ("masking.score", "text.legacy_cls_mask")
 
 
-def _setup(**overrides):
-  """(config, model, params) of the tiny geometry with `overrides`. Each parameter geometry is initialised once per
-  test process (tracing the whole model takes a second or two); every test gets its own copies of the config and
-  of the parameter dicts, so none can change what another sees."""
-  params = _initialised(tuple(sorted((k, v) for k, v in overrides.items() if k not in PARAMETER_FREE)))
+def _setup(init=False, **overrides):
+  """(config, model, params) of the tiny geometry with `overrides`: random parameters drawn on the host
+  (helpers.random_params), or with init=True the model's own initialisation, compiled and run. Each parameter
+  geometry is drawn or initialised once per test process (tracing the whole model takes a second or two); every
+  test gets its own copies of the config and of the parameter dicts, so none can change what another sees."""
+  params = _initialised(tuple(sorted((k, v) for k, v in overrides.items() if k not in PARAMETER_FREE)), init)
   cfg = tiny_model_config(**overrides)
   return cfg, build_model(cfg), jax.tree.map(lambda x: x, params)
 
@@ -46,14 +48,16 @@ def _jit_apply(model, **kwargs):
 
 
 @functools.cache
-def _initialised(overrides):
-  return init_params(build_model(tiny_model_config(**dict(overrides))), jax.random.PRNGKey(0))
+def _initialised(overrides, init):
+  model = build_model(tiny_model_config(**dict(overrides)))
+  # What these tests check holds for any weights; the draws skip compiling and loading each geometry's init program.
+  return init_params(model, jax.random.PRNGKey(0)) if init else jax.tree.map(jnp.asarray, random_params(model))
 
 
 @pytest.mark.slow(reason="builds and runs each model geometry, bf16 and scanned included")
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_output_shapes_and_dtypes(name):
-  cfg, model, params = _setup(**GEOMETRIES[name])
+  cfg, model, params = _setup(init=True, **GEOMETRIES[name])  # each geometry's own initialisation runs too
   images, text = random_batch(cfg)
   out = _jit_apply(model, rng=jax.random.PRNGKey(1), heads=HEADS)(params, images, text)
   b, n, l = 3, 16, cfg.text.context_length
