@@ -79,7 +79,10 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   if config.loss.mim_weight > 0 and config.model.masking.mim_ratio <= 0:
     fail("loss.mim_weight", f"{config.loss.mim_weight} switches TG-MIM on, but model.masking.mim_ratio="
          f"{config.model.masking.mim_ratio} hides no patch for it to rebuild.")
-  for key in ("hard_negative_weight", "twin_text_weight"):
+  if config.loss.twin_columns_weight > 0 and config.grad_accum_steps > 1:
+    fail("loss.twin_columns_weight", f"{config.loss.twin_columns_weight} scores each image against the whole batch's "
+         f"twins, which gradient accumulation does not split (grad_accum_steps={config.grad_accum_steps}).")
+  for key in losses.TWIN_WEIGHTS:
     weight = config.loss[key]
     if weight < 0:
       fail(f"loss.{key}", f"{weight} is negative; use 0 to switch it off.")

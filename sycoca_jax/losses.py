@@ -81,6 +81,25 @@ def twin_text_loss(text_emb: jax.Array, negative_emb: jax.Array, temperature: ja
   return jnp.sum(apart * weights) / jnp.maximum(weights.sum(), 1.0)
 
 
+def twin_columns_loss(image_emb: jax.Array, text_emb: jax.Array, negative_emb: jax.Array, temperature: jax.Array,
+                      valid: jax.Array) -> jax.Array:
+  """NegCLIP's form of the twins (Yuksekgonul et al. 2023): the batch's false twins as extra columns of the image ->
+  text softmax, so each image is scored against every caption and every twin of the batch.
+
+  This term is what the extra columns add to each image's cross-entropy, averaged over the images: the log-sum-exp
+  of its row over the captions and the valid twins, minus that over the captions alone. ITC + 0.5 * this term is
+  NegCLIP's loss ((image -> text over captions and twins + text -> image) / 2). Unlike hard_negative_loss, the
+  gradient reaches both towers and every image, through all the batch's twins.
+  [B, E] x3 (L2-normalised), scalar temperature, bool [B] (which twins exist) -> scalar. The dense reference of
+  `sharded_twin_columns_loss`.
+  """
+  x = image_emb.astype(jnp.float32)
+  captions = temperature * x @ text_emb.astype(jnp.float32).T                                   # [B, B]
+  twins = jnp.where(valid[None, :], temperature * x @ negative_emb.astype(jnp.float32).T, -jnp.inf)  # [B, B]
+  both = jax.nn.logsumexp(jnp.concatenate([captions, twins], axis=1), axis=1)
+  return jnp.mean(both - jax.nn.logsumexp(captions, axis=1))
+
+
 def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array, bias: jax.Array) -> jax.Array:
   """SigLIP: -sum log sigmoid(label * (t <x_i, y_j> + b)) / B, label +1 on matching pairs, -1 elsewhere.
 
@@ -203,6 +222,27 @@ def ring_sigmoid_loss(mesh: Mesh) -> ContrastiveFn:
   return loss
 
 
+def sharded_twin_columns_loss(mesh: Mesh):
+  """`twin_columns_loss` with each device computing only its images' rows: [b, B] blocks of captions and of twins
+  (each device gathers the texts and the twins, [B, E] each), then one sum across devices."""
+  axes = sharding.BATCH_AXES
+  d = _ring_size(mesh)
+
+  def local(x, y, n, valid, t):                       # [b, E] x3, bool [b], scalar
+    gather = lambda a: lax.all_gather(a, axes, tiled=True)
+    captions = t * x @ gather(y).T                                   # [b, B]
+    twins = jnp.where(gather(valid)[None, :], t * x @ gather(n).T, -jnp.inf)
+    rows = jax.nn.logsumexp(jnp.concatenate([captions, twins], axis=1), axis=1) - jax.nn.logsumexp(captions, axis=1)
+    return lax.psum(jnp.sum(rows), axes) / (x.shape[0] * d)
+
+  def loss(image_emb, text_emb, negative_emb, temperature, valid):
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes),) * 4 + (P(),), out_specs=P())(
+        f32(image_emb), f32(text_emb), f32(negative_emb), valid, f32(temperature))
+
+  return loss
+
+
 def make_contrastive_fn(loss_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> ContrastiveFn:
   """The ITC loss of `loss_cfg`: (image_emb [B, E], text_emb [B, E], temperature, bias) -> scalar.
 
@@ -289,6 +329,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
       hard_negative_weight=0.0,
       # The text side of the twins (twin_text_loss): caption and twin kept apart in the text tower; 0 = off.
       twin_text_weight=0.0,
+      # The twins as extra columns of the image -> text softmax (twin_columns_loss); 0.5 with itc_weight 1 is
+      # NegCLIP's loss; 0 = off.
+      twin_columns_weight=0.0,
   ))
 
 
@@ -315,17 +358,20 @@ def enabled_heads(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 # Each objective's named term and the config.loss key of its weight, in the order they are summed.
 LOSS_WEIGHTS = {"contrastive_loss": "itc_weight", "caption_loss": "ic_weight", "mim_loss": "mim_weight",
-                "hard_negative_loss": "hard_negative_weight", "twin_text_loss": "twin_text_weight"}
+                "hard_negative_loss": "hard_negative_weight", "twin_text_loss": "twin_text_weight",
+                "twin_columns_loss": "twin_columns_weight"}
+# The terms on the captions' false twins: each needs the batch's 'hard_negative' captions.
+TWIN_WEIGHTS = ("hard_negative_weight", "twin_text_weight", "twin_columns_weight")
 
 
 def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str, Any],
                batch: dict[str, jax.Array], heads: tuple[str, ...],
-               contrastive: Optional[ContrastiveFn] = None) -> dict[str, jax.Array]:
+               contrastive: Optional[ContrastiveFn] = None, mesh: Optional[Mesh] = None) -> dict[str, jax.Array]:
   """Named scalars of one forward pass `out` on `batch`.
 
   The loss terms of `heads` (with 'ic', caption_tokens: how many target tokens are real), the temperature (and
   with the sigmoid loss its bias) and the masking diagnostics. `contrastive`: the ITC loss (make_contrastive_fn),
-  needed when 'itc' is in heads.
+  needed when 'itc' is in heads; `mesh`: the one the batch is split over, for twin_columns_loss.
   """
   terms: dict[str, jax.Array] = {"temperature": out["logit_scale"]}
   if loss_cfg.contrastive == "sigmoid":
@@ -344,6 +390,11 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
       if loss_cfg.twin_text_weight > 0:
         terms["twin_text_loss"] = twin_text_loss(out["text_embedding"], out["hard_negative_embedding"],
                                                  out["logit_scale"], valid)
+      if loss_cfg.twin_columns_weight > 0:
+        columns = (twin_columns_loss if mesh is None or loss_cfg.contrastive_impl == "dense"
+                   else sharded_twin_columns_loss(mesh))
+        terms["twin_columns_loss"] = columns(out["image_embedding"], out["text_embedding"],
+                                             out["hard_negative_embedding"], out["logit_scale"], valid)
       terms["hard_negatives"] = valid.sum()
   if "ic" in heads:
     with jax.named_scope("caption_loss"):
@@ -369,7 +420,7 @@ def total_loss(terms: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict)
 
 def uses_twins(loss_cfg: ml_collections.ConfigDict) -> bool:
   """Whether a term on the captions' false twins is on: the batch then carries 'hard_negative' captions."""
-  return max(loss_cfg.hard_negative_weight, loss_cfg.twin_text_weight) > 0
+  return max(loss_cfg[key] for key in TWIN_WEIGHTS) > 0
 
 
 def has_twin(batch: dict[str, jax.Array]) -> jax.Array:
@@ -380,12 +431,12 @@ def has_twin(batch: dict[str, jax.Array]) -> jax.Array:
 def forward(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, params: Any, batch: dict[str, jax.Array],
             rng: jax.Array, heads: tuple[str, ...]) -> dict[str, Any]:
   """The model's outputs for `heads` on `batch`, and with a twin term on (loss_cfg.hard_negative_weight,
-  twin_text_weight) the embeddings of the batch's false twins of its captions (the text tower run on them too)."""
+  twin_text_weight, twin_columns_weight) the embeddings of the batch's false twins of its captions (the text tower run on them too)."""
   out = model.apply({"params": params}, batch["image"], batch["text"], rng=rng, heads=heads)
   if uses_twins(loss_cfg) and "itc" in heads:
     if "hard_negative" not in batch:
-      raise ValueError("config.loss.hard_negative_weight or twin_text_weight is on, but the batch has no "
-                       "'hard_negative' captions (data.scenes.hard_negatives).")
+      raise ValueError("config.loss: a twin term (hard_negative_weight, twin_text_weight, twin_columns_weight) is "
+                       "on, but the batch has no 'hard_negative' captions (data.scenes.hard_negatives).")
     out["hard_negative_embedding"] = model.apply({"params": params}, batch["hard_negative"],
                                                  method=SyCoCa.encode_text)["embedding"]
   return out
@@ -403,7 +454,7 @@ def make_loss_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, mesh: Optio
 
   def loss_fn(params, batch, rng):
     out = forward(model, loss_cfg, params, batch, rng, heads)
-    aux = loss_terms(model, loss_cfg, out, batch, heads, contrastive)
+    aux = loss_terms(model, loss_cfg, out, batch, heads, contrastive, mesh)
     aux["loss"] = total_loss(aux, loss_cfg)
     return aux["loss"], aux
 

@@ -130,6 +130,7 @@ def test_eval_configs_take_the_geometry_of_model():
     ("loss.hard_negative_weight", 0.5, r"config.loss.hard_negative_weight: 0.5 needs captions with false twins: "
                                        r"data.name='scenes' with data.scenes.hard_negatives"),
     ("loss.twin_text_weight", 1.0, r"config.loss.twin_text_weight: 1.0 needs captions with false twins"),
+    ("loss.twin_columns_weight", 0.5, r"config.loss.twin_columns_weight: 0.5 needs captions with false twins"),
 ])
 def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config = load("sycoca_tiny", "runlocal")
@@ -137,6 +138,17 @@ def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config_lib.validate(config)
   config_lib.set_by_path(config, key, value)
   with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_twin_columns_refuse_gradient_accumulation():
+  config = load("sycoca_tiny", "runlocal")
+  config.data.scenes.hard_negatives = ("object",)
+  config.loss.twin_columns_weight = 0.5
+  config_lib.validate(config)
+  config.grad_accum_steps = 2
+  with pytest.raises(ValueError, match=r"config.loss.twin_columns_weight: 0.5 scores each image against the whole "
+                                       r"batch's twins, which gradient accumulation does not split"):
     config_lib.validate(config)
 
 

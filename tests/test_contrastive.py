@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from sycoca_jax import config_lib, losses, sharding
+from sycoca_jax.models.sycoca import build_model
+from tests.helpers import random_batch
+from tests.helpers import random_params
 from tests.helpers import small_train_config
+from tests.helpers import tiny_model_config
 
 B, E = 64, 24   # 8 examples per device on the 8 test devices
 
@@ -63,6 +67,42 @@ def test_sharded_losses_and_gradients_equal_the_dense_formula(contrastive, data,
   if contrastive == "softmax":  # the dense softmax is today's loss, blind to the bias
     np.testing.assert_allclose(want[0], losses.contrastive_loss(x, y, 7.0), rtol=1e-6)
     assert float(got[1][3]) == 0.0
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
+def test_sharded_twin_columns_loss_equals_the_dense_formula(data, fsdp):
+  mesh = _mesh(data, fsdp)
+  x, y = _embeddings()
+  n = _embeddings(seed=1)[1]
+  valid = np.arange(B) % 3 != 0
+  batch = sharding.batch_sharding(mesh)
+  args = [jax.device_put(a, batch) for a in (x, y, n)] + [jnp.float32(7.0), jax.device_put(valid, batch)]
+  grads = lambda fn: jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))(*args)
+  want, got = grads(losses.twin_columns_loss), grads(losses.sharded_twin_columns_loss(mesh))
+  assert float(want[0]) > 0.1
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+
+
+def test_twin_columns_term_of_the_loss_is_the_same_over_the_mesh():
+  """make_loss_fn with twin_columns_weight: the term of the row-sharded loss over 8 devices equals the dense one, and
+  enters the total with its weight."""
+  cfg = tiny_model_config()
+  model = build_model(cfg)
+  images, text = random_batch(cfg, b=8)
+  twins = text.at[1:, 1].set(text[1:, 1] % (cfg.text.vocab_size - 3) + 3)  # another word; row 0: no twin
+  batch = {"image": images, "text": text, "hard_negative": twins}
+  loss_cfg = losses.default_loss_config()
+  loss_cfg.twin_columns_weight = 0.5
+  mesh = _mesh(8, 1)
+  params, rng = random_params(model), jax.random.PRNGKey(0)
+  _, dense = jax.jit(losses.make_loss_fn(model, loss_cfg))(params, batch, rng)
+  sharded_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  _, sharded = jax.jit(losses.make_loss_fn(model, loss_cfg, mesh))(params, sharded_batch, rng)
+  assert int(dense["hard_negatives"]) == 7 and float(dense["twin_columns_loss"]) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sharded, dense)
+  without = {k: v for k, v in dense.items() if k not in ("loss", "twin_columns_loss")}
+  np.testing.assert_allclose(dense["loss"], losses.total_loss(without, loss_cfg) + 0.5 * dense["twin_columns_loss"],
+                             rtol=1e-6)
 
 
 def _shapes(hlo_text):

@@ -62,6 +62,24 @@ def test_twin_text_loss_keeps_caption_and_twin_apart_and_trains_the_texts_only()
   assert np.all(moved[valid] < (txt * neg).sum(1)[valid])
 
 
+def test_twin_columns_loss_plus_itc_is_negclip():
+  """ITC + 0.5 * twin_columns_loss = NegCLIP's loss: the image -> text softmax over the captions and the valid twins,
+  averaged with the text -> image softmax over the images; both towers get gradient through the twins."""
+  rng = np.random.RandomState(4)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  img, txt, neg = (unit(rng.randn(6, 8)) for _ in range(3))
+  valid = np.array([True, False, True, True, False, True])
+  logits = 10.0 * img @ np.concatenate([txt, neg[valid]]).T  # [B, B + twins]
+  negclip = -(np.trace(_log_softmax(logits, 1)[:, :6]) + np.trace(_log_softmax(10.0 * img @ txt.T, 0))) / (2 * 6)
+  args = [jnp.asarray(x, jnp.float32) for x in (img, txt, neg)]
+  got = losses.contrastive_loss(*args[:2], 10.0) + 0.5 * losses.twin_columns_loss(*args, 10.0, jnp.asarray(valid))
+  np.testing.assert_allclose(got, negclip, rtol=1e-5)
+  assert float(losses.twin_columns_loss(*args, 10.0, jnp.zeros(6, bool))) == 0.0  # no twins, no term
+  g_img, g_txt, g_neg = jax.grad(losses.twin_columns_loss, argnums=(0, 1, 2))(*args, 10.0, jnp.asarray(valid))
+  assert np.abs(g_img).min(axis=1).max() > 0 and np.abs(g_txt).max() > 0.01
+  assert np.all(np.abs(g_neg).max(axis=1)[valid] > 0.01) and not np.any(np.asarray(g_neg)[~valid])
+
+
 def test_caption_loss_ignores_padding():
   rng = np.random.RandomState(1)
   text = np.array([[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0]])
