@@ -430,8 +430,8 @@ def has_twin(batch: dict[str, jax.Array]) -> jax.Array:
 
 def forward(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, params: Any, batch: dict[str, jax.Array],
             rng: jax.Array, heads: tuple[str, ...]) -> dict[str, Any]:
-  """The model's outputs for `heads` on `batch`, and with a twin term on (loss_cfg.hard_negative_weight,
-  twin_text_weight, twin_columns_weight) the embeddings of the batch's false twins of its captions (the text tower run on them too)."""
+  """The model's outputs for `heads` on `batch`, and with a twin term on (loss_cfg.TWIN_WEIGHTS) the embeddings of
+  the batch's false twins of its captions (the text tower run on them too)."""
   out = model.apply({"params": params}, batch["image"], batch["text"], rng=rng, heads=heads)
   if uses_twins(loss_cfg) and "itc" in heads:
     if "hard_negative" not in batch:
