@@ -62,17 +62,24 @@ def pytest_configure(config):
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own
 def pytest_xdist_make_scheduler(config, log):
-  """xdist's load balancing, test by test, except that each of SAME_WORKER's groups goes to one worker as a unit."""
+  """xdist's load balancing, except that a test of a SAME_WORKER group takes the rest of its group along."""
   if config.getvalue("dist") != "load":
     return None
-  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+  from xdist.scheduler import LoadScheduling  # pylint: disable=g-import-not-at-top
 
-  class Scheduling(LoadScopeScheduling):
+  group_of = lambda nodeid: next((group for prefix, group in SAME_WORKER if nodeid.startswith(prefix)), None)
 
-    def _split_scope(self, nodeid):
-      return next((group for prefix, group in SAME_WORKER if nodeid.startswith(prefix)), nodeid)
+  class Scheduling(LoadScheduling):
 
-  config.option.loadscopereorder = False  # in the order of pytest_collection_modifyitems, not by group size
+    def _send_tests(self, node, num):
+      groups = {group_of(self.collection[i]) for i in self.pending[:num]} - {None}
+      tests = self.pending[:num] + [i for i in self.pending[num:] if group_of(self.collection[i]) in groups]
+      if tests:
+        sent = set(tests)
+        self.pending = [i for i in self.pending if i not in sent]
+        self.node2pending[node].extend(tests)
+        node.send_runtest_some(tests)
+
   return Scheduling(config, log)
 
 
