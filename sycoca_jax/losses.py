@@ -230,10 +230,8 @@ def sharded_twin_columns_loss(mesh: Mesh):
 
   def local(x, y, n, valid, t):                       # [b, E] x3, bool [b], scalar
     gather = lambda a: lax.all_gather(a, axes, tiled=True)
-    captions = t * x @ gather(y).T                                   # [b, B]
-    twins = jnp.where(gather(valid)[None, :], t * x @ gather(n).T, -jnp.inf)
-    rows = jax.nn.logsumexp(jnp.concatenate([captions, twins], axis=1), axis=1) - jax.nn.logsumexp(captions, axis=1)
-    return lax.psum(jnp.sum(rows), axes) / (x.shape[0] * d)
+    # The dense formula on this device's rows: the mean over its b images, then the mean over devices.
+    return lax.psum(twin_columns_loss(x, gather(y), gather(n), t, gather(valid)), axes) / d
 
   def loss(image_emb, text_emb, negative_emb, temperature, valid):
     f32 = lambda a: jnp.asarray(a, jnp.float32)
