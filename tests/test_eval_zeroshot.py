@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from sycoca_jax import data
 from sycoca_jax import evaluators
+from sycoca_jax import inference
 from sycoca_jax.evaluators import datasets
 from sycoca_jax.evaluators import zeroshot
 from tests import helpers
@@ -88,3 +89,32 @@ def test_zeroshot_evaluator_end_to_end():
   mesh = Mesh(np.asarray(jax.devices()[::-1]).reshape(4, 2), ("data", "fsdp"))
   on_mesh = jax.device_put(params, NamedSharding(mesh, P()))
   assert evaluator.run(on_mesh) == pytest.approx(metrics)
+
+
+
+def test_captioner_classifies_by_the_likelihood_of_each_prompt():
+  """captioner=True: each image against every prompt by log p(prompt | image), the numbers the inference API
+  scores an image-text pair with; the class is the one whose prompts score highest on average. The contrastive
+  metrics stay as they are."""
+  model, model_config, params = helpers.eval_model()
+  metrics = {}
+  for captioner in (False, True):
+    eval_config = ml_collections.ConfigDict(dict(type="zeroshot", datasets=("scenes_shape",), max_examples=16,
+                                                 batch_size=8, captioner=captioner))
+    evaluator = evaluators.build(model, eval_config, helpers.eval_data_config())
+    metrics[captioner] = evaluator.run(params)
+  assert set(metrics[True]) == set(metrics[False]) | {f"zeroshot/scenes_shape_captioner_top{k}" for k in (1, 5)} | {
+      "zeroshot/captioner_mean_top1"}
+  assert {k: metrics[True][k] for k in metrics[False]} == metrics[False]
+
+  image_set, (prompt_ids, num_classes, num_templates) = evaluator.sets[0], evaluator.prompts[0]
+  images, labels = np.asarray(next(image_set.batches(16))["image"]), image_set.labels[:16]
+  texts = [t.format(c) for c in image_set.class_names for t in image_set.templates]
+  tokenizer = data.get_tokenizer("scenes_words", max_len=helpers.EVAL_MAX_LEN)
+  reference = inference.Inference(model_config, params, tokenizer)
+  want = np.stack([reference.score(image[None], texts, preprocessed=True)["log_likelihood"] for image in images])
+  score = jax.jit(lambda p, x: model.apply({"params": p}, x, prompt_ids, method=zeroshot._prompt_log_likelihoods))
+  np.testing.assert_allclose(score(params, images)["loglik"], want, rtol=1e-4, atol=1e-4)
+  by_class = want.reshape(16, num_classes, num_templates).mean(-1)
+  assert metrics[True]["zeroshot/scenes_shape_captioner_top1"] == pytest.approx(
+      zeroshot.topk_accuracy(by_class, labels, ks=(1,))["top1"])
