@@ -13,7 +13,7 @@ from tests import distributed
 
 EVALS = {
     "retrieval": dict(type="retrieval", max_examples=11, batch_size=4),
-    "zeroshot": dict(type="zeroshot", datasets=("sklearn_digits",), max_examples=13, batch_size=4),
+    "zeroshot": dict(type="zeroshot", datasets=("sklearn_digits",), max_examples=13, batch_size=4, captioner=True),
     "probe": dict(type="probe", datasets=("lfw_subset",), methods=("ridge",), max_examples=30, batch_size=4),
 }
 
@@ -45,7 +45,7 @@ def test_two_processes_equal_one(tmp_path):
   # This process (8 devices) computes the reference while the two one-device workers run.
   single, workers = distributed.run_on_processes("tests.test_eval_multiprocess:two_process_target", tmp_path,
                                                  while_waiting=run_all)
-  assert single["retrieval/num_images"] == 11
+  assert single["retrieval/num_images"] == 11 and "zeroshot/sklearn_digits_captioner_top1" in single
   assert all(np.isfinite(v) for v in single.values())
   for got in workers:
     assert got["devices"] == 2 and got["processes"] == 2
