@@ -91,7 +91,6 @@ def test_zeroshot_evaluator_end_to_end():
   assert evaluator.run(on_mesh) == pytest.approx(metrics)
 
 
-
 def test_captioner_classifies_by_the_likelihood_of_each_prompt():
   """captioner=True: each image against every prompt by log p(prompt | image), the numbers the inference API
   scores an image-text pair with; the class is the one whose prompts score highest on average. The contrastive
@@ -107,14 +106,14 @@ def test_captioner_classifies_by_the_likelihood_of_each_prompt():
       "zeroshot/captioner_mean_top1"}
   assert {k: metrics[True][k] for k in metrics[False]} == metrics[False]
 
-  image_set, (prompt_ids, num_classes, num_templates) = evaluator.sets[0], evaluator.prompts[0]
+  image_set, (_, num_classes, num_templates) = evaluator.sets[0], evaluator.prompts[0]
   images, labels = np.asarray(next(image_set.batches(16))["image"]), image_set.labels[:16]
   texts = [t.format(c) for c in image_set.class_names for t in image_set.templates]
   tokenizer = data.get_tokenizer("scenes_words", max_len=helpers.EVAL_MAX_LEN)
   reference = inference.Inference(model_config, params, tokenizer)
   want = np.stack([reference.score(image[None], texts, preprocessed=True)["log_likelihood"] for image in images])
-  score = jax.jit(lambda p, x: model.apply({"params": p}, x, prompt_ids, method=zeroshot._prompt_log_likelihoods))
-  np.testing.assert_allclose(score(params, images)["loglik"], want, rtol=1e-4, atol=1e-4)
+  got = evaluator._scored_fns[0](params, images)["loglik"]  # pylint: disable=protected-access  (its own program)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   by_class = want.reshape(16, num_classes, num_templates).mean(-1)
   assert metrics[True]["zeroshot/scenes_shape_captioner_top1"] == pytest.approx(
       zeroshot.topk_accuracy(by_class, labels, ks=(1,))["top1"])
