@@ -292,14 +292,15 @@ def test_cudnn_attention_is_the_same_function(legacy, monkeypatch):
                              np.asarray(xla["caption_logits"])[real[:, :-1]], atol=2e-5)
 
 
-@pytest.mark.slow(reason="the Pallas kernel interpreted on CPU in every attention of the four towers: ~30 s")
+@pytest.mark.slow(reason="compiles the four towers twice, once with the Pallas kernel interpreted in every attention")
 def test_splash_attention_is_the_same_function():
   """attention_impl='splash' (TPU's Pallas kernel, interpreted here) computes what 'xla' computes in every tower:
   lengths padded to its 128-key blocks, padding and short captions hidden by segment ids, causal text."""
   cfg, model, params = _setup(**{"vision.depth": 1, "text.depth": 1, "text_decoder.depth": 1})
   images, text = random_batch(cfg)  # captions of 4, 5 and 6 tokens out of 12
   text = text.at[2].set(jnp.arange(3, 3 + cfg.text.context_length))  # and one full row
-  run = lambda m: m.apply({"params": params}, images, text, heads=HEADS)
+  # One program per model: op by op, the interpreted kernel dispatches and compiles each of its steps (twice the CPU).
+  run = lambda m: jax.jit(lambda p: m.apply({"params": p}, images, text, heads=HEADS))(params)
   xla, splash = run(model), run(_with_attention(model, "splash"))
   for key in ("image_embedding", "text_embedding", "mim_pred"):
     np.testing.assert_allclose(splash[key], xla[key], atol=2e-5, err_msg=key)
