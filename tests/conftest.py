@@ -26,6 +26,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+import collections  # noqa: E402
+import functools  # noqa: E402
 import importlib.util  # noqa: E402
 
 # With torch installed, open_clip -> torchvision -> torch._dynamo imports triton. triton's extension segfaults
@@ -33,6 +35,7 @@ import importlib.util  # noqa: E402
 if importlib.util.find_spec("triton") is not None:
   import triton  # noqa: E402,F401  pylint: disable=unused-import
 
+import numpy.testing  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -109,6 +112,47 @@ def pytest_collection_modifyitems(config, items):
     grouped = any(item.nodeid.startswith(prefix) for prefix, _ in SAME_WORKER)
     return len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1 if grouped else 2)
   items.sort(key=rank)
+
+
+# The checks a run passed, printed under the tests' count so that a change which drops some shows: `assert` statements
+# (pytest's assertion-pass hook, switched on in pytest.ini) and numpy.testing's comparisons, in the test processes.
+# Checks made inside the processes a test starts are not counted.
+_checks = collections.Counter()
+
+
+def _counted(fn):
+  @functools.wraps(fn)
+  def counted(*args, **kwargs):
+    result = fn(*args, **kwargs)
+    _checks["numpy.testing"] += 1
+    return result
+  return counted
+
+
+for _name in ("assert_allclose", "assert_array_equal", "assert_array_less", "assert_equal",
+              "assert_array_almost_equal", "assert_almost_equal", "assert_array_max_ulp"):
+  setattr(numpy.testing, _name, _counted(getattr(numpy.testing, _name)))
+
+
+def pytest_assertion_pass(item, lineno, orig, expl):
+  del item, lineno, orig, expl
+  _checks["assert"] += 1
+
+
+def pytest_sessionfinish(session):
+  if hasattr(session.config, "workeroutput"):  # an xdist worker: its counts go to the main process with its report
+    session.config.workeroutput["checks"] = dict(_checks)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the main process gathers each worker's counts
+def pytest_testnodedown(node, error):
+  del error
+  _checks.update(getattr(node, "workeroutput", {}).get("checks", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+  counts = ", ".join(f"{n} {kind}" for kind, n in sorted(_checks.items()))
+  terminalreporter.write_line(f"{sum(_checks.values())} checks passed ({counts or 'none'})")
 
 
 @pytest.fixture(scope="session")
