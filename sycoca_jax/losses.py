@@ -73,7 +73,7 @@ def twin_text_loss(text_emb: jax.Array, negative_emb: jax.Array, temperature: ja
 
   mean over valid examples of softplus(t (cos(caption, twin) - 1)) for [B, E] x2 (L2-normalised), the ITC
   temperature t (not trained by this term) and bool [B]. Trained on the scenes, the text tower otherwise learns to
-  ignore the words that name an object's kind (README, "The text tower drops the kind word too").
+  ignore the words that name an object's kind (docs/objects.md, "The text tower drops the kind word too").
   """
   cosine = jnp.sum(text_emb.astype(jnp.float32) * negative_emb.astype(jnp.float32), axis=-1)
   weights = valid.astype(jnp.float32)
