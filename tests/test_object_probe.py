@@ -36,6 +36,12 @@ def test_frozen_probe_starts_from_a_run_and_trains_the_head_only(trained_run):
   for row in rows:  # the run's tower, unchanged at every step
     jax.tree.map(np.testing.assert_array_equal, row["params"]["image_encoder"], saved["image_encoder"])
   assert not np.array_equal(rows[0]["params"]["Dense_0"]["kernel"], rows[-1]["params"]["Dense_0"]["kernel"])
+  for row in rows:  # the kind label's accuracy on all 8 examples of the step, and on its shapes and digits apart
+    _, labels = object_probe._batch(config, "kind", "", 8 * (row["step"] - 1), 8)  # pylint: disable=protected-access
+    digits = int((labels >= 8).sum())  # KINDS: the 8 shapes, then the 10 digits
+    assert 0 < digits < 8
+    mixed = ((8 - digits) * row["shape_accuracy"] + digits * row["digit_accuracy"]) / 8
+    assert row["accuracy"] == pytest.approx(mixed), row
   # Without --frozen the same start trains the tower too.
   tuned = list(object_probe.probe(config, steps=1, every=1, weights=str(trained_run)))[-1]["params"]
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned["image_encoder"]),
@@ -62,3 +68,27 @@ def test_twin_similarity_is_the_text_towers_cosine_of_caption_and_twin(trained_r
   np.testing.assert_allclose(twin, (captions * twins).sum(-1).mean(), rtol=1e-4)
   np.testing.assert_allclose(other, (captions * np.roll(captions, 1, axis=0)).sum(-1).mean(), rtol=1e-4)
   assert -1 <= other < twin < 1
+
+
+@pytest.mark.slow(reason="reads the shared trained run and scores 18 kinds' prompts for a few scenes")
+def test_captioner_names_each_kind_by_the_likelihood_of_its_caption(trained_run):
+  from sycoca_jax import inference  # pylint: disable=g-import-not-at-top
+  from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  row = object_probe.captioner_kinds(str(trained_run), scenes=6)
+  assert row["scores"].shape == (6, len(scenes.KINDS))
+  # Every score is the caption likelihood of a prompt read as the captions are, the kind's best word.
+  model = inference.load(str(trained_run))
+  scene = scenes.sample_scene(0, "test", 2, min_objects=1, max_objects=1)
+  image, colour = np.asarray(scenes.render_scene(scene, model.image_size)), scene.objects[0].colour
+  assert scenes.KINDS[row["truth"][2]] == scene.objects[0].shape
+  for k in ("square", "7"):
+    prompts = [f"a {colour} {w}" for w in object_probe.kind_words(k)]
+    best = max(model.score(image, [p])["log_likelihood"][0] for p in prompts)
+    np.testing.assert_allclose(row["scores"][2, scenes.KINDS.index(k)], best, rtol=1e-5)
+  assert object_probe.kind_words("square") == ("square", "box") and "digit 7" in object_probe.kind_words("7")
+  correct = row["scores"].argmax(1) == row["truth"]
+  digit = row["truth"] >= len(scenes.SHAPES)
+  assert digit.any() and not digit.all()  # these six scenes draw both halves of the kinds
+  assert row["accuracy"] == pytest.approx(correct.mean())
+  halves = (correct[~digit].mean(), correct[digit].mean())
+  assert (row["shape_accuracy"], row["digit_accuracy"]) == pytest.approx(halves)

@@ -7,6 +7,7 @@ r"""Can a config's image tower learn what the scenes draw? A supervised check, b
       "--config.data.scenes.backgrounds=('gradient',)" --size=large
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --frozen
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --twins
+  python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --captioner
 
 Trains the config's ViT (model.vision, fresh weights) with a linear head on its pooled feature to name the one
 object of single-object training scenes: its kind (8 shapes + 10 digits, chance ln 18 = 2.89 nats) or its
@@ -29,12 +30,17 @@ And the text tower? `--twins` embeds training captions and their false twins (th
 kind, attribute, relation or count changed: scenes.negative_caption) with the run's text tower and prints their
 mean cosine per kind of change, beside the cosine of two unrelated captions: a tower that keeps the changed
 word apart gives the twin a lower cosine than 1, one that has learned to ignore the word gives it ~1.
+
+And the captioner? `--captioner` names the object of one-object test scenes by the run's caption likelihood: for
+each image, log p("a <colour> <kind word>" | image) for every kind (a shape's best synonym; a digit's "digit 7",
+"number 7" or "7"), the object's colour given, argmax over the 18 kinds. The prompts read as the training captions
+do, colour before kind, where the zero-shot evaluator's "a circle" or "one circle" are sentences no caption has.
 """
 
 import dataclasses
 import time
 from collections.abc import Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -64,6 +70,7 @@ def define_flags():
   flags.DEFINE_string("weights", None, "Start the ViT from this run's latest checkpoint (its model config).")
   flags.DEFINE_bool("frozen", False, "Train the linear head only; the tower's weights stay as they start.")
   flags.DEFINE_bool("twins", False, "Instead: the text tower's cosine between captions and their false twins.")
+  flags.DEFINE_bool("captioner", False, "Instead: the captioner's kind accuracy on one-object test scenes.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -110,7 +117,8 @@ def _batch(config, label: str, size: str, start: int, count: int) -> tuple[np.nd
 
 def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 50, tower: str = "vit",
           weights: Optional[str] = None, frozen: bool = False) -> Iterator[dict]:
-  """Trains the probe, yielding one {'step', 'loss', 'accuracy', 'seconds', 'params'} row per `every` steps.
+  """Trains the probe, yielding one {'step', 'loss', 'accuracy', 'seconds', 'params'} row per `every` steps
+  (with label="kind", also 'shape_accuracy' and 'digit_accuracy': the accuracy on the shapes and on the digits).
 
   tower: "vit", the config's image encoder, or "cnn", ReferenceCNN. weights: a run's workdir whose latest
   checkpoint the ViT starts from (built from that run's model config). frozen: only the linear head trains.
@@ -152,17 +160,23 @@ def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, (logits.argmax(-1) == labels).mean()
+    return optax.apply_updates(params, updates), opt_state, loss, logits.argmax(-1) == labels
 
   window, start = [], time.time()
   for i in range(steps):
     images, labels = _batch(config, label, size, i * batch_size, batch_size)
-    params, opt_state, loss, accuracy = step(params, fixed, opt_state, images, labels)
-    window.append((loss, accuracy))
+    params, opt_state, loss, correct = step(params, fixed, opt_state, images, labels)
+    window.append((loss, correct, labels))
     if (i + 1) % every == 0 or i + 1 == steps:
-      losses, accuracies = np.asarray(jax.device_get(window)).T
-      yield {"step": i + 1, "loss": float(losses.mean()), "accuracy": float(accuracies.mean()),
+      losses, correct = jax.device_get(([w[0] for w in window], [w[1] for w in window]))
+      correct, seen = np.concatenate(correct), np.concatenate([w[2] for w in window])
+      row = {"step": i + 1, "loss": float(np.mean(losses)), "accuracy": float(correct.mean()),
              "seconds": time.time() - start, "params": {**fixed, **params}}
+      if label == "kind":  # the two halves of the kinds apart (KINDS = SHAPES + DIGITS; each drawn half the time)
+        is_digit = seen >= len(scenes_lib.SHAPES)
+        for name, where in (("shape_accuracy", ~is_digit), ("digit_accuracy", is_digit)):
+          row[name] = float(correct[where].mean()) if where.any() else float("nan")
+      yield row
       window = []
 
 
@@ -189,9 +203,47 @@ def twin_similarity(config, weights: Optional[str] = None, scenes: int = 100) ->
   return rows
 
 
+def kind_words(kind: str) -> tuple[str, ...]:
+  """How the training captions name a kind: a shape's synonyms, or a digit with or without its noun."""
+  if kind in scenes_lib.DIGITS:
+    return (f"digit {kind}", f"number {kind}", kind)
+  return scenes_lib.SHAPE_WORDS[kind]
+
+
+def captioner_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
+  """The captioner of `weights` (a run's workdir, latest checkpoint) naming the kind of one-object test scenes.
+
+  Returns {'scores' [scenes, 18]: the best log p("a <colour> <word>" | image) over the kind's words, 'truth' [scenes]
+  (indices into KINDS), 'accuracy', 'shape_accuracy', 'digit_accuracy'}.
+  """
+  from sycoca_jax import inference  # pylint: disable=g-import-not-at-top
+
+  model = inference.load(weights)
+  size = model.image_size
+  objects = [scenes_lib.sample_scene(0, "test", i, min_objects=1, max_objects=1) for i in range(scenes)]
+  images = np.stack([np.asarray(scenes_lib.render_scene(s, size)) for s in objects])
+  colours = [s.objects[0].colour for s in objects]
+  scores = np.stack([
+      np.max([model.score(images, [f"a {c} {word}" for c in colours])["log_likelihood"] for word in kind_words(k)], 0)
+      for k in scenes_lib.KINDS], axis=1)
+  truth = np.array([scenes_lib.KINDS.index(s.objects[0].shape) for s in objects])
+  correct, is_digit = scores.argmax(1) == truth, truth >= len(scenes_lib.SHAPES)
+  return {"scores": scores, "truth": truth, "accuracy": float(correct.mean()),
+          "shape_accuracy": float(correct[~is_digit].mean()), "digit_accuracy": float(correct[is_digit].mean())}
+
+
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.captioner:
+    if not FLAGS.weights:
+      raise app.UsageError("--captioner reads a run's captioner: give --weights=WORKDIR.")
+    row = captioner_kinds(FLAGS.weights)
+    print(f"captioner of {FLAGS.weights}, one-object test scenes ({len(row['truth'])}): kind named by "
+          f"log p('a <colour> <kind>' | image)")
+    print(f"accuracy {100 * row['accuracy']:.1f} %: shapes {100 * row['shape_accuracy']:.1f} %, digits "
+          f"{100 * row['digit_accuracy']:.1f} % (chance 5.6 %)")
+    return
   if FLAGS.twins:
     print(f"text tower of {FLAGS.weights or 'a fresh initialisation'}: mean cosine of training captions with")
     print(f"{'change':>10} {'their twin':>11} {'another caption':>16} {'pairs':>6}")
@@ -210,10 +262,14 @@ def main(argv):
   print(f"probe: {FLAGS.label} of one-object scenes, {config.data.image_size} px, {tower}, backgrounds "
         f"{tuple(config.data.scenes.backgrounds)}, size {FLAGS.size or 'all'}; batch {config.global_batch_size}, "
         f"lr {config.optim.lr}; chance loss {chance:.2f}")
-  print(f"{'step':>6} {'loss':>7} {'accuracy':>9} {'seconds':>8}")
+  kind = FLAGS.label == "kind"
+  print(f"{'step':>6} {'loss':>7} {'accuracy':>9}" + (f" {'shapes':>7} {'digits':>7}" if kind else "") +
+        f" {'seconds':>8}")
   for row in probe(config, FLAGS.steps, FLAGS.label, FLAGS.size, FLAGS.every, FLAGS.tower, FLAGS.weights,
                    FLAGS.frozen):
-    print(f"{row['step']:>6} {row['loss']:>7.3f} {100 * row['accuracy']:>8.1f}% {row['seconds']:>8.0f}", flush=True)
+    groups = f" {100 * row['shape_accuracy']:>6.1f}% {100 * row['digit_accuracy']:>6.1f}%" if kind else ""
+    print(f"{row['step']:>6} {row['loss']:>7.3f} {100 * row['accuracy']:>8.1f}%{groups} {row['seconds']:>8.0f}",
+          flush=True)
 
 
 if __name__ == "__main__":
