@@ -27,6 +27,43 @@ def test_probe_names_the_towers_it_knows():
     next(object_probe.probe(small_train_config(), steps=1, tower="resnet"))
 
 
+def test_cluttered_labels_name_the_kinds_in_the_scene():
+  from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  config = small_train_config()
+  config.data.scenes.update(min_objects=2, max_objects=4)
+  images, every = object_probe._cluttered_batch(config, "all", 5, 6)  # pylint: disable=protected-access
+  _, one = object_probe._cluttered_batch(config, "one", 5, 6)  # pylint: disable=protected-access
+  assert images.shape == (6, config.data.image_size, config.data.image_size, 3) and every.shape == (6, 18)
+  for row, i in enumerate(range(5, 11)):
+    scene = scenes.sample_scene(config.data.seed, "train", i, min_objects=2, max_objects=4,
+                                backgrounds=tuple(config.data.scenes.backgrounds))
+    kinds = {scenes.KINDS.index(o.shape) for o in scene.objects}
+    assert set(np.flatnonzero(every[row])) == kinds and one[row] in kinds
+  with pytest.raises(ValueError, match="clutter='all'.*label='kind'"):
+    next(object_probe.probe(config, steps=1, label="colour", clutter="all"))
+
+
+@pytest.mark.slow(reason="trains the probe on cluttered scenes for two steps and scores 300 test scenes")
+def test_cluttered_probe_is_scored_on_one_object_test_scenes():
+  config = small_train_config(global_batch_size=8)
+  rows = list(object_probe.probe(config, steps=2, every=1, clutter="all"))
+  assert [r["step"] for r in rows] == [1, 2]
+  from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  from sycoca_jax import pixels  # pylint: disable=g-import-not-at-top
+  from sycoca_jax.models import sycoca  # pylint: disable=g-import-not-at-top
+  tests = [scenes.sample_scene(config.data.seed, "test", i, min_objects=1, max_objects=1,
+                               backgrounds=tuple(config.data.scenes.backgrounds)) for i in range(300)]
+  images = np.stack([pixels.normalize(np.asarray(scenes.render_scene(t, config.data.image_size))) for t in tests])
+  truth = np.array([scenes.KINDS.index(t.objects[0].shape) for t in tests])
+  digits = int((truth >= 8).sum())
+  head = object_probe._Probe(sycoca.build_model(config.model).image_encoder, 18)  # pylint: disable=protected-access
+  for row in rows:  # each row's params name the 300 test scenes' kinds with its accuracy, shapes and digits apart
+    guess = np.asarray(jax.jit(head.apply)({"params": row["params"]}, images)).argmax(-1)
+    assert row["accuracy"] == pytest.approx(np.mean(guess == truth), abs=1e-9)
+    mixed = ((300 - digits) * row["shape_accuracy"] + digits * row["digit_accuracy"]) / 300
+    assert row["accuracy"] == pytest.approx(mixed), row
+
+
 @pytest.mark.slow(reason="reads the shared trained run and trains two probes for a few steps")
 def test_frozen_probe_starts_from_a_run_and_trains_the_head_only(trained_run):
   from sycoca_jax import checkpoint  # pylint: disable=g-import-not-at-top

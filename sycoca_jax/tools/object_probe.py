@@ -5,6 +5,7 @@ r"""Can a config's image tower learn what the scenes draw? A supervised check, b
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --tower=cnn --steps=400
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py \
       "--config.data.scenes.backgrounds=('gradient',)" --size=large
+  python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --clutter=all --steps=800
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --frozen
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --twins
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --captioner
@@ -21,6 +22,11 @@ many examples as a pretraining run sees, the objectives are not what stops the t
 identity: the images are (resolution per object, clutter) or the tower is. `--tower=cnn` tells the two apart:
 it trains a small reference CNN (`ReferenceCNN`: five 3x3 conv + BatchNorm + ReLU layers, two max-pools, a
 global max-pool) on the same scenes, with the same optimiser and batches, in place of the ViT.
+
+Is it the clutter? `--clutter` trains on the config's own scenes (data.scenes: 1-4 objects by default) and scores
+the head every `--every` steps on 300 one-object test scenes (argmax over the 18 kinds): with `--clutter=all` the
+head names every kind in the scene (one sigmoid per kind), with `--clutter=one` the kind of one of its objects,
+drawn at random (softmax), a label like a caption that names one object of several.
 
 What did pretraining teach the tower? `--weights=WORKDIR` starts the ViT from a run's latest checkpoint (the
 run's own model config), and `--frozen` trains the linear head alone: a linear probe of what the tower's pooled
@@ -66,6 +72,8 @@ def define_flags():
   flags.DEFINE_integer("every", 50, "Print the mean loss / accuracy of every this many steps.")
   flags.DEFINE_enum("label", "kind", ["kind", "colour"], "What the head names: object kind or colour.")
   flags.DEFINE_enum("size", "", ["", "small", "medium", "large"], "Draw every object at this size (default: all).")
+  flags.DEFINE_enum("clutter", "", ["", "all", "one"], "Train on the config's scenes (several objects), naming "
+                    "every kind present (all) or one object's kind (one); scored on one-object test scenes.")
   flags.DEFINE_enum("tower", "vit", ["vit", "cnn"], "The config's ViT, or the reference CNN (ReferenceCNN).")
   flags.DEFINE_string("weights", None, "Start the ViT from this run's latest checkpoint (its model config).")
   flags.DEFINE_bool("frozen", False, "Train the linear head only; the tower's weights stay as they start.")
@@ -115,15 +123,37 @@ def _batch(config, label: str, size: str, start: int, count: int) -> tuple[np.nd
   return np.stack(images), np.asarray(labels, np.int32)
 
 
+def _cluttered_batch(config, clutter: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """Training scenes of the config (data.scenes' object counts) start .. start + count - 1: normalised images and
+  kind labels, with clutter="all" a multi-hot [count, 18] of the kinds present, with "one" the index of one object's
+  kind, that object drawn by a generator seeded with the scene's index."""
+  sc = config.data.scenes
+  images, labels = [], []
+  for i in range(start, start + count):
+    scene = scenes_lib.sample_scene(config.data.seed, "train", i, min_objects=sc.min_objects,
+                                    max_objects=sc.max_objects, backgrounds=tuple(sc.backgrounds))
+    images.append(pixels.normalize(np.asarray(scenes_lib.render_scene(scene, config.data.image_size))))
+    kinds = [scenes_lib.KINDS.index(o.shape) for o in scene.objects]
+    if clutter == "all":
+      labels.append(np.isin(np.arange(len(scenes_lib.KINDS)), kinds).astype(np.float32))
+    else:
+      labels.append(kinds[int(np.random.default_rng(i).integers(len(kinds)))])
+  return np.stack(images), np.asarray(labels)
+
+
 def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 50, tower: str = "vit",
-          weights: Optional[str] = None, frozen: bool = False) -> Iterator[dict]:
+          weights: Optional[str] = None, frozen: bool = False, clutter: str = "") -> Iterator[dict]:
   """Trains the probe, yielding one {'step', 'loss', 'accuracy', 'seconds', 'params'} row per `every` steps
   (with label="kind", also 'shape_accuracy' and 'digit_accuracy': the accuracy on the shapes and on the digits).
 
   tower: "vit", the config's image encoder, or "cnn", ReferenceCNN. weights: a run's workdir whose latest
   checkpoint the ViT starts from (built from that run's model config). frozen: only the linear head trains.
+  clutter: "" trains on one-object scenes; "all" or "one" on the config's scenes, naming every kind present or one
+  object's (label must be "kind"); each row's accuracy is then that on 300 one-object test scenes.
   """
   config_lib.validate(config)
+  if clutter not in ("", "all", "one") or (clutter and label != "kind"):
+    raise ValueError(f"clutter={clutter!r}: choose '', 'all' or 'one' (with label='kind', not {label!r}).")
   num_classes = len(scenes_lib.KINDS) if label == "kind" else len(scenes_lib.COLOUR_NAMES)
   towers = {"vit": lambda: sycoca.build_model(config.model).image_encoder, "cnn": ReferenceCNN}
   if tower not in towers:
@@ -157,19 +187,41 @@ def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 
     def loss_fn(p):
       # BatchNorm's running statistics (the CNN's) are never read: the probe only trains.
       logits, _ = model.apply({**variables, "params": {**fixed, **p}}, images, mutable=["batch_stats"])
+      if clutter == "all":
+        return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean(), logits
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, logits.argmax(-1) == labels
+    guess = logits.argmax(-1)
+    # With every kind present as the label, a guess is right when it names one of them.
+    correct = labels[jnp.arange(len(guess)), guess] > 0 if clutter == "all" else guess == labels
+    return optax.apply_updates(params, updates), opt_state, loss, correct
+
+  @jax.jit
+  def predict(params, fixed, images):
+    return model.apply({**variables, "params": {**fixed, **params}}, images, mutable=["batch_stats"])[0].argmax(-1)
+
+  if clutter:  # the held-out one-object scenes every row is scored on
+    tests = [scenes_lib.sample_scene(config.data.seed, "test", i, min_objects=1, max_objects=1,
+                                     backgrounds=tuple(config.data.scenes.backgrounds)) for i in range(300)]
+    test_images = np.stack([pixels.normalize(np.asarray(scenes_lib.render_scene(t, image_size))) for t in tests])
+    test_labels = np.array([scenes_lib.KINDS.index(t.objects[0].shape) for t in tests])
 
   window, start = [], time.time()
   for i in range(steps):
-    images, labels = _batch(config, label, size, i * batch_size, batch_size)
+    if clutter:
+      images, labels = _cluttered_batch(config, clutter, i * batch_size, batch_size)
+    else:
+      images, labels = _batch(config, label, size, i * batch_size, batch_size)
     params, opt_state, loss, correct = step(params, fixed, opt_state, images, labels)
     window.append((loss, correct, labels))
     if (i + 1) % every == 0 or i + 1 == steps:
       losses, correct = jax.device_get(([w[0] for w in window], [w[1] for w in window]))
       correct, seen = np.concatenate(correct), np.concatenate([w[2] for w in window])
+      if clutter:
+        seen = test_labels
+        correct = np.concatenate([np.asarray(predict(params, fixed, test_images[j:j + batch_size]))
+                                  for j in range(0, len(test_images), batch_size)]) == test_labels
       row = {"step": i + 1, "loss": float(np.mean(losses)), "accuracy": float(correct.mean()),
              "seconds": time.time() - start, "params": {**fixed, **params}}
       if label == "kind":  # the two halves of the kinds apart (KINDS = SHAPES + DIGITS; each drawn half the time)
@@ -250,6 +302,8 @@ def main(argv):
     for kind, (twin, other, n) in twin_similarity(config, FLAGS.weights).items():
       print(f"{kind:>10} {twin:>11.4f} {other:>16.4f} {n:>6}")
     return
+  if FLAGS.clutter and FLAGS.size:
+    raise app.UsageError("--size draws one-object scenes' objects; --clutter trains on the config's own scenes.")
   chance = np.log(len(scenes_lib.KINDS) if FLAGS.label == "kind" else len(scenes_lib.COLOUR_NAMES))
   v = config.model.vision
   if FLAGS.weights:
@@ -259,14 +313,18 @@ def main(argv):
   else:
     tower = "reference CNN"
   tower += ", frozen (linear head only)" if FLAGS.frozen else ""
-  print(f"probe: {FLAGS.label} of one-object scenes, {config.data.image_size} px, {tower}, backgrounds "
+  sc = config.data.scenes
+  trained_on = (f"{FLAGS.label} of one-object scenes" if not FLAGS.clutter else
+                f"{'every kind' if FLAGS.clutter == 'all' else 'one kind'} of {sc.min_objects}-{sc.max_objects} object "
+                f"scenes (accuracy: 300 one-object test scenes)")
+  print(f"probe: {trained_on}, {config.data.image_size} px, {tower}, backgrounds "
         f"{tuple(config.data.scenes.backgrounds)}, size {FLAGS.size or 'all'}; batch {config.global_batch_size}, "
-        f"lr {config.optim.lr}; chance loss {chance:.2f}")
+        f"lr {config.optim.lr}; chance " + (f"loss {chance:.2f}" if FLAGS.clutter != "all" else "accuracy 5.6 %"))
   kind = FLAGS.label == "kind"
   print(f"{'step':>6} {'loss':>7} {'accuracy':>9}" + (f" {'shapes':>7} {'digits':>7}" if kind else "") +
         f" {'seconds':>8}")
   for row in probe(config, FLAGS.steps, FLAGS.label, FLAGS.size, FLAGS.every, FLAGS.tower, FLAGS.weights,
-                   FLAGS.frozen):
+                   FLAGS.frozen, FLAGS.clutter):
     groups = f" {100 * row['shape_accuracy']:>6.1f}% {100 * row['digit_accuracy']:>6.1f}%" if kind else ""
     print(f"{row['step']:>6} {row['loss']:>7.3f} {100 * row['accuracy']:>8.1f}%{groups} {row['seconds']:>8.0f}",
           flush=True)
