@@ -31,8 +31,8 @@ def test_cluttered_labels_name_the_kinds_in_the_scene():
   from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
   config = small_train_config()
   config.data.scenes.update(min_objects=2, max_objects=4)
-  images, every = object_probe._cluttered_batch(config, "all", 5, 6)  # pylint: disable=protected-access
-  _, one = object_probe._cluttered_batch(config, "one", 5, 6)  # pylint: disable=protected-access
+  images, every = object_probe._batch(config, "kind", "", 5, 6, clutter="all")  # pylint: disable=protected-access
+  _, one = object_probe._batch(config, "kind", "", 5, 6, clutter="one")  # pylint: disable=protected-access
   assert images.shape == (6, config.data.image_size, config.data.image_size, 3) and every.shape == (6, 18)
   for row, i in enumerate(range(5, 11)):
     scene = scenes.sample_scene(config.data.seed, "train", i, min_objects=2, max_objects=4,

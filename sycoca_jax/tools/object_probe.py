@@ -107,38 +107,35 @@ class ReferenceCNN(nn.Module):
     return {"pooled": x.max(axis=(1, 2))}
 
 
-def _batch(config, label: str, size: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """Single-object training scenes start .. start + count - 1 as normalised images and labels."""
-  sc = config.data.scenes
-  images, labels = [], []
-  for i in range(start, start + count):
-    scene = scenes_lib.sample_scene(config.data.seed, "train", i, min_objects=1, max_objects=1,
-                                    backgrounds=tuple(sc.backgrounds))
-    if size:
-      scene = dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, size=size) for o in scene.objects))
-    obj = scene.objects[0]
-    image = scenes_lib.render_scene(scene, config.data.image_size)
-    images.append(pixels.normalize(np.asarray(image)))  # the towers here take the model's float input
-    labels.append(scenes_lib.KINDS.index(obj.shape) if label == "kind" else scenes_lib.COLOUR_NAMES.index(obj.colour))
-  return np.stack(images), np.asarray(labels, np.int32)
+def _images(scenes: list, image_size: int) -> np.ndarray:
+  """Rendered scenes, normalised: the towers here take the model's float input."""
+  return np.stack([pixels.normalize(np.asarray(scenes_lib.render_scene(s, image_size))) for s in scenes])
 
 
-def _cluttered_batch(config, clutter: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """Training scenes of the config (data.scenes' object counts) start .. start + count - 1: normalised images and
-  kind labels, with clutter="all" a multi-hot [count, 18] of the kinds present, with "one" the index of one object's
-  kind, that object drawn by a generator seeded with the scene's index."""
+def _batch(config, label: str, size: str, start: int, count: int, clutter: str = "") -> tuple[np.ndarray, np.ndarray]:
+  """Training scenes start .. start + count - 1 as normalised images and labels.
+
+  Without `clutter`: one-object scenes, each labelled with its object's kind or colour. With it: the config's scenes
+  (data.scenes' object counts), labelled with a multi-hot [count, 18] of the kinds present ("all") or the kind of one
+  object ("one"), drawn by a generator seeded with the scene's index.
+  """
   sc = config.data.scenes
-  images, labels = [], []
-  for i in range(start, start + count):
-    scene = scenes_lib.sample_scene(config.data.seed, "train", i, min_objects=sc.min_objects,
-                                    max_objects=sc.max_objects, backgrounds=tuple(sc.backgrounds))
-    images.append(pixels.normalize(np.asarray(scenes_lib.render_scene(scene, config.data.image_size))))
+  fewest, most = (sc.min_objects, sc.max_objects) if clutter else (1, 1)
+  scenes = [scenes_lib.sample_scene(config.data.seed, "train", i, min_objects=fewest, max_objects=most,
+                                    backgrounds=tuple(sc.backgrounds)) for i in range(start, start + count)]
+  if size:
+    scenes = [dataclasses.replace(s, objects=tuple(dataclasses.replace(o, size=size) for o in s.objects))
+              for s in scenes]
+  labels = []
+  for i, scene in zip(range(start, start + count), scenes):
     kinds = [scenes_lib.KINDS.index(o.shape) for o in scene.objects]
     if clutter == "all":
       labels.append(np.isin(np.arange(len(scenes_lib.KINDS)), kinds).astype(np.float32))
-    else:
+    elif clutter == "one":
       labels.append(kinds[int(np.random.default_rng(i).integers(len(kinds)))])
-  return np.stack(images), np.asarray(labels)
+    else:
+      labels.append(kinds[0] if label == "kind" else scenes_lib.COLOUR_NAMES.index(scene.objects[0].colour))
+  return _images(scenes, config.data.image_size), np.asarray(labels, np.float32 if clutter == "all" else np.int32)
 
 
 def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 50, tower: str = "vit",
@@ -204,15 +201,12 @@ def probe(config, steps: int, label: str = "kind", size: str = "", every: int = 
   if clutter:  # the held-out one-object scenes every row is scored on
     tests = [scenes_lib.sample_scene(config.data.seed, "test", i, min_objects=1, max_objects=1,
                                      backgrounds=tuple(config.data.scenes.backgrounds)) for i in range(300)]
-    test_images = np.stack([pixels.normalize(np.asarray(scenes_lib.render_scene(t, image_size))) for t in tests])
+    test_images = _images(tests, image_size)
     test_labels = np.array([scenes_lib.KINDS.index(t.objects[0].shape) for t in tests])
 
   window, start = [], time.time()
   for i in range(steps):
-    if clutter:
-      images, labels = _cluttered_batch(config, clutter, i * batch_size, batch_size)
-    else:
-      images, labels = _batch(config, label, size, i * batch_size, batch_size)
+    images, labels = _batch(config, label, size, i * batch_size, batch_size, clutter)
     params, opt_state, loss, correct = step(params, fixed, opt_state, images, labels)
     window.append((loss, correct, labels))
     if (i + 1) % every == 0 or i + 1 == steps:
