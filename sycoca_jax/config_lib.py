@@ -79,6 +79,14 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   if config.loss.mim_weight > 0 and config.model.masking.mim_ratio <= 0:
     fail("loss.mim_weight", f"{config.loss.mim_weight} switches TG-MIM on, but model.masking.mim_ratio="
          f"{config.model.masking.mim_ratio} hides no patch for it to rebuild.")
+  if config.loss.words_weight > 0 and not config.model.words_head:
+    fail("loss.words_weight", f"{config.loss.words_weight} trains the caption-words head: set model.words_head=True.")
+  if config.model.masking.score == "words" and config.loss.words_weight <= 0:
+    fail("model.masking.score", "'words' ranks patches by the caption-words head, which only loss.words_weight > 0 "
+         "trains.")
+  if config.loss.words_vocab == "nouns" and config.data.tokenizer != "scenes_words":
+    fail("loss.words_vocab", f"'nouns' are the built-in scenes' nouns, in the 'scenes_words' tokenizer's ids; "
+         f"data.tokenizer is {config.data.tokenizer!r}.")
   if config.loss.twin_columns_weight > 0 and config.grad_accum_steps > 1:
     fail("loss.twin_columns_weight", f"{config.loss.twin_columns_weight} scores each image against the whole batch's "
          f"twins, which gradient accumulation does not split (grad_accum_steps={config.grad_accum_steps}).")

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
@@ -36,6 +37,7 @@ ContrastiveFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array
 
 CONTRASTIVE = ("softmax", "sigmoid")
 CONTRASTIVE_IMPLS = ("sharded", "dense")
+WORDS_VOCABS = ("all", "nouns")
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -287,6 +289,41 @@ def caption_loss(logits: jax.Array, text: jax.Array, pad_id: int) -> tuple[jax.A
   return (-log_probs * weights).sum() / jnp.maximum(count, 1.0), count
 
 
+def caption_words(text: jax.Array, pad_id: int, vocab_size: int, vocab: Optional[jax.Array] = None) -> jax.Array:
+  """The words each caption holds, [B, V] 0/1: every real token of text [B, L] after the start token (the end token
+  included), each distinct word once; with vocab [V] (0/1), only those words."""
+  real = (text != pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+  counts = jnp.zeros((text.shape[0], vocab_size), jnp.float32).at[jnp.arange(text.shape[0])[:, None], text].add(real)
+  present = (counts > 0).astype(jnp.float32)
+  return present if vocab is None else present * vocab
+
+
+def words_loss(logits: jax.Array, text: jax.Array, pad_id: int,
+               vocab: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy of word_logits [B, V] against the words of each caption in text [B, L] (`caption_words`), which
+  share probability 1 (SuperClass, Huang et al. 2024, without its IDF weights). With vocab [V] (0/1) only those words
+  count (the caption's nouns name its objects, as CatLIP's labels do) and a caption with none of them adds nothing.
+  Returns (the mean over the captions that count, how many count)."""
+  present = caption_words(text, pad_id, logits.shape[-1], vocab)
+  total = present.sum(-1)
+  target = present / jnp.maximum(total, 1.0)[:, None]
+  per_caption = -jnp.sum(target * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
+  count = (total > 0).sum().astype(jnp.float32)
+  return per_caption.sum() / jnp.maximum(count, 1.0), count
+
+
+def words_vocab(name: str, vocab_size: int) -> Optional[np.ndarray]:
+  """loss.words_vocab as words_loss's `vocab`: None for 'all'; for 'nouns' a 0/1 [vocab_size] over the built-in
+  scenes' nouns (their objects' kinds and the generic 'object', 'shape', 'thing'), in the scenes' word ids."""
+  if name == "all":
+    return None
+  from sycoca_jax.data import scenes, tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.scenes_word_tokenizer()
+  mask = np.zeros(vocab_size, np.float32)
+  mask[[tokenizer.words.index(w) for w in scenes.NOUNS]] = 1.0
+  return mask
+
+
 def mim_targets(images: jax.Array, patch_size: int, norm_pix: bool = True) -> jax.Array:
   """[B, H, W, 3] -> [B, N, P] pixel targets, normalised per patch (MAE's norm_pix_loss) when norm_pix.
 
@@ -330,6 +367,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # The twins as extra columns of the image -> text softmax (twin_columns_loss); 0.5 with itc_weight 1 is
       # NegCLIP's loss; 0 = off.
       twin_columns_weight=0.0,
+      # The caption's words as the pooled image embedding's multi-label target (words_loss; model.words_head);
+      # 0 = off. words_vocab: which words count: 'all' (SuperClass) or 'nouns' (the built-in scenes' nouns).
+      words_weight=0.0, words_vocab="all",
   ))
 
 
@@ -338,24 +378,29 @@ def validate_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
   for key, allowed in (("contrastive", CONTRASTIVE), ("contrastive_impl", CONTRASTIVE_IMPLS)):
     if loss_cfg[key] not in allowed:
       raise ValueError(f"config.loss.{key}: {loss_cfg[key]!r} is not one of {', '.join(map(repr, allowed))}.")
+  if loss_cfg.words_vocab not in WORDS_VOCABS:
+    raise ValueError(f"config.loss.words_vocab: {loss_cfg.words_vocab!r} is not one of "
+                     f"{', '.join(map(repr, WORDS_VOCABS))}.")
   if loss_cfg.sigmoid_init_temperature <= 0:
     raise ValueError(f"config.loss.sigmoid_init_temperature: {loss_cfg.sigmoid_init_temperature} must be > 0.")
 
 
 def enabled_heads(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   validate_loss_config(loss_cfg)
-  weights = {"itc": loss_cfg.itc_weight, "ic": loss_cfg.ic_weight, "mim": loss_cfg.mim_weight}
+  weights = {"itc": loss_cfg.itc_weight, "ic": loss_cfg.ic_weight, "mim": loss_cfg.mim_weight,
+             "words": loss_cfg.words_weight}
   for name, w in weights.items():
     if w < 0:
       raise ValueError(f"config.loss.{name}_weight: {w} is negative; use 0 to switch {name} off.")
   heads = tuple(name for name, w in weights.items() if w > 0)
   if not heads:
-    raise ValueError("config.loss: every objective weight is 0; enable at least one of itc, ic, mim.")
+    raise ValueError("config.loss: every objective weight is 0; enable at least one of itc, ic, mim, words.")
   return heads
 
 
 # Each objective's named term and the config.loss key of its weight, in the order they are summed.
 LOSS_WEIGHTS = {"contrastive_loss": "itc_weight", "caption_loss": "ic_weight", "mim_loss": "mim_weight",
+                "words_loss": "words_weight",
                 "hard_negative_loss": "hard_negative_weight", "twin_text_loss": "twin_text_weight",
                 "twin_columns_loss": "twin_columns_weight"}
 # The terms on the captions' false twins: each needs the batch's 'hard_negative' captions.
@@ -367,7 +412,8 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
                contrastive: Optional[ContrastiveFn] = None, mesh: Optional[Mesh] = None) -> dict[str, jax.Array]:
   """Named scalars of one forward pass `out` on `batch`.
 
-  The loss terms of `heads` (with 'ic', caption_tokens: how many target tokens are real), the temperature (and
+  The loss terms of `heads` (with 'ic', caption_tokens: how many target tokens are real; with 'words',
+  word_captions: how many captions hold a word words_loss counts), the temperature (and
   with the sigmoid loss its bias) and the masking diagnostics. `contrastive`: the ITC loss (make_contrastive_fn),
   needed when 'itc' is in heads; `mesh`: the one the batch is split over, for twin_columns_loss.
   """
@@ -398,6 +444,10 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
     with jax.named_scope("caption_loss"):
       terms["caption_loss"], terms["caption_tokens"] = caption_loss(out["caption_logits"], batch["text"],
                                                                     model.pad_id)
+  if "words" in heads:
+    with jax.named_scope("words_loss"):
+      vocab = words_vocab(loss_cfg.words_vocab, out["word_logits"].shape[-1])
+      terms["words_loss"], terms["word_captions"] = words_loss(out["word_logits"], batch["text"], model.pad_id, vocab)
   if "mim" in heads:
     with jax.named_scope("mim_loss"):
       target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)
@@ -506,6 +556,10 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
     rngs = jax.random.split(rng, accum_steps)
     batch_size = batch["text"].shape[0]
     num_tokens = jnp.maximum((batch["text"][:, 1:] != model.pad_id).sum(), 1).astype(jnp.float32)
+    if "words" in heads:
+      vocab_size = model.text_decoder.vocab_size
+      present = caption_words(batch["text"], model.pad_id, vocab_size, words_vocab(loss_cfg.words_vocab, vocab_size))
+      num_word_captions = jnp.maximum((present.sum(-1) > 0).sum(), 1).astype(jnp.float32)
     if "hard_negative" in micro:
       num_twins = jnp.maximum(has_twin(batch).sum(), 1).astype(jnp.float32)
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
@@ -531,9 +585,12 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
         # means (the caption loss: of its mean over all the batch's real tokens).
         terms = loss_terms(model, loss_cfg, out, mb, tuple(h for h in heads if h != "itc"))
         count, twins = terms.pop("caption_tokens", None), terms.pop("hard_negatives", None)
+        word_captions = terms.pop("word_captions", None)
         parts = {k: v / accum_steps for k, v in terms.items()}
         if "ic" in heads:
           parts["caption_loss"] = terms["caption_loss"] * count / num_tokens
+        if "words" in heads:  # a share of the mean over the batch's captions that count
+          parts["words_loss"] = terms["words_loss"] * word_captions / num_word_captions
         for key in ("hard_negative_loss", "twin_text_loss"):  # likewise: shares of means over the batch's twins
           if key in terms:
             parts[key] = terms[key] * twins / num_twins
@@ -552,6 +609,8 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
     aux["loss"] = total_loss(aux, loss_cfg)
     if "ic" in heads:
       aux["caption_tokens"] = num_tokens
+    if "words" in heads:
+      aux["word_captions"] = num_word_captions
     return grads, aux
 
   return grad_fn

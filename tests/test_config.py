@@ -131,6 +131,11 @@ def test_eval_configs_take_the_geometry_of_model():
                                        r"data.name='scenes' with data.scenes.hard_negatives"),
     ("loss.twin_text_weight", 1.0, r"config.loss.twin_text_weight: 1.0 needs captions with false twins"),
     ("loss.twin_columns_weight", 0.5, r"config.loss.twin_columns_weight: 0.5 needs captions with false twins"),
+    ("loss.words_weight", 1.0, r"config.loss.words_weight: 1.0 trains the caption-words head: set "
+                               r"model.words_head=True"),
+    ("loss.words_vocab", "verbs", r"config.loss.words_vocab: 'verbs' is not one of 'all', 'nouns'"),
+    ("model.masking.score", "words", r"config.model.masking.score: 'words' ranks patches by the caption-words head: "
+                                     r"set model.words_head=True"),
 ])
 def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config = load("sycoca_tiny", "runlocal")

@@ -97,6 +97,52 @@ def test_caption_loss_ignores_padding():
   np.testing.assert_allclose(losses.caption_loss(jnp.asarray(logits), jnp.asarray(text), 0)[0], want, rtol=1e-5)
 
 
+def test_words_loss_is_the_cross_entropy_against_the_captions_distinct_words():
+  rng = np.random.RandomState(3)
+  text = np.array([[1, 5, 6, 5, 2, 0], [1, 7, 2, 0, 0, 0], [1, 1, 4, 2, 0, 0]])  # bos ... eos pad
+  logits = rng.randn(3, 9).astype(np.float32)
+  # Each distinct word after the start token (the end token too) shares probability 1; a repeated word counts
+  # once, padding not at all; a start-token id later in the row is a word like any other.
+  target = np.zeros((3, 9))
+  for row, words in enumerate(([5, 6, 2], [7, 2], [1, 4, 2])):
+    target[row, words] = 1 / len(words)
+  want = -(target * _log_softmax(logits)).sum(1).mean()
+  loss, count = losses.words_loss(jnp.asarray(logits), jnp.asarray(text), pad_id=0)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert count == 3
+  grad = jax.grad(lambda z: losses.words_loss(z, jnp.asarray(text), 0)[0])(jnp.asarray(logits))
+  np.testing.assert_allclose(grad, (np.exp(_log_softmax(logits)) - target) / 3, rtol=1e-4, atol=1e-7)
+
+
+def test_words_loss_over_a_vocabulary_skips_captions_without_its_words():
+  rng = np.random.RandomState(4)
+  text = np.array([[1, 5, 6, 5, 2, 0], [1, 7, 2, 0, 0, 0], [1, 1, 4, 6, 2, 0]])
+  logits = rng.randn(3, 9).astype(np.float32)
+  vocab = np.zeros(9, np.float32)
+  vocab[[5, 6]] = 1   # the second caption holds neither word: it adds nothing, and the mean is over two captions
+  target = np.zeros((3, 9))
+  target[0, [5, 6]] = 0.5
+  target[2, 6] = 1.0
+  want = -(target * _log_softmax(logits)).sum(1)[[0, 2]].mean()
+  loss, count = losses.words_loss(jnp.asarray(logits), jnp.asarray(text), 0, jnp.asarray(vocab))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert count == 2
+
+
+def test_the_scenes_nouns_are_the_words_that_name_objects():
+  from sycoca_jax.data import scenes, tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.scenes_word_tokenizer()
+  vocab = losses.words_vocab("nouns", tokenizer.vocab_size)
+  assert losses.words_vocab("all", tokenizer.vocab_size) is None
+  named = {tokenizer.words[i] for i in np.flatnonzero(vocab)}
+  assert {"circle", "disc", "circles", "7", "7s", "object", "things"} <= named
+  assert not named & {"red", "a", "left", "small", "two", "digit", "<eos>"}
+  # Every kind is named by some noun in its captions, in the singular and the plural.
+  for kind in scenes.KINDS:
+    words = scenes.SHAPE_WORDS.get(kind, (kind,))
+    assert all(w in named and (scenes.SHAPE_PLURALS.get(w, w + "s") in named) for w in words)
+
+
 def test_sequence_log_likelihood_sums_real_tokens():
   v = 7
   text = jnp.array([[1, 5, 6, 2, 0, 0], [1, 2, 0, 0, 0, 0]])

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from sycoca_jax.models import layers
 from sycoca_jax.models import vit
-from sycoca_jax.models.sycoca import HEADS, SyCoCa, build_model, init_params
+from sycoca_jax.models.sycoca import HEADS, OPTIONAL_HEADS, SyCoCa, build_model, init_params
 from tests.helpers import random_batch
 from tests.helpers import random_params
 from tests.helpers import tiny_model_config
@@ -194,22 +194,33 @@ def test_pooling_over_patch_tokens(pool):
     np.testing.assert_allclose(out["pooled"], out["tokens"].max(axis=1) @ proj, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("score", ["tokens", "caption"])
+@pytest.mark.parametrize("score", ["tokens", "caption", "words"])
 def test_attentive_scores_compare_patches_with_the_caption(score):
   """masking.score: 'tokens' (the paper's) takes each patch's best cosine over the caption's word tokens;
-  'caption' its cosine with the caption's global embedding."""
-  cfg, model, params = _setup(**{"masking.score": score})
+  'caption' its cosine with the caption's global embedding; 'words' the sum of its caption-words head logits
+  for the caption's tokens, whose mean over the patches is the image's (mean pooling)."""
+  words = {"vision.pool": "gap", "words_head": True} if score == "words" else {}
+  cfg, model, params = _setup(**{"masking.score": score, **words})
   images, text = random_batch(cfg)
-  out = _jit_apply(model, rng=jax.random.PRNGKey(1), heads=HEADS)(params, images, text)
+  out = _jit_apply(model, rng=jax.random.PRNGKey(1), heads=HEADS + OPTIONAL_HEADS * bool(words))(params, images, text)
   image = _jit_apply(model, method=SyCoCa.encode_image)(params, images)
   caption = _jit_apply(model, method=SyCoCa.encode_text)(params, text)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   patches = unit(np.asarray(image["patch_embeddings"], np.float64))
-  if score == "caption":
+  valid = (np.asarray(text) != cfg.pad_id) & (np.arange(text.shape[1]) > 0)
+  if score == "words":
+    kernel, bias = (np.asarray(params["word_head"][k], np.float64) for k in ("kernel", "bias"))
+    raw = np.asarray(image["patch_embeddings"], np.float64)
+    expected = np.stack([raw[b] @ kernel[:, np.asarray(text[b])[valid[b]]].sum(1) for b in range(len(raw))])
+    logits = _jit_apply(model, heads=("words",))(params, images, text)["word_logits"]
+    caption_logits = np.stack([np.asarray(logits[b], np.float64)[np.asarray(text[b])[valid[b]]].sum()
+                               for b in range(len(raw))])
+    np.testing.assert_allclose(expected.mean(1) + [bias[np.asarray(text[b])[valid[b]]].sum() for b in
+                                                   range(len(raw))], caption_logits, rtol=1e-4, atol=1e-4)
+  elif score == "caption":
     expected = np.einsum("bne,be->bn", patches, unit(np.asarray(caption["pooled"], np.float64)))
   else:
     sim = np.einsum("bne,ble->bnl", patches, unit(np.asarray(caption["token_embeddings"], np.float64)))
-    valid = (np.asarray(text) != cfg.pad_id) & (np.arange(text.shape[1]) > 0)
     expected = np.where(valid[:, None], sim, -np.inf).max(-1)
   np.testing.assert_allclose(out["masks"].scores, expected, atol=1e-5)
 
@@ -395,8 +406,8 @@ def test_bad_model_config_names_the_key():
     build_model(tiny_model_config(**{"vision.stem": "conv", "vision.stem_space_to_depth": 3}))
   with pytest.raises(ValueError, match=r"config.model.vision.stem_norm: 'batch' is not one of none, instance"):
     build_model(tiny_model_config(**{"vision.stem": "conv", "vision.stem_norm": "batch"}))
-  with pytest.raises(ValueError, match=r"config.model.masking.score: 'words' is not one of tokens, caption"):
-    build_model(tiny_model_config(**{"masking.score": "words"}))
+  with pytest.raises(ValueError, match=r"config.model.masking.score: 'pixels' is not one of tokens, caption, words"):
+    build_model(tiny_model_config(**{"masking.score": "pixels"}))
   with pytest.raises(ValueError, match=r"config.model.vision.pool: 'cls' is not one of tok, gap, max, attn"):
     build_model(tiny_model_config(**{"vision.pool": "cls"}))
   with pytest.raises(ValueError, match=r"config.model.vision.stem_channels"):

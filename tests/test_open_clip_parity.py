@@ -259,6 +259,17 @@ def test_kv_cached_greedy_matches_open_clip(mixed_widths):
 
 
 @pytest.mark.slow(reason="the conversion command line in a subprocess (imports torch)")
+def test_a_words_head_is_added_fresh_and_the_rest_is_the_same_import(mixed_widths):
+  """open_clip has no caption-words head: with model.words_head it starts from a fresh initialisation (not zeros,
+  from which the tower would learn nothing through it), and every other weight is the plain import's."""
+  cfg, params = convert_lib.convert(str(mixed_widths["config_path"]), str(mixed_widths["paths"]["safetensors"]),
+                                    overrides={**SMALL_DECODER, "words_head": True})
+  head = params.pop("word_head")
+  assert head["kernel"].shape == (cfg.embed_dim, cfg.text.vocab_size)
+  assert float(jnp.std(head["kernel"])) > 0.01
+  jax.tree.map(np.testing.assert_array_equal, params, mixed_widths["params"])
+
+
 def test_cli_writes_a_loadable_scanned_checkpoint(mixed_widths, tmp_path):
   imported = mixed_widths
   out = tmp_path / "imported"

@@ -29,6 +29,7 @@ import os
 import re
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -49,7 +50,7 @@ _MULTIMODAL_DEFAULTS = dict(width=512, heads=8, layers=12)
 
 # open_clip options whose non-default values change the network in ways sycoca_jax does not express.
 # Model-config keys an import may set (the rest is determined by the open_clip config).
-_OVERRIDABLE = ("image_decoder", "masking", "remat", "dtype", "init_logit_scale")
+_OVERRIDABLE = ("image_decoder", "masking", "remat", "dtype", "init_logit_scale", "words_head")
 
 _UNSUPPORTED = {
     "vision_cfg": dict(ls_init_value=None, no_ln_pre=False, pos_embed_type="learnable", final_ln_after_pool=False,
@@ -318,6 +319,10 @@ def convert_state_dict(state: dict[str, np.ndarray], cfg: ml_collections.ConfigD
   params = {"image_encoder": image, "text_encoder": text, "text_decoder": decoder,
             "image_decoder": _init_image_decoder(model, seed), "logit_scale": logit_scale,
             "logit_bias": logit_bias}
+  if cfg.words_head:  # open_clip has none: a fresh one, as the image decoder
+    head = nn.Dense(t.vocab_size)
+    params["word_head"] = jax.device_get(jax.jit(head.init)(jax.random.PRNGKey(seed), jnp.zeros((1, cfg.embed_dim))
+                                                            )["params"])
   _check_shapes(params, jax.eval_shape(lambda: sycoca.init_params(model, jax.random.PRNGKey(0))))
   return jax.tree.map(jnp.asarray, params)
 

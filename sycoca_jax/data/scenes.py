@@ -69,6 +69,10 @@ FILL_WORDS = {True: ("solid", "filled"), False: ("outlined", "hollow")}
 GENERIC_NOUNS = ("object", "shape", "thing")
 GENERIC_PLURALS = {"object": "objects", "shape": "shapes", "thing": "things"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+# The words that name an object (its kind, in the singular or plural, or a generic noun): the nouns a caption's
+# objects are named by (loss.words_vocab='nouns').
+NOUNS = tuple(sorted({*SHAPE_PLURALS, *SHAPE_PLURALS.values(), *DIGITS, *(f"{d}s" for d in DIGITS),
+                      *GENERIC_NOUNS, *GENERIC_PLURALS.values()}))
 CELL_NAMES = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "center", (1, 2): "right",
     (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",

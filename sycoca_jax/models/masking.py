@@ -68,6 +68,18 @@ def patch_scores(patch_embeddings: jax.Array, token_embeddings: jax.Array, token
   return jax.lax.stop_gradient(jnp.maximum(sim.max(axis=-1), -1.0))
 
 
+def word_scores(patch_embeddings: jax.Array, word_vectors: jax.Array, token_valid: jax.Array) -> jax.Array:
+  """s_i = sum over valid caption tokens j of <W_v p_i, w_j>: [B, N, E], [B, L, E], [B, L] -> [B, N] float32.
+
+  w_j is the caption-words head's weight vector for token j's word (masking.score="words"). With mean-pooled
+  patches the head's image logit for a word is the mean of the patches' logits, so s_i is patch i's part of the
+  image's evidence for the caption's words (a class activation map of the caption).
+  """
+  sim = jnp.einsum("bne,ble->bn", patch_embeddings.astype(jnp.float32),
+                   word_vectors.astype(jnp.float32) * token_valid[..., None])
+  return jax.lax.stop_gradient(sim)
+
+
 def masks_from_scores(scores: jax.Array, ic_ratio: float, mim_ratio: float) -> Masks:
   """Ranks patches by score (descending) and cuts the IC and TG-MIM sets out of the one ordering."""
   num_patches = scores.shape[1]

@@ -29,7 +29,8 @@ from sycoca_jax.models.image_decoder import ImageDecoder
 from sycoca_jax.models.text import TextDecoder, TextEncoder
 from sycoca_jax.models.vit import VisionTransformer
 
-HEADS = ("itc", "ic", "mim")
+HEADS = ("itc", "ic", "mim")  # the paper's three objectives
+OPTIONAL_HEADS = ("words",)   # heads a model has only when its config builds them (model.words_head)
 
 
 class SyCoCa(nn.Module):
@@ -45,11 +46,17 @@ class SyCoCa(nn.Module):
   init_logit_scale: float = math.log(1 / 0.07)
   init_logit_bias: float = -10.0   # SigLIP's; only the sigmoid contrastive loss reads the bias
   pad_id: int = 0
+  words_head: bool = False  # model.words_head: a caption-words head on the pooled image embedding
 
   def setup(self):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale), ())
     # Created whatever the loss, so that the parameter tree stays one across configs (and checkpoints move).
     self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.init_logit_bias), ())
+    if self.words_head:
+      # The pooled image embedding -> one logit per vocabulary word (losses.words_loss). A random kernel, not zeros:
+      # from a zero kernel every image's gradient points along the pooled embeddings' common mean, and the tower
+      # learns nothing from the head (measured: colour at chance after 300 steps, 53 % with this init).
+      self.word_head = nn.Dense(self.text_decoder.vocab_size, name="word_head")
 
   # -- Pieces, each usable on its own through `model.apply(params, ..., method=...)`. --------------------------
 
@@ -98,6 +105,12 @@ class SyCoCa(nn.Module):
       if self.masking == "attentive":
         raise ValueError("masking.strategy='attentive' needs per-patch tokens: model.vision.pool must not be 'attn'.")
       patch_embeddings = jnp.zeros((text.shape[0], self.image_encoder.num_patches, 1))
+    if self.mask_score == "words" and self.masking == "attentive":
+      # Each patch's logits for the caption's words, from the caption-words head (loss.words_weight).
+      vectors = self.word_head.variables["params"]["kernel"].T[text]             # [B, L, E]
+      valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+      scores = masking_lib.word_scores(patch_embeddings, vectors, valid)
+      return masking_lib.masks_from_scores(scores, self.ic_ratio, self.mim_ratio)
     if self.mask_score == "caption":
       # Each patch against the caption's global embedding, the one vector ITC trains to match the image.
       tokens, valid = text_out["pooled"][:, None], jnp.ones((text.shape[0], 1), bool)
@@ -116,12 +129,13 @@ class SyCoCa(nn.Module):
 
     Always: image_embedding, text_embedding [B, E], logit_scale (the temperature, exp(logit_scale)), logit_bias.
     'ic' in heads: caption_logits [B, L - 1, V].   'mim' in heads: mim_pred [B, N, P].
+    'words' in heads: word_logits [B, V] (which words the image's caption holds).
     When masking runs: masks (a masking.Masks: the chosen index sets, for losses and visualisation).
     `rng` feeds the `random` strategy; the others are deterministic.
     """
-    unknown = set(heads) - set(HEADS)
+    unknown = set(heads) - set(HEADS + OPTIONAL_HEADS)
     if unknown:
-      raise ValueError(f"Unknown heads {sorted(unknown)}; choose from {HEADS}.")
+      raise ValueError(f"Unknown heads {sorted(unknown)}; choose from {HEADS + OPTIONAL_HEADS}.")
     images = pixels.normalize(images)  # the re-encoding passes below take the same floats
     image_out = self.encode_image(images)
     text_out = self.encode_text(text)
@@ -131,6 +145,11 @@ class SyCoCa(nn.Module):
         "logit_scale": self.temperature(),
         "logit_bias": self.bias(),
     }
+
+    if "words" in heads:
+      if not self.words_head:
+        raise ValueError("The 'words' head needs a model built with model.words_head=True.")
+      out["word_logits"] = self.word_head(image_out["pooled"])
 
     needs_masks = ("ic" in heads and self.ic_ratio > 0) or "mim" in heads
     masks = None
@@ -191,12 +210,15 @@ def default_model_config() -> ml_collections.ConfigDict:
       text_decoder=dict(width=768, depth=12, heads=12, mlp_ratio=4.0),
       image_decoder=dict(width=512, depth=8, heads=16, mlp_ratio=4.0, cross_attention=True),
       # score: "tokens", the paper's (a patch's max cosine with the caption's projected word tokens), or
-      # "caption" (its cosine with the caption's global embedding, which ITC aligns with the image's).
+      # "caption" (its cosine with the caption's global embedding, which ITC aligns with the image's), or "words"
+      # (its logits for the caption's words from the caption-words head; needs words_head).
       masking=dict(strategy="attentive", ic_ratio=0.5, mim_ratio=0.5, ic_reencode=False, score="tokens"),
+      # A linear head naming the caption's words from the pooled image embedding (loss.words_weight trains it).
+      words_head=False,
   ))
 
 
-MASK_SCORES = ("tokens", "caption")
+MASK_SCORES = ("tokens", "caption", "words")
 
 
 def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
@@ -253,6 +275,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
       fail(f"masking.{key}", f"{r} must be in (0, 1), or 0 to switch that head's masking off.")
   if m.score not in MASK_SCORES:
     fail("masking.score", f"{m.score!r} is not one of {', '.join(MASK_SCORES)}.")
+  if m.score == "words" and not cfg.words_head:
+    fail("masking.score", "'words' ranks patches by the caption-words head: set model.words_head=True.")
   if m.strategy == "none" and (m.ic_ratio or m.mim_ratio):
     fail("masking.strategy", "'none' needs masking.ic_ratio = masking.mim_ratio = 0.")
   if m.strategy == "attentive" and v.pool == "attn":
@@ -291,6 +315,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
       mask_score=cfg.masking.score,
       init_logit_scale=cfg.init_logit_scale,
       pad_id=cfg.pad_id,
+      words_head=cfg.words_head,
   )
 
 
@@ -304,4 +329,5 @@ def init_params(model: SyCoCa, rng: jax.Array, batch_size: int = 1) -> Any:
   init_model = model.clone(masking="random", ic_ratio=0.5, mim_ratio=0.5)
   # Jitted: one program instead of hundreds of op-by-op dispatches, which compiles faster and is cached whole
   # (inside the train step's jitted init it is simply inlined).
-  return jax.jit(lambda r: init_model.init({"params": r}, images, text, rng=r, heads=HEADS)["params"])(rng)
+  heads = HEADS + (("words",) if model.words_head else ())
+  return jax.jit(lambda r: init_model.init({"params": r}, images, text, rng=r, heads=heads)["params"])(rng)
