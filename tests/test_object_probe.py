@@ -129,3 +129,38 @@ def test_captioner_names_each_kind_by_the_likelihood_of_its_caption(trained_run)
   assert row["accuracy"] == pytest.approx(correct.mean())
   halves = (correct[~digit].mean(), correct[digit].mean())
   assert (row["shape_accuracy"], row["digit_accuracy"]) == pytest.approx(halves)
+
+
+@pytest.mark.slow(reason="initialises a tiny model with a caption-words head and encodes a few scenes")
+def test_words_head_names_each_kind_by_its_best_words_standardised_logit(tmp_path):
+  from sycoca_jax import checkpoint, inference  # pylint: disable=g-import-not-at-top
+  from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  from sycoca_jax.models import sycoca  # pylint: disable=g-import-not-at-top
+  from sycoca_jax.models.sycoca import SyCoCa  # pylint: disable=g-import-not-at-top
+  config = small_train_config(**{"model.words_head": True})
+  params = sycoca.init_params(sycoca.build_model(config.model), jax.random.PRNGKey(0))
+  checkpoint.save_params(str(tmp_path / "run"), params, config)
+  row = object_probe.words_head_kinds(str(tmp_path / "run"), scenes=12)
+  # The same from the parameters by hand: pooled image embedding -> head logits -> each kind's best word.
+  model = inference.load(str(tmp_path / "run"))
+  objects = [scenes.sample_scene(0, "test", i, min_objects=1, max_objects=1) for i in range(12)]
+  images = np.stack([np.asarray(scenes.render_scene(s, model.image_size)) for s in objects])
+  pooled = np.asarray(model.model.apply({"params": model.params}, images, method=SyCoCa.encode_image)["pooled"])
+  logits = pooled @ np.asarray(params["word_head"]["kernel"]) + np.asarray(params["word_head"]["bias"])
+  words = model.tokenizer.words
+  best = np.stack([logits[:, [words.index(w.split()[-1]) for w in object_probe.kind_words(k)]].max(1)
+                   for k in scenes.KINDS], 1)
+  np.testing.assert_allclose(row["scores"], (best - best.mean(0)) / best.std(0), rtol=1e-4, atol=1e-4)
+  truth = [scenes.KINDS.index(s.objects[0].shape) for s in objects]
+  assert row["truth"].tolist() == truth
+  assert row["accuracy"] == pytest.approx(np.mean(row["scores"].argmax(1) == truth))
+  colours = np.stack([logits[:, [words.index(w) for w in scenes.COLOUR_WORDS[c]]].max(1)
+                      for c in scenes.COLOUR_NAMES], 1)
+  colour_truth = [scenes.COLOUR_NAMES.index(s.objects[0].colour) for s in objects]
+  colour_guess = ((colours - colours.mean(0)) / colours.std(0)).argmax(1)
+  assert row["colour_accuracy"] == pytest.approx(np.mean(colour_guess == colour_truth))
+
+
+def test_words_head_refuses_a_run_without_one(trained_run):
+  with pytest.raises(ValueError, match="has no caption-words head"):
+    object_probe.words_head_kinds(str(trained_run), scenes=2)

@@ -9,6 +9,7 @@ r"""Can a config's image tower learn what the scenes draw? A supervised check, b
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --frozen
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --twins
   python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --captioner
+  python -m sycoca_jax.tools.object_probe --config=configs/sycoca_tiny.py --weights=/tmp/sycoca_tiny --words_head
 
 Trains the config's ViT (model.vision, fresh weights) with a linear head on its pooled feature to name the one
 object of single-object training scenes: its kind (8 shapes + 10 digits, chance ln 18 = 2.89 nats) or its
@@ -41,6 +42,9 @@ And the captioner? `--captioner` names the object of one-object test scenes by t
 each image, log p("a <colour> <kind word>" | image) for every kind (a shape's best synonym; a digit's "digit 7",
 "number 7" or "7"), the object's colour given, argmax over the 18 kinds. The prompts read as the training captions
 do, colour before kind, where the zero-shot evaluator's "a circle" or "one circle" are sentences no caption has.
+
+And a caption-words head (model.words_head)? `--words_head` names the kind and the colour of one-object test scenes
+by the head's logits: each class's best word, standardised over the images, argmax over the classes.
 """
 
 import dataclasses
@@ -79,6 +83,8 @@ def define_flags():
   flags.DEFINE_bool("frozen", False, "Train the linear head only; the tower's weights stay as they start.")
   flags.DEFINE_bool("twins", False, "Instead: the text tower's cosine between captions and their false twins.")
   flags.DEFINE_bool("captioner", False, "Instead: the captioner's kind accuracy on one-object test scenes.")
+  flags.DEFINE_bool("words_head", False, "Instead: the caption-words head's kind and colour accuracy on one-object "
+                    "test scenes.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -278,9 +284,55 @@ def captioner_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
           "shape_accuracy": float(correct[~is_digit].mean()), "digit_accuracy": float(correct[is_digit].mean())}
 
 
+def words_head_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
+  """The caption-words head of `weights` (model.words_head; a run's workdir, latest checkpoint) naming the kind and
+  the colour of one-object test scenes, each by its largest logit among that kind's (colour's) words.
+
+  Each class's logit is standardised over the images first: the words' frequencies in the captions otherwise decide
+  the argmax. Returns {'scores' [scenes, 18], 'truth' [scenes] (indices into KINDS), 'accuracy', 'shape_accuracy',
+  'digit_accuracy', 'colour_accuracy'}.
+  """
+  from sycoca_jax import inference  # pylint: disable=g-import-not-at-top
+  from sycoca_jax.models.sycoca import SyCoCa  # pylint: disable=g-import-not-at-top
+
+  model = inference.load(weights)
+  if "word_head" not in model.params:
+    raise ValueError(f"{weights}: its model has no caption-words head (model.words_head).")
+  objects = [scenes_lib.sample_scene(0, "test", i, min_objects=1, max_objects=1) for i in range(scenes)]
+  images = np.stack([np.asarray(scenes_lib.render_scene(s, model.image_size)) for s in objects])
+  pooled = model.model.apply({"params": model.params}, images, method=SyCoCa.encode_image)["pooled"]
+  head = model.params["word_head"]
+  logits = np.asarray(pooled @ head["kernel"] + head["bias"], np.float64)
+  # A phrase's last word names the class ("digit 7" -> "7").
+  word_id = lambda phrase: model.tokenizer.words.index(phrase.split()[-1])
+
+  def standardised(classes, words_of):
+    best = np.stack([logits[:, [word_id(w) for w in words_of(c)]].max(1) for c in classes], 1)
+    return (best - best.mean(0)) / np.maximum(best.std(0), 1e-12)
+
+  scores = standardised(scenes_lib.KINDS, kind_words)
+  colours = standardised(scenes_lib.COLOUR_NAMES, scenes_lib.COLOUR_WORDS.get)
+  truth = np.array([scenes_lib.KINDS.index(s.objects[0].shape) for s in objects])
+  colour_truth = np.array([scenes_lib.COLOUR_NAMES.index(s.objects[0].colour) for s in objects])
+  correct, is_digit = scores.argmax(1) == truth, truth >= len(scenes_lib.SHAPES)
+  return {"scores": scores, "truth": truth, "accuracy": float(correct.mean()),
+          "shape_accuracy": float(correct[~is_digit].mean()), "digit_accuracy": float(correct[is_digit].mean()),
+          "colour_accuracy": float((colours.argmax(1) == colour_truth).mean())}
+
+
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.words_head:
+    if not FLAGS.weights:
+      raise app.UsageError("--words_head reads a run's caption-words head: give --weights=WORKDIR.")
+    row = words_head_kinds(FLAGS.weights)
+    print(f"caption-words head of {FLAGS.weights}, one-object test scenes ({len(row['truth'])}): each class by its "
+          "best word's logit, standardised over the images")
+    print(f"kind {100 * row['accuracy']:.1f} %: shapes {100 * row['shape_accuracy']:.1f} %, digits "
+          f"{100 * row['digit_accuracy']:.1f} % (chance 5.6 %); colour {100 * row['colour_accuracy']:.1f} % "
+          "(chance 8.3 %)")
+    return
   if FLAGS.captioner:
     if not FLAGS.weights:
       raise app.UsageError("--captioner reads a run's captioner: give --weights=WORKDIR.")
