@@ -30,7 +30,8 @@ from sycoca_jax.data.prefetch import DevicePrefetcher
 from sycoca_jax.models import sycoca
 from sycoca_jax.models.vit import patchify, unpatchify
 
-TOWER_OF_HEAD = {"itc": ("logit_scale", "logit_bias"), "ic": ("text_decoder",), "mim": ("image_decoder",)}
+TOWER_OF_HEAD = {"itc": ("logit_scale", "logit_bias"), "ic": ("text_decoder",), "mim": ("image_decoder",),
+                 "words": ("word_head",)}
 
 
 class Preempted(Exception):

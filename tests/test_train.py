@@ -251,6 +251,27 @@ def test_sigmoid_loss_starts_at_siglip_values_and_learns_its_bias():
   assert float(state["params"]["logit_bias"]) != -10.0   # trained (not frozen, as under the softmax loss)
 
 
+@pytest.mark.slow(reason="compiles and runs the tiny train step")
+def test_a_head_no_objective_trains_gets_no_update():
+  """A caption-words head with loss.words_weight 0 stays as initialised (no update, no weight decay), like the
+  other towers of switched-off objectives, while the image tower trains."""
+  config = small_train_config(**{"model.words_head": True, "loss.mim_weight": 0.0})
+  mesh = sharding.make_mesh(config.mesh)
+  step = train.make_train_step(config, sycoca.build_model(config.model), mesh, config_lib.total_steps(config))
+  state = step.init(jax.random.PRNGKey(0))
+  before = jax.device_get(state["params"])
+  from sycoca_jax.data import build_train_iterator  # pylint: disable=g-import-not-at-top
+  local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
+  batch = sharding.global_batch({"image": local["image"], "text": local["text"]}, mesh)
+  for _ in range(2):  # the first update's learning rate is 0 (warmup)
+    state, aux = step.step(state, batch, step.schedule_args)
+    jax.block_until_ready(aux)
+  after = jax.device_get(state["params"])
+  for name in ("word_head", "image_decoder"):
+    jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
+  assert not np.array_equal(after["image_encoder"]["proj"], before["image_encoder"]["proj"])
+
+
 def test_durations_in_any_unit():
   c = config_lib.default_config()
   c.global_batch_size = 100
