@@ -262,6 +262,20 @@ def kind_words(kind: str) -> tuple[str, ...]:
   return scenes_lib.SHAPE_WORDS[kind]
 
 
+def _test_scenes(count: int, image_size: int) -> tuple[list, np.ndarray, np.ndarray]:
+  """One-object test scenes 0 .. count - 1: the scenes, their uint8 images and their kinds (indices into KINDS)."""
+  objects = [scenes_lib.sample_scene(0, "test", i, min_objects=1, max_objects=1) for i in range(count)]
+  images = np.stack([np.asarray(scenes_lib.render_scene(s, image_size)) for s in objects])
+  return objects, images, np.array([scenes_lib.KINDS.index(s.objects[0].shape) for s in objects])
+
+
+def _kind_accuracies(scores: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+  """{'scores', 'truth', 'accuracy', 'shape_accuracy', 'digit_accuracy'} of the argmax of scores [scenes, 18]."""
+  correct, is_digit = scores.argmax(1) == truth, truth >= len(scenes_lib.SHAPES)
+  return {"scores": scores, "truth": truth, "accuracy": float(correct.mean()),
+          "shape_accuracy": float(correct[~is_digit].mean()), "digit_accuracy": float(correct[is_digit].mean())}
+
+
 def captioner_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
   """The captioner of `weights` (a run's workdir, latest checkpoint) naming the kind of one-object test scenes.
 
@@ -271,17 +285,12 @@ def captioner_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
   from sycoca_jax import inference  # pylint: disable=g-import-not-at-top
 
   model = inference.load(weights)
-  size = model.image_size
-  objects = [scenes_lib.sample_scene(0, "test", i, min_objects=1, max_objects=1) for i in range(scenes)]
-  images = np.stack([np.asarray(scenes_lib.render_scene(s, size)) for s in objects])
+  objects, images, truth = _test_scenes(scenes, model.image_size)
   colours = [s.objects[0].colour for s in objects]
   scores = np.stack([
       np.max([model.score(images, [f"a {c} {word}" for c in colours])["log_likelihood"] for word in kind_words(k)], 0)
       for k in scenes_lib.KINDS], axis=1)
-  truth = np.array([scenes_lib.KINDS.index(s.objects[0].shape) for s in objects])
-  correct, is_digit = scores.argmax(1) == truth, truth >= len(scenes_lib.SHAPES)
-  return {"scores": scores, "truth": truth, "accuracy": float(correct.mean()),
-          "shape_accuracy": float(correct[~is_digit].mean()), "digit_accuracy": float(correct[is_digit].mean())}
+  return _kind_accuracies(scores, truth)
 
 
 def words_head_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
@@ -298,8 +307,7 @@ def words_head_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
   model = inference.load(weights)
   if "word_head" not in model.params:
     raise ValueError(f"{weights}: its model has no caption-words head (model.words_head).")
-  objects = [scenes_lib.sample_scene(0, "test", i, min_objects=1, max_objects=1) for i in range(scenes)]
-  images = np.stack([np.asarray(scenes_lib.render_scene(s, model.image_size)) for s in objects])
+  objects, images, truth = _test_scenes(scenes, model.image_size)
   pooled = model.model.apply({"params": model.params}, images, method=SyCoCa.encode_image)["pooled"]
   head = model.params["word_head"]
   logits = np.asarray(pooled @ head["kernel"] + head["bias"], np.float64)
@@ -312,12 +320,8 @@ def words_head_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
 
   scores = standardised(scenes_lib.KINDS, kind_words)
   colours = standardised(scenes_lib.COLOUR_NAMES, scenes_lib.COLOUR_WORDS.get)
-  truth = np.array([scenes_lib.KINDS.index(s.objects[0].shape) for s in objects])
   colour_truth = np.array([scenes_lib.COLOUR_NAMES.index(s.objects[0].colour) for s in objects])
-  correct, is_digit = scores.argmax(1) == truth, truth >= len(scenes_lib.SHAPES)
-  return {"scores": scores, "truth": truth, "accuracy": float(correct.mean()),
-          "shape_accuracy": float(correct[~is_digit].mean()), "digit_accuracy": float(correct[is_digit].mean()),
-          "colour_accuracy": float((colours.argmax(1) == colour_truth).mean())}
+  return {**_kind_accuracies(scores, truth), "colour_accuracy": float((colours.argmax(1) == colour_truth).mean())}
 
 
 def main(argv):
