@@ -81,6 +81,9 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
          f"{config.model.masking.mim_ratio} hides no patch for it to rebuild.")
   if config.loss.words_weight > 0 and not config.model.words_head:
     fail("loss.words_weight", f"{config.loss.words_weight} trains the caption-words head: set model.words_head=True.")
+  if config.loss.words_decay_steps and config.loss.words_weight <= 0:
+    fail("loss.words_decay_steps", f"{config.loss.words_decay_steps} decays the words weight, but loss.words_weight "
+         f"is {config.loss.words_weight}.")
   if config.model.masking.score == "words" and config.loss.words_weight <= 0:
     fail("model.masking.score", "'words' ranks patches by the caption-words head, which only loss.words_weight > 0 "
          "trains.")

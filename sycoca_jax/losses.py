@@ -370,6 +370,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # The caption's words as the pooled image embedding's multi-label target (words_loss; model.words_head);
       # 0 = off. words_vocab: which words count: 'all' (SuperClass) or 'nouns' (the built-in scenes' nouns).
       words_weight=0.0, words_vocab="all",
+      # > 0: the words weight falls on a cosine from words_weight at step 0 to 0 at this step, and stays 0 after
+      # (the head teaches the tower objects early, then leaves the update to the other objectives); 0 = constant.
+      words_decay_steps=0,
   ))
 
 
@@ -383,6 +386,9 @@ def validate_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
                      f"{', '.join(map(repr, WORDS_VOCABS))}.")
   if loss_cfg.sigmoid_init_temperature <= 0:
     raise ValueError(f"config.loss.sigmoid_init_temperature: {loss_cfg.sigmoid_init_temperature} must be > 0.")
+  if loss_cfg.words_decay_steps < 0:
+    raise ValueError(f"config.loss.words_decay_steps: {loss_cfg.words_decay_steps} is negative; 0 keeps the words "
+                     "weight constant.")
 
 
 def enabled_heads(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -457,12 +463,26 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
   return terms
 
 
-def total_loss(terms: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict) -> jax.Array:
-  """L = w_itc * contrastive_loss + w_ic * caption_loss + w_mim * mim_loss, over the terms present."""
+def words_weight(loss_cfg: ml_collections.ConfigDict, step: Optional[jax.Array] = None) -> jax.Array:
+  """The words loss's weight at `step` (loss.words_decay_steps); the configured one when step is None."""
+  decay = loss_cfg.words_decay_steps
+  if not decay or step is None:
+    return jnp.float32(loss_cfg.words_weight)
+  t = jnp.minimum(jnp.asarray(step, jnp.float32), decay) / decay
+  return loss_cfg.words_weight * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
+
+def total_loss(terms: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict,
+               step: Optional[jax.Array] = None) -> jax.Array:
+  """L = w_itc * contrastive_loss + w_ic * caption_loss + w_mim * mim_loss (+ ...), over the terms present.
+
+  `step`: the train step, for a weight that follows a schedule (words_weight).
+  """
   total = jnp.zeros((), jnp.float32)
   for key, weight in LOSS_WEIGHTS.items():
     if key in terms:
-      total += loss_cfg[weight] * terms[key]
+      w = words_weight(loss_cfg, step) if weight == "words_weight" else loss_cfg[weight]
+      total += w * terms[key]
   return total
 
 
@@ -491,19 +511,21 @@ def forward(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, params: Any, bat
 
 
 def make_loss_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> LossFn:
-  """Returns loss_fn(params, batch, rng) -> (total loss, aux) for use inside one jit.
+  """Returns loss_fn(params, batch, rng, step=None) -> (total loss, aux) for use inside one jit.
 
   batch: {'image': [B, H, W, 3] float, 'text': [B, L] int32}. aux holds every loss term, the temperature and
   masking diagnostics, all scalars (cheap to keep on device until a log step). `mesh`: the one the batch is split
-  over, for the contrastive loss (see make_contrastive_fn).
+  over, for the contrastive loss (see make_contrastive_fn). `step`: the train step, for scheduled weights.
   """
   heads = enabled_heads(loss_cfg)
   contrastive = make_contrastive_fn(loss_cfg, mesh)
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, step=None):
     out = forward(model, loss_cfg, params, batch, rng, heads)
     aux = loss_terms(model, loss_cfg, out, batch, heads, contrastive, mesh)
-    aux["loss"] = total_loss(aux, loss_cfg)
+    aux["loss"] = total_loss(aux, loss_cfg, step)
+    if loss_cfg.words_decay_steps and "words" in heads:
+      aux["words_weight"] = words_weight(loss_cfg, step)
     return aux["loss"], aux
 
   return loss_fn
@@ -523,7 +545,7 @@ def masking_diagnostics(masks) -> dict[str, jax.Array]:
 
 def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps: int = 1,
                  mesh: Optional[Mesh] = None):
-  """grad_fn(params, batch, rng) -> (grads, aux), optionally over `accum_steps` micro-batches.
+  """grad_fn(params, batch, rng, step=None) -> (grads, aux), optionally over `accum_steps` micro-batches.
 
   Accumulation keeps every objective exactly what it is on the whole global batch, contrastive negatives
   included (the gradient-cache method): first the ITC embeddings of all micro-batches are computed without
@@ -534,8 +556,8 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
   """
   loss_fn = make_loss_fn(model, loss_cfg, mesh)
   if accum_steps == 1:
-    def grad_fn(params, batch, rng):
-      (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+    def grad_fn(params, batch, rng, step=None):
+      (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, step)
       return grads, aux
     return grad_fn
 
@@ -551,7 +573,7 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
     # [A, B / A, ...] -> [B, ...] in the batch's own order: each device's rows are back where they started.
     return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
-  def grad_fn(params, batch, rng):
+  def grad_fn(params, batch, rng, step=None):
     micro = jax.tree.map(split, {k: batch[k] for k in ("image", "text", "hard_negative") if k in batch})
     rngs = jax.random.split(rng, accum_steps)
     batch_size = batch["text"].shape[0]
@@ -599,18 +621,20 @@ def make_grad_fn(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, accum_steps
           # Its gradient reaches the parameters through the embeddings', computed above.
           weighted["contrastive_loss"] = ((out["image_embedding"] * gi).sum() + (out["text_embedding"] * gt).sum()
                                           + (g_temp * out["logit_scale"] + g_bias * out["logit_bias"]) / accum_steps)
-        return total_loss(weighted, loss_cfg), parts
+        return total_loss(weighted, loss_cfg, step), parts
 
       grads, parts = jax.grad(surrogate, has_aux=True)(params)
       return jax.tree.map(jnp.add, acc, grads), parts
 
     grads, parts = jax.lax.scan(micro_grads, jax.tree.map(jnp.zeros_like, params), (micro, rngs, g_img, g_txt))
     aux.update({k: v.sum() for k, v in parts.items()})
-    aux["loss"] = total_loss(aux, loss_cfg)
+    aux["loss"] = total_loss(aux, loss_cfg, step)
     if "ic" in heads:
       aux["caption_tokens"] = num_tokens
     if "words" in heads:
       aux["word_captions"] = num_word_captions
+      if loss_cfg.words_decay_steps:
+        aux["words_weight"] = words_weight(loss_cfg, step)
     return grads, aux
 
   return grad_fn

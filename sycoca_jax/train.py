@@ -263,7 +263,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: sycoca.SyCoCa, mes
     step_rng = jax.random.fold_in(state["rng"], state["step"])
     # The mesh in context: what a Pallas kernel in the model (attention_impl='splash') needs to run per chip.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      grads, aux = grad_fn(state["params"], batch, step_rng)
+      grads, aux = grad_fn(state["params"], batch, step_rng, state["step"])
     # Named so that the AOT tool's breakdown of the compiled step can tell the update's ops from the model's.
     with jax.named_scope("optimizer"):
       grad_norm = optax.tree.norm(grads)

@@ -129,6 +129,23 @@ def test_words_loss_over_a_vocabulary_skips_captions_without_its_words():
   assert count == 2
 
 
+def test_the_words_weight_decays_on_a_cosine_to_zero_and_stays_there():
+  loss_cfg = losses.default_loss_config()
+  loss_cfg.words_weight = 8.0
+  terms = {"contrastive_loss": jnp.float32(2.0), "words_loss": jnp.float32(3.0)}
+  # Constant without a decay, whatever the step.
+  assert float(losses.words_weight(loss_cfg, jnp.int32(500))) == 8.0
+  np.testing.assert_allclose(losses.total_loss(terms, loss_cfg, jnp.int32(500)), 2.0 + 8.0 * 3.0, rtol=1e-6)
+  loss_cfg.words_decay_steps = 100
+  steps = np.array([0, 25, 50, 100, 250])
+  want = 8.0 * 0.5 * (1 + np.cos(np.pi * np.minimum(steps, 100) / 100))   # 8, 6.83, 4, 0, 0
+  got = [float(losses.words_weight(loss_cfg, jnp.int32(t))) for t in steps]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(losses.total_loss(terms, loss_cfg, jnp.int32(50)), 2.0 + 4.0 * 3.0, rtol=1e-6)
+  # Without a step (an evaluation's loss), the configured weight.
+  np.testing.assert_allclose(losses.total_loss(terms, loss_cfg), 2.0 + 8.0 * 3.0, rtol=1e-6)
+
+
 def test_the_scenes_nouns_are_the_words_that_name_objects():
   from sycoca_jax.data import scenes, tokenizers  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizers.scenes_word_tokenizer()

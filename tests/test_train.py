@@ -206,8 +206,10 @@ def test_gradient_accumulation_is_exact(contrastive):
   the sigmoid loss) gives the full-batch gradient of the dense formula on one device."""
   # The softmax case with the twin terms on: their means over the batch's twins are exact too.
   twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5, "loss.twin_text_weight": 0.5}
-  # The sigmoid case with the caption-nouns head: its mean over the captions that name an object is exact too.
-  nouns = {"model.words_head": True, "loss.words_weight": 0.5, "loss.words_vocab": "nouns"}
+  # The sigmoid case with the caption-nouns head: its mean over the captions that name an object is exact too, and
+  # its weight, decaying over the run, is the step's on both paths.
+  nouns = {"model.words_head": True, "loss.words_weight": 0.5, "loss.words_vocab": "nouns",
+           "loss.words_decay_steps": 4}
   config = small_train_config(**{"loss.contrastive": contrastive, **(twins if contrastive == "softmax" else nouns)})
   model = sycoca.build_model(config.model).clone(**losses.contrastive_init(config.loss))
   params = sycoca.init_params(model, jax.random.PRNGKey(0))
@@ -220,11 +222,15 @@ def test_gradient_accumulation_is_exact(contrastive):
     nouns = losses.words_vocab("nouns", config.model.text.vocab_size)
     blank = (np.arange(16) % 2 == 0) & (np.arange(16) < 12)
     batch["text"] = np.where(blank[:, None] & (nouns[batch["text"]] > 0), 3, batch["text"])
-  full, aux_full = jax.jit(losses.make_grad_fn(model, config.loss, 1))(params, batch, jax.random.PRNGKey(0))
+  step = np.int32(1)
+  full, aux_full = jax.jit(losses.make_grad_fn(model, config.loss, 1))(params, batch, jax.random.PRNGKey(0), step)
   mesh = sharding.make_mesh(config.mesh)
   acc, aux_acc = jax.jit(losses.make_grad_fn(model, config.loss, 2, mesh))(
-      params, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0))
-  extra = ("hard_negative_loss", "twin_text_loss") if "hard_negative" in batch else ("words_loss", "word_captions")
+      params, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0), step)
+  extra = (("hard_negative_loss", "twin_text_loss") if "hard_negative" in batch
+           else ("words_loss", "word_captions", "words_weight"))
+  if config.loss.words_weight:
+    np.testing.assert_allclose(aux_acc["words_weight"], 0.5 * 0.5 * (1 + np.cos(np.pi / 4)), rtol=1e-6)
   for k in ("loss", "contrastive_loss", "caption_loss", "mim_loss") + extra:
     np.testing.assert_allclose(aux_acc[k], aux_full[k], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-6), full, acc)
@@ -270,6 +276,32 @@ def test_a_head_no_objective_trains_gets_no_update():
   for name in ("word_head", "image_decoder"):
     jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
   assert not np.array_equal(after["image_encoder"]["proj"], before["image_encoder"]["proj"])
+
+
+@pytest.mark.slow(reason="compiles and runs the tiny train step")
+def test_the_train_step_decays_the_words_weight_by_its_own_count():
+  """loss.words_decay_steps: each update's words weight is the schedule's at the state's step (8, 4, 0 for a
+  decay over 2 steps), and the head trains while its weight is above 0."""
+  config = small_train_config(**{"model.words_head": True, "loss.words_weight": 8.0, "loss.words_decay_steps": 2})
+  mesh = sharding.make_mesh(config.mesh)
+  step = train.make_train_step(config, sycoca.build_model(config.model), mesh, config_lib.total_steps(config))
+  state = step.init(jax.random.PRNGKey(0))
+  from sycoca_jax.data import build_train_iterator  # pylint: disable=g-import-not-at-top
+  local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
+  batch = sharding.global_batch({"image": local["image"], "text": local["text"]}, mesh)
+  lw, logged, heads = config.loss, [], [jax.device_get(state["params"]["word_head"])]
+  for _ in range(3):
+    state, aux = step.step(state, batch, step.schedule_args)
+    rest = aux["loss"] - lw.itc_weight * aux["contrastive_loss"] - lw.ic_weight * aux["caption_loss"] \
+        - lw.mim_weight * aux["mim_loss"]
+    logged.append((float(aux["words_weight"]), float(aux["words_loss"]), float(rest)))
+    heads.append(jax.device_get(state["params"]["word_head"]))
+  weight, words, rest = np.array(logged).T
+  np.testing.assert_allclose(weight, [8.0, 4.0, 0.0], atol=1e-5)
+  # The total loss holds the words loss at exactly that weight.
+  np.testing.assert_allclose(rest, weight * words, rtol=1e-4, atol=1e-4)
+  # The second update (the first's learning rate is 0) moved the head.
+  assert not np.array_equal(heads[2]["kernel"], heads[1]["kernel"])
 
 
 def test_durations_in_any_unit():
