@@ -66,6 +66,35 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run
   assert one[2] != one[1]  # the runs really trained
 
 
+@pytest.mark.slow(reason="two training subprocesses over loopback and one on a single device")
+def test_the_words_head_trains_and_ranks_patches_alike_on_two_processes(tmp_path):
+  """The caption-words head as a pod runs it (its weight decaying, its class activation map choosing the masks,
+  the masking evaluator at a cadence): two processes log the losses and mask metrics of one device."""
+  overrides = {"total_steps": 2, "ckpt_steps": 2, "model.words_head": True, "loss.words_weight": 2.0,
+               "loss.words_vocab": "nouns", "loss.words_decay_steps": 2, "model.masking.score": "words",
+               "evals.masking.log_steps": 2, "evals.masking.max_examples": 8, "evals.masking.batch_size": 8}
+  overrides.update({f"evals.{name}.log_steps": 0 for name in ("retrieval", "zeroshot", "captioning")})
+  port = distributed.free_port()
+  procs = [distributed.spawn_train_worker(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i,
+                                          port=port, overrides=overrides) for i in range(2)]
+  outs = [distributed.drain(p, timeout=600) for p in procs]
+  _run(workdir=str(tmp_path / "one"), devices=1, overrides=overrides)  # while the two processes run
+  for p, out in zip(procs, outs):
+    log = out.result()
+    assert p.returncode == 0, log[-3000:]
+  rows = {name: metrics.read_jsonl(tmp_path / name) for name in ("one", "two")}
+  logged = {name: {r["step"]: r for r in rs if "loss" in r} for name, rs in rows.items()}
+  assert sorted(logged["one"]) == sorted(logged["two"]) == [1, 2]
+  for step in (1, 2):
+    for key in ("loss", "words_loss", "words_weight", "mask/mim_hidden_score"):
+      np.testing.assert_allclose(logged["two"][step][key], logged["one"][step][key], rtol=2e-5)
+  np.testing.assert_allclose([logged["one"][s]["words_weight"] for s in (1, 2)], [2.0, 1.0], rtol=1e-6)
+  mask = {name: next(r for r in rs if "masking/ic_object_recall" in r) for name, rs in rows.items()}
+  assert mask["one"]["masking/num_pairs"] > 0
+  for key in ("masking/ic_object_recall", "masking/ic_object_recall_random", "masking/num_pairs"):
+    np.testing.assert_allclose(mask["two"][key], mask["one"][key], rtol=1e-5)
+
+
 @pytest.mark.slow(reason="three training subprocesses with input worker processes")
 def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
   _run(workdir=str(tmp_path / "straight"), devices=2)  # the scenes decode in-process by default
