@@ -65,6 +65,19 @@ def test_runlocal_false_and_0_do_not_shrink_the_config():
   assert load("sycoca_tiny", "variant=coca").loss.mim_weight == 0.0
 
 
+def test_eval_split_val_points_every_scenes_evaluator_at_the_validation_twins():
+  test, val = load("sycoca_tiny").evals, load("sycoca_tiny", "eval_split=val").evals
+  assert {test[n].split for n in ("retrieval", "captioning", "masking")} == {"test"}
+  assert {val[n].split for n in ("retrieval", "captioning", "masking")} == {"val"}
+  assert val.zeroshot.datasets == ("scenes_shape_val", "scenes_colour_val", "scenes_digit_val", "sklearn_digits")
+  assert test.zeroshot.datasets == ("scenes_shape", "scenes_colour", "scenes_digit", "sklearn_digits")
+  from sycoca_jax.evaluators import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load("scenes_digit_val", load("sycoca_tiny").data)
+  assert digits.name == "scenes_digit_val" and len(digits) == 500 and digits.class_names[7] == "7"
+  with pytest.raises(ValueError, match="'eval_split': 'dev' is not one of test, val"):
+    load("sycoca_tiny", "eval_split=dev")
+
+
 @pytest.mark.parametrize("name", ["eval_all", "eval_probe", "eval_retrieval", "eval_zeroshot",
                                   "finetune_classification", "finetune_vqa"])
 def test_eval_configs_take_their_own_arguments_and_refuse_typos(name):

@@ -95,6 +95,20 @@ def test_eval_splits_are_fixed_size_and_zero_shot_labels_balanced():
     assert all("{}" in t for t in templates)
 
 
+def test_validation_twins_draw_other_scenes_of_the_same_kind():
+  for test_split, val_split in (("test", "val"), ("zeroshot_shape", "zeroshot_shape_val"),
+                                ("zeroshot_digit", "zeroshot_digit_val")):
+    test, val = scenes.ScenesSource(test_split, image_size=32), scenes.ScenesSource(val_split, image_size=32)
+    assert len(val) == len(test)
+    assert not {test.scene(i).objects for i in range(50)} & {val.scene(i).objects for i in range(50)}
+    if test_split in scenes.ZEROSHOT:
+      assert [val[i]["label"] for i in range(20)] == [test[i]["label"] for i in range(20)]
+      assert val.class_names == test.class_names and val.templates == test.templates
+  # The held-out colour-shape pairs stay out of the validation scenes, as out of test.
+  val = scenes.ScenesSource("val")
+  assert not any((o.shape, o.colour) in scenes.HELD_OUT_PAIRS for i in range(200) for o in val.scene(i).objects)
+
+
 def test_zero_shot_prompts_are_worded_like_training_captions():
   """A prompt word the captions never use (a full stop, 'something') has an untrained embedding."""
   caption_words = {w for i in range(2000) for c in scenes.scene_captions(scenes.sample_scene(0, "train", i))

@@ -789,7 +789,8 @@ class EvalSplit:
 def load_eval_split(data_config, split: str, max_examples: int = 0) -> EvalSplit:
   """Evaluation split `split` of the configured dataset, limited to its first `max_examples` (0: all).
 
-  scenes: 'test', 'test_comp', 'zeroshot_shape', 'zeroshot_colour', 'zeroshot_digit'; coco_json / tfds: the
+  scenes: 'test', 'test_comp', 'zeroshot_shape', 'zeroshot_colour', 'zeroshot_digit', and the validation twins
+  'val', 'zeroshot_shape_val', 'zeroshot_colour_val', 'zeroshot_digit_val'; coco_json / tfds: the
   source's split names; under any dataset: 'sklearn_digits', 'lfw_subset', 'easy_vqa_train', 'easy_vqa_test'.
   """
   source = sources_lib.build_source(data_config, split)

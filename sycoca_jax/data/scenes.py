@@ -22,6 +22,9 @@ Splits:
   zeroshot_shape   one geometric shape per scene, label = index in SHAPES (50 per class).
   zeroshot_colour  one geometric shape per scene, label = index in COLOURS (50 per class).
   zeroshot_digit   one digit per scene, label = the digit (50 per class).
+  val, zeroshot_shape_val, zeroshot_colour_val, zeroshot_digit_val
+                   validation twins of test and the zero-shot splits: the same distributions and sizes from draws
+                   of their own, to tune on (and to report the test splits once).
 
 Shapes: S image side in pixels, K objects in the scene, g = S / patch_size patches per side.
 """
@@ -99,8 +102,12 @@ ZEROSHOT = {  # split -> (class names, prompt templates, attribute the label ind
     "zeroshot_colour": (COLOUR_NAMES, ("a {} shape", "a {} object", "one {} thing"), "colour"),
     "zeroshot_digit": (DIGITS, ("a digit {}", "a number {}", "one {}"), "shape"),
 }
-EVAL_SIZES = {"test": 1000, "test_comp": 1000} | {name: 50 * len(z[0]) for name, z in ZEROSHOT.items()}
-SPLIT_IDS = {"train": 0, "test": 1, "test_comp": 2, "zeroshot_shape": 3, "zeroshot_colour": 4, "zeroshot_digit": 5}
+VAL_SUFFIX = "_val"
+ZEROSHOT |= {name + VAL_SUFFIX: task for name, task in ZEROSHOT.items()}
+EVAL_SIZES = {"test": 1000, "test_comp": 1000, "val": 1000} | {name: 50 * len(z[0]) for name, z in ZEROSHOT.items()}
+# A split's id seeds its scenes: ids are only ever appended, so every existing split keeps its scenes.
+SPLIT_IDS = {"train": 0, "test": 1, "test_comp": 2, "zeroshot_shape": 3, "zeroshot_colour": 4, "zeroshot_digit": 5,
+             "val": 6, "zeroshot_shape_val": 7, "zeroshot_colour_val": 8, "zeroshot_digit_val": 9}
 
 
 def vocabulary() -> list[str]:
@@ -223,7 +230,7 @@ def sample_scene(seed: int, split: str, index: int, *, min_objects: int = 1, max
   if split in ZEROSHOT:
     classes, _, attribute = ZEROSHOT[split]
     label = classes[index % len(classes)]
-    pool = DIGITS if split == "zeroshot_digit" else SHAPES
+    pool = DIGITS if split.removesuffix(VAL_SUFFIX) == "zeroshot_digit" else SHAPES
     shape = label if attribute == "shape" else _choice(rng, pool)
     colour = label if attribute == "colour" else None
     if colour is not None and (shape, colour) in HELD_OUT_PAIRS:  # keep zero-shot sets inside train's pairs

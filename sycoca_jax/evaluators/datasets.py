@@ -8,6 +8,7 @@ Sets that work offline, from data that pip packages ship (defined in data/source
   sklearn_digits   1,797 handwritten digits, 8 x 8, dark ink on white, 10 classes
   lfw_subset       200 grey 25 x 25 crops, 100 faces then 100 non-faces (scikit-image), 2 classes
   scenes_shape / scenes_colour / scenes_digit   the built-in one-object zero-shot splits
+  scenes_shape_val / scenes_colour_val / scenes_digit_val   their validation twins
   scenes_count     the number of objects (1-4) in built-in scenes (train: 'train', test: 'test')
 and, where prepared on disk, any TFDS classification set: 'tfds:<name>' or 'tfds:<name>:<split>'.
 """
@@ -27,6 +28,9 @@ from sycoca_jax.evaluators import common
 
 _SCENES_ZEROSHOT = {"scenes_shape": "zeroshot_shape", "scenes_colour": "zeroshot_colour",
                     "scenes_digit": "zeroshot_digit"}
+# Their validation twins (scenes_shape_val, ...): to tune on, reported under names of their own.
+_SCENES_ZEROSHOT |= {name + scenes_lib.VAL_SUFFIX: split + scenes_lib.VAL_SUFFIX
+                     for name, split in _SCENES_ZEROSHOT.items()}
 
 
 class ImageSet:

@@ -32,7 +32,7 @@ Metrics (prefix 'masking' by default), means over the (scene, caption) pairs:
   num_pairs                   (scene, caption) pairs counted
 
 Config (config.evals.<name>, type='masking'):
-  split          scenes split ('test'; 'test_comp' for held-out colour-shape pairs)
+  split          scenes split ('test'; 'val' to tune on; 'test_comp' for held-out colour-shape pairs)
   max_examples   the first n scenes (0: all)
   batch_size     global batch of scenes (each with its C captions)
   ic_ratio, mim_ratio   the cut (0: the model's, else 0.5 for IC and the IC ratio for TG-MIM)
