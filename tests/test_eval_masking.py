@@ -104,7 +104,7 @@ def test_evaluator_end_to_end_on_a_random_model():
   assert set(out) == {f"masking/{k}" for k in (
       "ic_object_recall", "ic_object_recall_random", "ic_object_precision", "ic_object_precision_random",
       "ic_scene_object_recall", "mim_object_hidden", "mim_object_hidden_random", "object_fraction",
-      "ic_keep_fraction", "num_pairs")}
+      "ic_keep_fraction", "num_pairs", "ic_object_recall_other_caption")}
   assert out["masking/ic_keep_fraction"] == 0.5
   assert out["masking/num_pairs"] == ev.pair_valid.sum()
   for k, v in out.items():
@@ -112,3 +112,21 @@ def test_evaluator_end_to_end_on_a_random_model():
       assert 0.0 <= v <= 1.0, k
   assert out["masking/ic_object_recall_random"] == pytest.approx(0.5, abs=0.15)
   assert ev.run(params) == out  # the random baseline is the same draw every run
+
+
+def test_a_ranking_that_ignores_the_caption_finds_as_much_with_another_scenes_caption():
+  """ic_object_recall_other_caption: the IC set chosen by another scene's caption. With every word's head vector the
+  same, the words score ranks an image's patches alike for any caption, so the two recalls are equal; with distinct
+  word vectors the caption changes the ranking and they differ."""
+  model, _, _ = helpers.eval_model()
+  model = model.clone(words_head=True, mask_score="words")
+  params = helpers.random_params(model)
+  ev = _evaluator(model)
+  assert not np.array_equal(ev.other_texts, ev.texts) and np.array_equal(ev.other_texts[1], ev.texts[0])
+  guided = ev.run(params)
+  kernel = params["word_head"]["kernel"]
+  same = dict(params, word_head=dict(params["word_head"], kernel=np.repeat(np.asarray(kernel[:, :1]), kernel.shape[1],
+                                                                        axis=1)))
+  blind = ev.run(same)
+  assert blind["masking/ic_object_recall_other_caption"] == blind["masking/ic_object_recall"]
+  assert guided["masking/ic_object_recall_other_caption"] != guided["masking/ic_object_recall"]

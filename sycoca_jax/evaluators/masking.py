@@ -25,6 +25,9 @@ Metrics (prefix 'masking' by default), means over the (scene, caption) pairs:
   ic_object_precision_random  the same with random masking (expected: object_fraction)
   ic_scene_object_recall      share of *every* object's area inside the IC set (attentive): finds objects at
                               all, as opposed to the caption's ones
+  ic_object_recall_other_caption   the caption's objects' share inside the IC set that *another scene's* caption
+                              chose (attentive, on this image): equal to ic_object_recall when the ranking ignores
+                              the caption; the caption's own guidance is the difference
   mim_object_hidden           share of the named objects' area that TG-MIM must rebuild (attentive)
   mim_object_hidden_random    the same with random masking (expected: mim_ratio)
   object_fraction             mean named-object coverage over all patches
@@ -159,14 +162,17 @@ class MaskQuality:
     self.batch_size = common.round_batch_size(cfg.batch_size)
     self.images = common.CachedSplitImages(split, self.batch_size, cache=cfg.cache_images)
     self.texts, self.coverage, self.scene_coverage, self.pair_valid = self._pairs(split)
+    # Scene i's image ranked by scene i - 1's captions: what the ranking finds without its caption's guidance.
+    self.other_texts = np.roll(self.texts, 1, axis=0)
 
     scorer = model.clone(masking="attentive", ic_ratio=self.ic_ratio, mim_ratio=self.mim_ratio)
     randomiser = model.clone(masking="random", ic_ratio=self.ic_ratio, mim_ratio=self.mim_ratio)
 
-    def both(params, images, texts, rng):
+    def both(params, images, texts, other_texts, rng):
       attentive = scorer.apply({"params": params}, images, texts, rng, method=_pair_masks)
       baseline = randomiser.apply({"params": params}, images, texts, rng, method=_pair_masks)
-      return attentive | {f"{k}_random": v for k, v in baseline.items()}
+      other = scorer.apply({"params": params}, images, other_texts, rng, method=_pair_masks)
+      return attentive | {f"{k}_random": v for k, v in baseline.items()} | {"ic_keep_other": other["ic_keep"]}
 
     self._masks_fn = jax.jit(both)
 
@@ -199,9 +205,11 @@ class MaskQuality:
     calls = iter(range(1 << 30))
 
     def fn(batch):  # a fresh random draw per batch, the same in every run
-      return self._masks_fn(params, batch["image"], batch["texts"], jax.random.fold_in(key, next(calls)))
+      return self._masks_fn(params, batch["image"], batch["texts"], batch["other_texts"],
+                            jax.random.fold_in(key, next(calls)))
 
-    batches = self.images.iterate({"texts": self.texts}, common.data_sharding(params))
+    batches = self.images.iterate({"texts": self.texts, "other_texts": self.other_texts},
+                                  common.data_sharding(params))
     out = common.collect(fn, batches, self.num_images)
     valid = self.pair_valid & out["valid"][:, None]
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
@@ -211,6 +219,8 @@ class MaskQuality:
     baseline = mask_quality(flat(out["ic_keep_random"]), flat(self.coverage), mim_mask=flat(out["mim_mask_random"]),
                           valid=flat(valid))
     metrics = dict(attentive)
+    other = mask_quality(flat(out["ic_keep_other"]), flat(self.coverage), valid=flat(valid))
+    metrics["ic_object_recall_other_caption"] = other["ic_object_recall"]
     for k in ("ic_object_recall", "ic_object_precision", "mim_object_hidden"):
       metrics[f"{k}_random"] = baseline[k]
     return {f"{self.prefix}/{k}": float(v) for k, v in sorted(metrics.items())}
