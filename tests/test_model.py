@@ -225,6 +225,18 @@ def test_attentive_scores_compare_patches_with_the_caption(score):
   np.testing.assert_allclose(out["masks"].scores, expected, atol=1e-5)
 
 
+def test_words_pool_max_takes_each_words_best_patch():
+  """model.words_pool='max': the head reads every patch embedding; a word's image logit is its best patch's."""
+  cfg, model, params = _setup(**{"vision.pool": "gap", "words_head": True, "words_pool": "max"})
+  images, text = random_batch(cfg)
+  logits = np.asarray(_jit_apply(model, heads=("words",))(params, images, text)["word_logits"], np.float64)
+  patches = np.asarray(_jit_apply(model, method=SyCoCa.encode_image)(params, images)["patch_embeddings"], np.float64)
+  kernel, bias = (np.asarray(params["word_head"][k], np.float64) for k in ("kernel", "bias"))
+  per_patch = patches @ kernel + bias                                          # [B, N, V]
+  np.testing.assert_allclose(logits, per_patch.max(1), rtol=1e-4, atol=1e-4)
+  assert not np.allclose(logits, per_patch.mean(1), atol=1e-2)   # not the mean-pooled head's
+
+
 def test_text_is_causal():
   cfg, model, params = _setup()
   images, text = random_batch(cfg)

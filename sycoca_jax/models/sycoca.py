@@ -47,6 +47,7 @@ class SyCoCa(nn.Module):
   init_logit_bias: float = -10.0   # SigLIP's; only the sigmoid contrastive loss reads the bias
   pad_id: int = 0
   words_head: bool = False  # model.words_head: a caption-words head on the pooled image embedding
+  words_pool: str = "mean"  # model.words_pool: what the head reads (WORDS_POOLS)
 
   def setup(self):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale), ())
@@ -149,7 +150,15 @@ class SyCoCa(nn.Module):
     if "words" in heads:
       if not self.words_head:
         raise ValueError("The 'words' head needs a model built with model.words_head=True.")
-      out["word_logits"] = self.word_head(image_out["pooled"])
+      if self.words_pool == "max":
+        # Each patch embedding through the head, the image's logit a word's best patch's (multiple-instance
+        # learning): a word's evidence must sit in one patch, so the head's per-patch logits can locate it.
+        patches = image_out.get("patch_embeddings")
+        if patches is None:
+          raise ValueError("model.words_pool='max' needs per-patch tokens: model.vision.pool must not be 'attn'.")
+        out["word_logits"] = self.word_head(patches.astype(jnp.float32)).max(axis=1)
+      else:
+        out["word_logits"] = self.word_head(image_out["pooled"])
 
     needs_masks = ("ic" in heads and self.ic_ratio > 0) or "mim" in heads
     masks = None
@@ -214,11 +223,14 @@ def default_model_config() -> ml_collections.ConfigDict:
       # (its logits for the caption's words from the caption-words head; needs words_head).
       masking=dict(strategy="attentive", ic_ratio=0.5, mim_ratio=0.5, ic_reencode=False, score="tokens"),
       # A linear head naming the caption's words from the pooled image embedding (loss.words_weight trains it).
-      words_head=False,
+      # words_pool: "mean", the head on the pooled embedding; "max", the head on every patch embedding and a word's
+      # logit its best patch's (multiple-instance learning; needs per-patch tokens, vision.pool not "attn").
+      words_head=False, words_pool="mean",
   ))
 
 
 MASK_SCORES = ("tokens", "caption", "words")
+WORDS_POOLS = ("mean", "max")
 
 
 def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
@@ -275,6 +287,10 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
       fail(f"masking.{key}", f"{r} must be in (0, 1), or 0 to switch that head's masking off.")
   if m.score not in MASK_SCORES:
     fail("masking.score", f"{m.score!r} is not one of {', '.join(MASK_SCORES)}.")
+  if cfg.words_pool not in WORDS_POOLS:
+    fail("words_pool", f"{cfg.words_pool!r} is not one of {', '.join(map(repr, WORDS_POOLS))}.")
+  if cfg.words_head and cfg.words_pool == "max" and v.pool == "attn":
+    fail("words_pool", "'max' reads every patch embedding, and vision.pool='attn' has none.")
   if m.score == "words" and not cfg.words_head:
     fail("masking.score", "'words' ranks patches by the caption-words head: set model.words_head=True.")
   if m.strategy == "none" and (m.ic_ratio or m.mim_ratio):
@@ -316,6 +332,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
       init_logit_scale=cfg.init_logit_scale,
       pad_id=cfg.pad_id,
       words_head=cfg.words_head,
+      words_pool=cfg.words_pool,
   )
 
 
