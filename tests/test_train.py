@@ -45,11 +45,8 @@ def _wait_for(predicate, proc, timeout=300):
     time.sleep(0.05)
 
 
-@pytest.mark.slow(reason="three training subprocesses, two of them over loopback")
-def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run):
-  """The global batch and the math do not depend on how the work is laid out."""
-  overrides = trained_run_config().to_dict()  # the shared trained_run is the 8-device run
-  overrides = {k: overrides[k] for k in ("total_steps", "ckpt_steps", "async_checkpointing")}
+def _two_processes_and_one(tmp_path, overrides):
+  """Trains `overrides` in tmp_path/two (two processes of two devices over loopback) and tmp_path/one (one device)."""
   port = distributed.free_port()
   procs = [distributed.spawn_train_worker(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i,
                                           port=port, overrides=overrides) for i in range(2)]
@@ -58,6 +55,14 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run
   for p, out in zip(procs, outs):
     log = out.result()
     assert p.returncode == 0, log[-3000:]
+
+
+@pytest.mark.slow(reason="three training subprocesses, two of them over loopback")
+def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run):
+  """The global batch and the math do not depend on how the work is laid out."""
+  overrides = trained_run_config().to_dict()  # the shared trained_run is the 8-device run
+  overrides = {k: overrides[k] for k in ("total_steps", "ckpt_steps", "async_checkpointing")}
+  _two_processes_and_one(tmp_path, overrides)
   one, eight, two = _losses(tmp_path / "one"), _losses(trained_run), _losses(tmp_path / "two")
   assert sorted(one) == [1, 2] and sorted(eight) == [1, 2] and sorted(two) == [1, 2]
   for step in one:
@@ -74,14 +79,7 @@ def test_the_words_head_trains_and_ranks_patches_alike_on_two_processes(tmp_path
                "loss.words_vocab": "nouns", "loss.words_decay_steps": 2, "model.masking.score": "words",
                "evals.masking.log_steps": 2, "evals.masking.max_examples": 8, "evals.masking.batch_size": 8}
   overrides.update({f"evals.{name}.log_steps": 0 for name in ("retrieval", "zeroshot", "captioning")})
-  port = distributed.free_port()
-  procs = [distributed.spawn_train_worker(workdir=str(tmp_path / "two"), devices=2, num_processes=2, process_id=i,
-                                          port=port, overrides=overrides) for i in range(2)]
-  outs = [distributed.drain(p, timeout=600) for p in procs]
-  _run(workdir=str(tmp_path / "one"), devices=1, overrides=overrides)  # while the two processes run
-  for p, out in zip(procs, outs):
-    log = out.result()
-    assert p.returncode == 0, log[-3000:]
+  _two_processes_and_one(tmp_path, overrides)
   rows = {name: metrics.read_jsonl(tmp_path / name) for name in ("one", "two")}
   logged = {name: {r["step"]: r for r in rs if "loss" in r} for name, rs in rows.items()}
   assert sorted(logged["one"]) == sorted(logged["two"]) == [1, 2]
