@@ -132,21 +132,27 @@ def test_captioner_names_each_kind_by_the_likelihood_of_its_caption(trained_run)
 
 
 @pytest.mark.slow(reason="initialises a tiny model with a caption-words head and encodes a few scenes")
-def test_words_head_names_each_kind_by_its_best_words_standardised_logit(tmp_path):
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_words_head_names_each_kind_by_its_best_words_standardised_logit(tmp_path, pool):
   from sycoca_jax import checkpoint, inference  # pylint: disable=g-import-not-at-top
   from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
   from sycoca_jax.models import sycoca  # pylint: disable=g-import-not-at-top
   from sycoca_jax.models.sycoca import SyCoCa  # pylint: disable=g-import-not-at-top
-  config = small_train_config(**{"model.words_head": True})
+  config = small_train_config(**{"model.words_head": True, "model.words_pool": pool, "model.vision.pool": "gap"})
   params = sycoca.init_params(sycoca.build_model(config.model), jax.random.PRNGKey(0))
   checkpoint.save_params(str(tmp_path / "run"), params, config)
   row = object_probe.words_head_kinds(str(tmp_path / "run"), scenes=12)
-  # The same from the parameters by hand: pooled image embedding -> head logits -> each kind's best word.
+  # The same from the parameters by hand: the head's logits from the pooled image embedding (mean), or each patch
+  # embedding's and their max over the patches (max) -> each kind's best word.
   model = inference.load(str(tmp_path / "run"))
   objects = [scenes.sample_scene(0, "test", i, min_objects=1, max_objects=1) for i in range(12)]
   images = np.stack([np.asarray(scenes.render_scene(s, model.image_size)) for s in objects])
-  pooled = np.asarray(model.model.apply({"params": model.params}, images, method=SyCoCa.encode_image)["pooled"])
-  logits = pooled @ np.asarray(params["word_head"]["kernel"]) + np.asarray(params["word_head"]["bias"])
+  image = model.model.apply({"params": model.params}, images, method=SyCoCa.encode_image)
+  kernel, bias = np.asarray(params["word_head"]["kernel"]), np.asarray(params["word_head"]["bias"])
+  if pool == "max":
+    logits = (np.asarray(image["patch_embeddings"]) @ kernel + bias).max(1)
+  else:
+    logits = np.asarray(image["pooled"]) @ kernel + bias
   words = model.tokenizer.words
   best = np.stack([logits[:, [words.index(w.split()[-1]) for w in object_probe.kind_words(k)]].max(1)
                    for k in scenes.KINDS], 1)

@@ -100,6 +100,20 @@ class SyCoCa(nn.Module):
     tokens = self.text_encoder(text)["tokens"]
     return self.text_decoder(tokens, image_tokens, return_features=True)
 
+  def word_logits(self, images: jax.Array) -> jax.Array:
+    """The caption-words head's logits [B, V] for images [B, H, W, 3] (model.words_head)."""
+    return self._word_logits(self.encode_image(images))
+
+  def _word_logits(self, image_out: dict[str, jax.Array]) -> jax.Array:
+    if self.words_pool == "max":
+      # Each patch embedding through the head, the image's logit a word's best patch's (multiple-instance
+      # learning): a word's evidence must sit in one patch, so the head's per-patch logits can locate it.
+      patches = image_out.get("patch_embeddings")
+      if patches is None:
+        raise ValueError("model.words_pool='max' needs per-patch tokens: model.vision.pool must not be 'attn'.")
+      return self.word_head(patches.astype(jnp.float32)).max(axis=1)
+    return self.word_head(image_out["pooled"])
+
   def choose_masks(self, rng, image_out, text_out, text) -> masking_lib.Masks:
     patch_embeddings = image_out.get("patch_embeddings")
     if patch_embeddings is None:  # attentional pooling: no per-patch tokens, only their count matters
@@ -150,15 +164,7 @@ class SyCoCa(nn.Module):
     if "words" in heads:
       if not self.words_head:
         raise ValueError("The 'words' head needs a model built with model.words_head=True.")
-      if self.words_pool == "max":
-        # Each patch embedding through the head, the image's logit a word's best patch's (multiple-instance
-        # learning): a word's evidence must sit in one patch, so the head's per-patch logits can locate it.
-        patches = image_out.get("patch_embeddings")
-        if patches is None:
-          raise ValueError("model.words_pool='max' needs per-patch tokens: model.vision.pool must not be 'attn'.")
-        out["word_logits"] = self.word_head(patches.astype(jnp.float32)).max(axis=1)
-      else:
-        out["word_logits"] = self.word_head(image_out["pooled"])
+      out["word_logits"] = self._word_logits(image_out)
 
     needs_masks = ("ic" in heads and self.ic_ratio > 0) or "mim" in heads
     masks = None

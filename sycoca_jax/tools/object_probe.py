@@ -308,9 +308,7 @@ def words_head_kinds(weights: str, scenes: int = 300) -> dict[str, Any]:
   if "word_head" not in model.params:
     raise ValueError(f"{weights}: its model has no caption-words head (model.words_head).")
   objects, images, truth = _test_scenes(scenes, model.image_size)
-  pooled = model.model.apply({"params": model.params}, images, method=SyCoCa.encode_image)["pooled"]
-  head = model.params["word_head"]
-  logits = np.asarray(pooled @ head["kernel"] + head["bias"], np.float64)
+  logits = np.asarray(model.model.apply({"params": model.params}, images, method=SyCoCa.word_logits), np.float64)
   # A phrase's last word names the class ("digit 7" -> "7").
   word_id = lambda phrase: model.tokenizer.words.index(phrase.split()[-1])
 
