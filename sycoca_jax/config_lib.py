@@ -84,9 +84,12 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   if config.loss.words_decay_steps and config.loss.words_weight <= 0:
     fail("loss.words_decay_steps", f"{config.loss.words_decay_steps} decays the words weight, but loss.words_weight "
          f"is {config.loss.words_weight}.")
-  if config.model.masking.score == "words" and config.loss.words_weight <= 0:
-    fail("model.masking.score", "'words' ranks patches by the caption-words head, which only loss.words_weight > 0 "
-         "trains.")
+  if config.model.masking.score in ("words", "nouns") and config.loss.words_weight <= 0:
+    fail("model.masking.score", f"{config.model.masking.score!r} ranks patches by the caption-words head, which only "
+         "loss.words_weight > 0 trains.")
+  if config.model.masking.score == "nouns" and config.data.tokenizer != "scenes_words":
+    fail("model.masking.score", f"'nouns' are the built-in scenes' nouns, in the 'scenes_words' tokenizer's ids; "
+         f"data.tokenizer is {config.data.tokenizer!r}.")
   if config.loss.words_vocab == "nouns" and config.data.tokenizer != "scenes_words":
     fail("loss.words_vocab", f"'nouns' are the built-in scenes' nouns, in the 'scenes_words' tokenizer's ids; "
          f"data.tokenizer is {config.data.tokenizer!r}.")

@@ -130,3 +130,27 @@ def test_a_ranking_that_ignores_the_caption_finds_as_much_with_another_scenes_ca
   blind = ev.run(same)
   assert blind["masking/ic_object_recall_other_caption"] == blind["masking/ic_object_recall"]
   assert guided["masking/ic_object_recall_other_caption"] != guided["masking/ic_object_recall"]
+
+
+def test_the_nouns_score_ranks_what_the_model_ranks_in_training():
+  """masking.score='nouns' (build_model gives the model the scenes' noun ids): the evaluator's IC sets are the top
+  patches of masking.noun_scores on the image's patch embeddings and the head's parameters."""
+  from sycoca_jax.models import sycoca  # pylint: disable=g-import-not-at-top
+  model, cfg, _ = helpers.eval_model()
+  cfg.update(words_head=True)
+  cfg.masking.update(score="nouns")
+  model = sycoca.build_model(cfg)
+  assert len(model.noun_ids) == len(scenes_lib.NOUNS)
+  params = helpers.random_params(model)
+  ev = _evaluator(model)
+  images = np.stack([ev.images.split.source[i]["image"] for i in range(4)])
+  texts = ev.texts[:4]
+  got = model.clone(ic_ratio=ev.ic_ratio, mim_ratio=ev.mim_ratio).apply(
+      {"params": params}, images, texts, jax.random.PRNGKey(0), method=masking._pair_masks)["ic_keep"]
+  patches = np.asarray(model.apply({"params": params}, images, method=sycoca.SyCoCa.encode_image)["patch_embeddings"])
+  flat = texts.reshape(-1, texts.shape[-1])
+  scores = masking_lib.noun_scores(np.repeat(patches, texts.shape[1], axis=0), params["word_head"]["kernel"],
+                                   params["word_head"]["bias"], flat, np.asarray(model.noun_ids),
+                                   (flat != 0) & (np.arange(flat.shape[1]) > 0))
+  want = masking_lib.masks_from_scores(scores, ev.ic_ratio, ev.mim_ratio).ic_keep
+  np.testing.assert_array_equal(np.asarray(got).reshape(want.shape), want)

@@ -65,6 +65,29 @@ def test_patch_scores_match_numpy_and_ignore_invalid_tokens():
   assert got[0, 0] < 0.999  # would be 1.0 if the padding token took part in the max
 
 
+def test_noun_scores_are_each_patchs_log_probability_of_the_captions_nouns():
+  rng = np.random.RandomState(5)
+  patches, kernel, bias = rng.randn(2, 5, 4), rng.randn(4, 10), rng.randn(10)
+  nouns = np.array([2, 5, 7])
+  # Start token 1, padding 0; a repeated noun counts twice, other words (3, 4, 9) and padding not at all, and a noun
+  # id in the start position is the start token, not a word.
+  text = np.array([[1, 5, 3, 5, 9, 0], [2, 4, 7, 2, 0, 0]])
+  valid = (text != 0) & (np.arange(6) > 0)
+  logits = patches @ kernel[:, nouns] + bias[nouns]
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))                 # [B, N, K]
+  expected = np.zeros((2, 5))
+  for b in range(2):
+    for j in range(6):
+      if valid[b, j] and text[b, j] in nouns:
+        expected[b] += log_p[b, :, list(nouns).index(text[b, j])]
+  got = masking.noun_scores(*map(jnp.asarray, (patches, kernel, bias, text, nouns, valid)))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  # A direction shared by every word vector changes nothing.
+  shifted = kernel + rng.randn(4, 1)
+  np.testing.assert_allclose(masking.noun_scores(*map(jnp.asarray, (patches, shifted, bias, text, nouns, valid))),
+                             expected, rtol=1e-4, atol=1e-4)
+
+
 def test_scores_have_no_gradient():
   f = lambda p: masking.patch_scores(p, jnp.ones((1, 2, 3)), jnp.ones((1, 2), bool)).sum()
   assert not np.any(np.asarray(jax.grad(f)(jnp.arange(12.0).reshape(1, 4, 3) + 1)))

@@ -80,6 +80,26 @@ def word_scores(patch_embeddings: jax.Array, word_vectors: jax.Array, token_vali
   return jax.lax.stop_gradient(sim)
 
 
+def noun_scores(patch_embeddings: jax.Array, kernel: jax.Array, bias: jax.Array, text: jax.Array,
+                noun_ids: jax.Array, token_valid: jax.Array) -> jax.Array:
+  """s_i = sum over the caption's valid noun tokens j of log p(word_j | patch i): [B, N, E] -> [B, N] float32.
+
+  p(. | patch i) is the caption-words head's softmax over the nouns alone (noun_ids [K], into the vocabulary;
+  kernel [E, V], bias [V]) read on patch i's embedding (masking.score="nouns"). A direction shared by every word
+  vector cancels in it, and the caption's other words add nothing: what is left is how much patch i names this
+  caption's nouns rather than others.
+  """
+  logits = patch_embeddings.astype(jnp.float32) @ kernel[:, noun_ids].astype(jnp.float32) + bias[noun_ids]
+  log_p = jax.nn.log_softmax(logits, axis=-1)                                     # [B, N, K]
+  vocab_size = kernel.shape[1]
+  index = jnp.full((vocab_size,), -1, jnp.int32).at[noun_ids].set(jnp.arange(noun_ids.shape[0], dtype=jnp.int32))
+  k = index[text]                                                                  # [B, L], -1: not a noun
+  counted = token_valid & (k >= 0)
+  # Each noun's count in the caption, as a [B, K] weight: s = log_p @ counts.
+  counts = (jax.nn.one_hot(jnp.where(counted, k, 0), noun_ids.shape[0]) * counted[..., None]).sum(axis=1)
+  return jax.lax.stop_gradient(jnp.einsum("bnk,bk->bn", log_p, counts))
+
+
 def masks_from_scores(scores: jax.Array, ic_ratio: float, mim_ratio: float) -> Masks:
   """Ranks patches by score (descending) and cuts the IC and TG-MIM sets out of the one ordering."""
   num_patches = scores.shape[1]

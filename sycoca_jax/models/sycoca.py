@@ -48,6 +48,7 @@ class SyCoCa(nn.Module):
   pad_id: int = 0
   words_head: bool = False  # model.words_head: a caption-words head on the pooled image embedding
   words_pool: str = "mean"  # model.words_pool: what the head reads (WORDS_POOLS)
+  noun_ids: tuple[int, ...] = ()  # the vocabulary ids masking.score="nouns" reads (the scenes' nouns)
 
   def setup(self):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale), ())
@@ -125,6 +126,13 @@ class SyCoCa(nn.Module):
       vectors = self.word_head.variables["params"]["kernel"].T[text]             # [B, L, E]
       valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
       scores = masking_lib.word_scores(patch_embeddings, vectors, valid)
+      return masking_lib.masks_from_scores(scores, self.ic_ratio, self.mim_ratio)
+    if self.mask_score == "nouns" and self.masking == "attentive":
+      # Each patch's log-probability of the caption's nouns under the head's softmax over the nouns.
+      head = self.word_head.variables["params"]
+      valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+      scores = masking_lib.noun_scores(patch_embeddings, head["kernel"], head["bias"], text,
+                                       jnp.asarray(self.noun_ids, jnp.int32), valid)
       return masking_lib.masks_from_scores(scores, self.ic_ratio, self.mim_ratio)
     if self.mask_score == "caption":
       # Each patch against the caption's global embedding, the one vector ITC trains to match the image.
@@ -226,7 +234,9 @@ def default_model_config() -> ml_collections.ConfigDict:
       image_decoder=dict(width=512, depth=8, heads=16, mlp_ratio=4.0, cross_attention=True),
       # score: "tokens", the paper's (a patch's max cosine with the caption's projected word tokens), or
       # "caption" (its cosine with the caption's global embedding, which ITC aligns with the image's), or "words"
-      # (its logits for the caption's words from the caption-words head; needs words_head).
+      # (its logits for the caption's words from the caption-words head; needs words_head), or "nouns" (each
+      # patch's log-probability of the caption's nouns under that head's softmax over the nouns; needs words_head
+      # and the scenes' word tokenizer).
       masking=dict(strategy="attentive", ic_ratio=0.5, mim_ratio=0.5, ic_reencode=False, score="tokens"),
       # A linear head naming the caption's words from the pooled image embedding (loss.words_weight trains it).
       # words_pool: "mean", the head on the pooled embedding; "max", the head on every patch embedding and a word's
@@ -235,7 +245,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   ))
 
 
-MASK_SCORES = ("tokens", "caption", "words")
+MASK_SCORES = ("tokens", "caption", "words", "nouns")
 WORDS_POOLS = ("mean", "max")
 
 
@@ -297,6 +307,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     fail("words_pool", f"{cfg.words_pool!r} is not one of {', '.join(map(repr, WORDS_POOLS))}.")
   if cfg.words_head and cfg.words_pool == "max" and v.pool == "attn":
     fail("words_pool", "'max' reads every patch embedding, and vision.pool='attn' has none.")
+  if m.score == "nouns" and not cfg.words_head:
+    fail("masking.score", "'nouns' ranks patches by the caption-words head: set model.words_head=True.")
   if m.score == "words" and not cfg.words_head:
     fail("masking.score", "'words' ranks patches by the caption-words head: set model.words_head=True.")
   if m.strategy == "none" and (m.ic_ratio or m.mim_ratio):
@@ -339,7 +351,18 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
       pad_id=cfg.pad_id,
       words_head=cfg.words_head,
       words_pool=cfg.words_pool,
+      noun_ids=_noun_ids(cfg.text.vocab_size) if cfg.masking.score == "nouns" else (),
   )
+
+
+def _noun_ids(vocab_size: int) -> tuple[int, ...]:
+  """The built-in scenes' nouns (scenes.NOUNS) as ids of the scenes' word tokenizer."""
+  from sycoca_jax.data import scenes, tokenizers  # pylint: disable=g-import-not-at-top
+  words = tokenizers.scenes_word_tokenizer().words
+  if len(words) > vocab_size:
+    raise ValueError(f"config.model.masking.score: 'nouns' are ids of the scenes' word tokenizer ({len(words)} words), "
+                     f"beyond model.text.vocab_size={vocab_size}.")
+  return tuple(words.index(w) for w in scenes.NOUNS)
 
 
 def init_params(model: SyCoCa, rng: jax.Array, batch_size: int = 1) -> Any:
