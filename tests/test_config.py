@@ -148,6 +148,8 @@ def test_eval_configs_take_the_geometry_of_model():
                                r"model.words_head=True"),
     ("loss.words_vocab", "verbs", r"config.loss.words_vocab: 'verbs' is not one of 'all', 'nouns'"),
     ("model.words_pool", "sum", r"config.model.words_pool: 'sum' is not one of 'mean', 'max'"),
+    ("model.masking.score", "nouns", r"config.model.masking.score: 'nouns' ranks patches by the caption-words head: "
+                                     r"set model.words_head=True"),
     ("loss.words_decay_steps", 100, r"config.loss.words_decay_steps: 100 decays the words weight, but "
                                     r"loss.words_weight is 0.0"),
     ("loss.words_decay_steps", -1, r"config.loss.words_decay_steps: -1 is negative"),
