@@ -317,10 +317,9 @@ def words_vocab(name: str, vocab_size: int) -> Optional[np.ndarray]:
   scenes' nouns (their objects' kinds and the generic 'object', 'shape', 'thing'), in the scenes' word ids."""
   if name == "all":
     return None
-  from sycoca_jax.data import scenes, tokenizers  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizers.scenes_word_tokenizer()
+  from sycoca_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   mask = np.zeros(vocab_size, np.float32)
-  mask[[tokenizer.words.index(w) for w in scenes.NOUNS]] = 1.0
+  mask[list(tokenizers.scenes_noun_ids())] = 1.0
   return mask
 
 

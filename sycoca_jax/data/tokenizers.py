@@ -212,6 +212,14 @@ def scenes_word_tokenizer(max_len: int = 32) -> WordTokenizer:
   return WordTokenizer(scenes.vocabulary(), max_len=max_len)
 
 
+def scenes_noun_ids() -> tuple[int, ...]:
+  """The built-in scenes' nouns (scenes.NOUNS) as ids of scenes_word_tokenizer."""
+  from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
+
+  words = scenes_word_tokenizer().words
+  return tuple(words.index(w) for w in scenes.NOUNS)
+
+
 # ------------------------------------------------------------------------------------------------ SentencePiece
 
 

@@ -91,12 +91,8 @@ def noun_scores(patch_embeddings: jax.Array, kernel: jax.Array, bias: jax.Array,
   """
   logits = patch_embeddings.astype(jnp.float32) @ kernel[:, noun_ids].astype(jnp.float32) + bias[noun_ids]
   log_p = jax.nn.log_softmax(logits, axis=-1)                                     # [B, N, K]
-  vocab_size = kernel.shape[1]
-  index = jnp.full((vocab_size,), -1, jnp.int32).at[noun_ids].set(jnp.arange(noun_ids.shape[0], dtype=jnp.int32))
-  k = index[text]                                                                  # [B, L], -1: not a noun
-  counted = token_valid & (k >= 0)
-  # Each noun's count in the caption, as a [B, K] weight: s = log_p @ counts.
-  counts = (jax.nn.one_hot(jnp.where(counted, k, 0), noun_ids.shape[0]) * counted[..., None]).sum(axis=1)
+  # Each noun's count among the caption's valid tokens [B, K]: s = log_p @ counts.
+  counts = ((text[..., None] == noun_ids) & token_valid[..., None]).sum(axis=1).astype(jnp.float32)
   return jax.lax.stop_gradient(jnp.einsum("bnk,bk->bn", log_p, counts))
 
 

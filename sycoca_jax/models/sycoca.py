@@ -356,13 +356,13 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
 
 
 def _noun_ids(vocab_size: int) -> tuple[int, ...]:
-  """The built-in scenes' nouns (scenes.NOUNS) as ids of the scenes' word tokenizer."""
-  from sycoca_jax.data import scenes, tokenizers  # pylint: disable=g-import-not-at-top
-  words = tokenizers.scenes_word_tokenizer().words
-  if len(words) > vocab_size:
-    raise ValueError(f"config.model.masking.score: 'nouns' are ids of the scenes' word tokenizer ({len(words)} words), "
+  """The built-in scenes' nouns as ids of the scenes' word tokenizer, checked to fit the model's vocabulary."""
+  from sycoca_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  ids = tokenizers.scenes_noun_ids()
+  if max(ids) >= vocab_size:
+    raise ValueError(f"config.model.masking.score: 'nouns' are ids of the scenes' word tokenizer (up to {max(ids)}), "
                      f"beyond model.text.vocab_size={vocab_size}.")
-  return tuple(words.index(w) for w in scenes.NOUNS)
+  return ids
 
 
 def init_params(model: SyCoCa, rng: jax.Array, batch_size: int = 1) -> Any:
