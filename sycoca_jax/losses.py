@@ -38,6 +38,7 @@ ContrastiveFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array
 CONTRASTIVE = ("softmax", "sigmoid")
 CONTRASTIVE_IMPLS = ("sharded", "dense")
 WORDS_VOCABS = ("all", "nouns")
+WORDS_SOFTMAXES = ("all", "vocab")
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -298,16 +299,24 @@ def caption_words(text: jax.Array, pad_id: int, vocab_size: int, vocab: Optional
   return present if vocab is None else present * vocab
 
 
-def words_loss(logits: jax.Array, text: jax.Array, pad_id: int,
-               vocab: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+def words_loss(logits: jax.Array, text: jax.Array, pad_id: int, vocab: Optional[jax.Array] = None,
+               softmax_over_vocab: bool = False) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy of word_logits [B, V] against the words of each caption in text [B, L] (`caption_words`), which
   share probability 1 (SuperClass, Huang et al. 2024, without its IDF weights). With vocab [V] (0/1) only those words
   count (the caption's nouns name its objects, as CatLIP's labels do) and a caption with none of them adds nothing.
+  softmax_over_vocab (loss.words_softmax='vocab'): the softmax runs over vocab's words alone, a classifier over its
+  labels; over every word, the words outside it are trained down, all along one direction (minus the mean image
+  embedding), and that gradient pushes every image's embedding the same way.
   Returns (the mean over the captions that count, how many count)."""
   present = caption_words(text, pad_id, logits.shape[-1], vocab)
   total = present.sum(-1)
   target = present / jnp.maximum(total, 1.0)[:, None]
-  per_caption = -jnp.sum(target * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
+  logits = logits.astype(jnp.float32)
+  if softmax_over_vocab:
+    if vocab is None:
+      raise ValueError("words_loss: softmax_over_vocab needs a vocab.")
+    logits = jnp.where(vocab > 0, logits, -1e30)   # finite: 0 * log p stays 0 outside the vocabulary
+  per_caption = -jnp.sum(target * jax.nn.log_softmax(logits), -1)
   count = (total > 0).sum().astype(jnp.float32)
   return per_caption.sum() / jnp.maximum(count, 1.0), count
 
@@ -368,7 +377,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
       twin_columns_weight=0.0,
       # The caption's words as the pooled image embedding's multi-label target (words_loss; model.words_head);
       # 0 = off. words_vocab: which words count: 'all' (SuperClass) or 'nouns' (the built-in scenes' nouns).
-      words_weight=0.0, words_vocab="all",
+      # words_softmax: what the head's softmax runs over: 'all' the vocabulary's words, or 'vocab' words_vocab's
+      # alone (a classifier over those labels, as CatLIP's; needs words_vocab other than 'all').
+      words_weight=0.0, words_vocab="all", words_softmax="all",
       # > 0: the words weight falls on a cosine from words_weight at step 0 to 0 at this step, and stays 0 after
       # (the head teaches the tower objects early, then leaves the update to the other objectives); 0 = constant.
       words_decay_steps=0,
@@ -383,6 +394,12 @@ def validate_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
   if loss_cfg.words_vocab not in WORDS_VOCABS:
     raise ValueError(f"config.loss.words_vocab: {loss_cfg.words_vocab!r} is not one of "
                      f"{', '.join(map(repr, WORDS_VOCABS))}.")
+  if loss_cfg.words_softmax not in WORDS_SOFTMAXES:
+    raise ValueError(f"config.loss.words_softmax: {loss_cfg.words_softmax!r} is not one of "
+                     f"{', '.join(map(repr, WORDS_SOFTMAXES))}.")
+  if loss_cfg.words_softmax == "vocab" and loss_cfg.words_vocab == "all":
+    raise ValueError("config.loss.words_softmax: 'vocab' runs the softmax over loss.words_vocab's words, and "
+                     "words_vocab='all' is every word; set words_vocab='nouns' or words_softmax='all'.")
   if loss_cfg.sigmoid_init_temperature <= 0:
     raise ValueError(f"config.loss.sigmoid_init_temperature: {loss_cfg.sigmoid_init_temperature} must be > 0.")
   if loss_cfg.words_decay_steps < 0:
@@ -452,7 +469,8 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
   if "words" in heads:
     with jax.named_scope("words_loss"):
       vocab = words_vocab(loss_cfg.words_vocab, out["word_logits"].shape[-1])
-      terms["words_loss"], terms["word_captions"] = words_loss(out["word_logits"], batch["text"], model.pad_id, vocab)
+      terms["words_loss"], terms["word_captions"] = words_loss(out["word_logits"], batch["text"], model.pad_id, vocab,
+                                                               loss_cfg.words_softmax == "vocab")
   if "mim" in heads:
     with jax.named_scope("mim_loss"):
       target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)

@@ -147,7 +147,11 @@ def test_eval_configs_take_the_geometry_of_model():
     ("loss.words_weight", 1.0, r"config.loss.words_weight: 1.0 trains the caption-words head: set "
                                r"model.words_head=True"),
     ("loss.words_vocab", "verbs", r"config.loss.words_vocab: 'verbs' is not one of 'all', 'nouns'"),
+    ("loss.words_softmax", "nouns", r"config.loss.words_softmax: 'nouns' is not one of 'all', 'vocab'"),
+    ("loss.words_softmax", "vocab", r"config.loss.words_softmax: 'vocab' runs the softmax over loss.words_vocab's "
+                                    r"words, and words_vocab='all' is every word"),
     ("model.words_pool", "sum", r"config.model.words_pool: 'sum' is not one of 'mean', 'max'"),
+    ("model.words_grad", "half", r"config.model.words_grad: 'half' is not one of 'full', 'centred'"),
     ("model.masking.score", "nouns", r"config.model.masking.score: 'nouns' ranks patches by the caption-words head: "
                                      r"set model.words_head=True"),
     ("loss.words_decay_steps", 100, r"config.loss.words_decay_steps: 100 decays the words weight, but "
@@ -162,6 +166,17 @@ def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config_lib.validate(config)
   config_lib.set_by_path(config, key, value)
   with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_a_centred_words_gradient_refuses_gradient_accumulation():
+  config = load("sycoca_tiny", "runlocal")
+  config.model.update(words_head=True, words_grad="centred")
+  config.loss.update(words_weight=1.0, words_vocab="nouns")
+  config_lib.validate(config)
+  config.grad_accum_steps = 2
+  with pytest.raises(ValueError, match=r"config.model.words_grad: 'centred' takes the gradient's mean over the batch, "
+                                       r"and gradient accumulation splits it \(grad_accum_steps=2\)"):
     config_lib.validate(config)
 
 

@@ -129,6 +129,32 @@ def test_words_loss_over_a_vocabulary_skips_captions_without_its_words():
   assert count == 2
 
 
+def test_words_loss_with_its_softmax_over_the_vocabulary_is_a_classifier_over_those_words():
+  rng = np.random.RandomState(5)
+  text = np.array([[1, 5, 6, 5, 2, 0], [1, 7, 2, 0, 0, 0], [1, 1, 4, 6, 2, 0]])
+  logits = rng.randn(3, 9).astype(np.float32)
+  vocab = np.zeros(9, np.float32)
+  vocab[[5, 6, 8]] = 1
+  target = np.zeros((3, 3))   # over the vocabulary's words 5, 6, 8; the second caption holds none
+  target[0, [0, 1]] = 0.5
+  target[2, 1] = 1.0
+  want = -(target * _log_softmax(logits[:, [5, 6, 8]])).sum(1)[[0, 2]].mean()
+  loss_fn = lambda z: losses.words_loss(z, jnp.asarray(text), 0, jnp.asarray(vocab), softmax_over_vocab=True)
+  loss, count = loss_fn(jnp.asarray(logits))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert count == 2
+  # The words outside the vocabulary get no gradient: nothing trains them down, whatever their logits.
+  grad = np.asarray(jax.grad(lambda z: loss_fn(z)[0])(jnp.asarray(logits)))
+  assert np.all(grad[:, [0, 1, 2, 3, 4, 7]] == 0)
+  want_grad = (np.exp(_log_softmax(logits[:, [5, 6, 8]])) - target) / 2
+  want_grad[1] = 0
+  np.testing.assert_allclose(grad[:, [5, 6, 8]], want_grad, rtol=1e-4, atol=1e-7)
+  # Over every word, the same logits give another loss (the other words' mass counts against the caption's).
+  assert abs(float(losses.words_loss(jnp.asarray(logits), jnp.asarray(text), 0, jnp.asarray(vocab))[0]) - want) > 0.1
+  with pytest.raises(ValueError, match="softmax_over_vocab needs a vocab"):
+    losses.words_loss(jnp.asarray(logits), jnp.asarray(text), 0, softmax_over_vocab=True)
+
+
 def test_the_words_weight_decays_on_a_cosine_to_zero_and_stays_there():
   loss_cfg = losses.default_loss_config()
   loss_cfg.words_weight = 8.0

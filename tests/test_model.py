@@ -237,6 +237,46 @@ def test_words_pool_max_takes_each_words_best_patch():
   assert not np.allclose(logits, per_patch.mean(1), atol=1e-2)   # not the mean-pooled head's
 
 
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_words_grad_centred_keeps_the_logits_and_takes_the_batch_mean_out_of_the_towers_gradient(pool):
+  """model.words_grad='centred': the same logits; the gradient reaching the embeddings the head reads sums to zero
+  over the batch (and patches), so a loss that asks every image for the same words teaches the tower nothing."""
+  overrides = {"vision.pool": "gap", "words_head": True, "words_pool": pool}
+  cfg, model, params = _setup(**overrides)
+  centred = build_model(tiny_model_config(**overrides, words_grad="centred"))
+  images, _ = random_batch(cfg)
+  image_out = _jit_apply(model, method=SyCoCa.encode_image)(params, images)
+  read = "patch_embeddings" if pool == "max" else "pooled"
+  weights = jax.random.normal(jax.random.PRNGKey(1), (images.shape[0], cfg.text.vocab_size))
+
+  def grads(m, per_image):
+    # (d loss / d the embeddings the head reads, d loss / d params) for loss = sum(word_logits * w).
+    w = weights if per_image else weights[:1]
+    def loss(features, p):
+      logits = m.apply({"params": p}, {**image_out, read: features}, method=SyCoCa._word_logits)
+      return (logits * w).sum()
+    return jax.grad(loss, argnums=(0, 1))(image_out[read], params)
+
+  np.testing.assert_array_equal(
+      model.apply({"params": params}, images, method=SyCoCa.word_logits),
+      centred.apply({"params": params}, images, method=SyCoCa.word_logits))
+  full_features, full_params = grads(model, True)
+  centred_features, centred_params = grads(centred, True)
+  axes = tuple(range(full_features.ndim - 1))
+  np.testing.assert_allclose(np.asarray(centred_features).sum(axes), 0, atol=1e-4)
+  assert np.abs(np.asarray(full_features).sum(axes)).max() > 1e-2
+  np.testing.assert_allclose(centred_features, full_features - full_features.mean(axes, keepdims=True), atol=1e-5)
+  for k in ("kernel", "bias"):   # the head itself learns from the whole gradient
+    np.testing.assert_allclose(centred_params["word_head"][k], full_params["word_head"][k], rtol=1e-6)
+  if pool == "mean":
+    # Every image asked for the same words: nothing of it reaches the tower, through the pooled embedding.
+    full_tower, centred_tower = (jax.tree.leaves(g["image_encoder"]) for g in
+                                 (jax.grad(lambda p, m=m: (m.apply({"params": p}, images, method=SyCoCa.word_logits)
+                                                           * weights[:1]).sum())(params) for m in (model, centred)))
+    assert max(float(jnp.abs(g).max()) for g in full_tower) > 1e-3
+    assert max(float(jnp.abs(g).max()) for g in centred_tower) < 1e-5
+
+
 def test_text_is_causal():
   cfg, model, params = _setup()
   images, text = random_batch(cfg)

@@ -73,10 +73,12 @@ def test_same_losses_on_1_device_8_devices_and_2_processes(tmp_path, trained_run
 
 @pytest.mark.slow(reason="two training subprocesses over loopback and one on a single device")
 def test_the_words_head_trains_and_ranks_patches_alike_on_two_processes(tmp_path):
-  """The caption-words head as a pod runs it (its weight decaying, its class activation map choosing the masks,
-  the masking evaluator at a cadence): two processes log the losses and mask metrics of one device."""
+  """The caption-words head as a pod runs it (its weight decaying, its gradient centred over the global batch, its
+  class activation map choosing the masks, the masking evaluator at a cadence): two processes log the losses and
+  mask metrics of one device."""
   overrides = {"total_steps": 2, "ckpt_steps": 2, "model.words_head": True, "loss.words_weight": 2.0,
                "loss.words_vocab": "nouns", "loss.words_decay_steps": 2, "model.masking.score": "words",
+               "model.words_grad": "centred",
                "evals.masking.log_steps": 2, "evals.masking.max_examples": 8, "evals.masking.batch_size": 8}
   overrides.update({f"evals.{name}.log_steps": 0 for name in ("retrieval", "zeroshot", "captioning")})
   _two_processes_and_one(tmp_path, overrides)
@@ -234,10 +236,10 @@ def test_gradient_accumulation_is_exact(contrastive):
   the sigmoid loss) gives the full-batch gradient of the dense formula on one device."""
   # The softmax case with the twin terms on: their means over the batch's twins are exact too.
   twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5, "loss.twin_text_weight": 0.5}
-  # The sigmoid case with the caption-nouns head: its mean over the captions that name an object is exact too, and
-  # its weight, decaying over the run, is the step's on both paths.
+  # The sigmoid case with the caption-nouns head (its softmax over the nouns): its mean over the captions that name an
+  # object is exact too, and its weight, decaying over the run, is the step's on both paths.
   nouns = {"model.words_head": True, "loss.words_weight": 0.5, "loss.words_vocab": "nouns",
-           "loss.words_decay_steps": 4}
+           "loss.words_softmax": "vocab", "loss.words_decay_steps": 4}
   config = small_train_config(**{"loss.contrastive": contrastive, **(twins if contrastive == "softmax" else nouns)})
   model = sycoca.build_model(config.model).clone(**losses.contrastive_init(config.loss))
   params = sycoca.init_params(model, jax.random.PRNGKey(0))

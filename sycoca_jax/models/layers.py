@@ -356,6 +356,24 @@ def normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
+@jax.custom_vjp
+def centre_gradient(x: jax.Array) -> jax.Array:
+  """Identity forward; backward, the gradient less its mean over every axis but the last (the batch's images, and
+  their patches for [B, N, D]): what reaches x can move the images apart but not all of them the same way."""
+  return x
+
+
+def _centre_gradient_fwd(x):
+  return x, None
+
+
+def _centre_gradient_bwd(_, g):
+  return (g - g.mean(axis=tuple(range(g.ndim - 1)), keepdims=True),)
+
+
+centre_gradient.defvjp(_centre_gradient_fwd, _centre_gradient_bwd)
+
+
 def take_tokens(x: jax.Array, ids: Optional[jax.Array]) -> jax.Array:
   """Gathers tokens per example: x [B, N, D], ids [B, K] -> [B, K, D]; identity when ids is None.
 

@@ -48,6 +48,7 @@ class SyCoCa(nn.Module):
   pad_id: int = 0
   words_head: bool = False  # model.words_head: a caption-words head on the pooled image embedding
   words_pool: str = "mean"  # model.words_pool: what the head reads (WORDS_POOLS)
+  words_grad: str = "full"  # model.words_grad: what of the head's gradient reaches the tower (WORDS_GRADS)
   noun_ids: tuple[int, ...] = ()  # the vocabulary ids masking.score="nouns" reads (the scenes' nouns)
 
   def setup(self):
@@ -109,11 +110,19 @@ class SyCoCa(nn.Module):
     if self.words_pool == "max":
       # Each patch embedding through the head, the image's logit a word's best patch's (multiple-instance
       # learning): a word's evidence must sit in one patch, so the head's per-patch logits can locate it.
-      patches = image_out.get("patch_embeddings")
-      if patches is None:
+      features = image_out.get("patch_embeddings")
+      if features is None:
         raise ValueError("model.words_pool='max' needs per-patch tokens: model.vision.pool must not be 'attn'.")
-      return self.word_head(patches.astype(jnp.float32)).max(axis=1)
-    return self.word_head(image_out["pooled"])
+    else:
+      features = image_out["pooled"]
+    if self.words_grad == "centred":
+      # The head's loss is lowered first by the words' frequencies, image-blind; through the embeddings it does
+      # that by moving every image's the same way, which leaves the contrastive loss nothing to tell them apart
+      # by. Without the gradient's batch mean the head's bias learns the frequencies, and the tower only what
+      # tells one image's words from another's.
+      features = layers.centre_gradient(features)
+    logits = self.word_head(features.astype(jnp.float32))
+    return logits.max(axis=1) if self.words_pool == "max" else logits
 
   def choose_masks(self, rng, image_out, text_out, text) -> masking_lib.Masks:
     patch_embeddings = image_out.get("patch_embeddings")
@@ -241,12 +250,16 @@ def default_model_config() -> ml_collections.ConfigDict:
       # A linear head naming the caption's words from the pooled image embedding (loss.words_weight trains it).
       # words_pool: "mean", the head on the pooled embedding; "max", the head on every patch embedding and a word's
       # logit its best patch's (multiple-instance learning; needs per-patch tokens, vision.pool not "attn").
-      words_head=False, words_pool="mean",
+      # words_grad: what of the head's gradient reaches the image tower: "full", or "centred" (less its mean over
+      # the batch, so the head cannot move every image's embedding the same way; exact only without gradient
+      # accumulation, where the batch is the micro-batch).
+      words_head=False, words_pool="mean", words_grad="full",
   ))
 
 
 MASK_SCORES = ("tokens", "caption", "words", "nouns")
 WORDS_POOLS = ("mean", "max")
+WORDS_GRADS = ("full", "centred")
 
 
 def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
@@ -305,6 +318,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     fail("masking.score", f"{m.score!r} is not one of {', '.join(MASK_SCORES)}.")
   if cfg.words_pool not in WORDS_POOLS:
     fail("words_pool", f"{cfg.words_pool!r} is not one of {', '.join(map(repr, WORDS_POOLS))}.")
+  if cfg.words_grad not in WORDS_GRADS:
+    fail("words_grad", f"{cfg.words_grad!r} is not one of {', '.join(map(repr, WORDS_GRADS))}.")
   if cfg.words_head and cfg.words_pool == "max" and v.pool == "attn":
     fail("words_pool", "'max' reads every patch embedding, and vision.pool='attn' has none.")
   if m.score == "nouns" and not cfg.words_head:
@@ -351,6 +366,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
       pad_id=cfg.pad_id,
       words_head=cfg.words_head,
       words_pool=cfg.words_pool,
+      words_grad=cfg.words_grad,
       noun_ids=_noun_ids(cfg.text.vocab_size) if cfg.masking.score == "nouns" else (),
   )
 
