@@ -305,8 +305,7 @@ def words_loss(logits: jax.Array, text: jax.Array, pad_id: int, vocab: Optional[
   share probability 1 (SuperClass, Huang et al. 2024, without its IDF weights). With vocab [V] (0/1) only those words
   count (the caption's nouns name its objects, as CatLIP's labels do) and a caption with none of them adds nothing.
   softmax_over_vocab (loss.words_softmax='vocab'): the softmax runs over vocab's words alone, a classifier over its
-  labels; over every word, the words outside it are trained down, all along one direction (minus the mean image
-  embedding), and that gradient pushes every image's embedding the same way.
+  labels as CatLIP's; otherwise every word outside it is trained down as well.
   Returns (the mean over the captions that count, how many count)."""
   present = caption_words(text, pad_id, logits.shape[-1], vocab)
   total = present.sum(-1)
