@@ -90,9 +90,9 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   if config.model.masking.score == "nouns" and config.data.tokenizer != "scenes_words":
     fail("model.masking.score", f"'nouns' are the built-in scenes' nouns, in the 'scenes_words' tokenizer's ids; "
          f"data.tokenizer is {config.data.tokenizer!r}.")
-  if config.loss.words_vocab == "nouns" and config.data.tokenizer != "scenes_words":
-    fail("loss.words_vocab", f"'nouns' are the built-in scenes' nouns, in the 'scenes_words' tokenizer's ids; "
-         f"data.tokenizer is {config.data.tokenizer!r}.")
+  if config.loss.words_vocab != "all" and config.data.tokenizer != "scenes_words":
+    fail("loss.words_vocab", f"{config.loss.words_vocab!r} are the built-in scenes' words, in the 'scenes_words' "
+         f"tokenizer's ids; data.tokenizer is {config.data.tokenizer!r}.")
   if config.model.words_grad == "centred" and config.loss.words_weight > 0 and config.grad_accum_steps > 1:
     fail("model.words_grad", f"'centred' takes the gradient's mean over the batch, and gradient accumulation splits "
          f"it (grad_accum_steps={config.grad_accum_steps}).")

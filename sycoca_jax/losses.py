@@ -37,7 +37,7 @@ ContrastiveFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array
 
 CONTRASTIVE = ("softmax", "sigmoid")
 CONTRASTIVE_IMPLS = ("sharded", "dense")
-WORDS_VOCABS = ("all", "nouns")
+WORDS_VOCABS = ("all", "nouns", "nouns_colours")
 WORDS_SOFTMAXES = ("all", "vocab")
 
 
@@ -322,12 +322,15 @@ def words_loss(logits: jax.Array, text: jax.Array, pad_id: int, vocab: Optional[
 
 def words_vocab(name: str, vocab_size: int) -> Optional[np.ndarray]:
   """loss.words_vocab as words_loss's `vocab`: None for 'all'; for 'nouns' a 0/1 [vocab_size] over the built-in
-  scenes' nouns (their objects' kinds and the generic 'object', 'shape', 'thing'), in the scenes' word ids."""
+  scenes' nouns (their objects' kinds and the generic 'object', 'shape', 'thing'), in the scenes' word ids; for
+  'nouns_colours' over those and the scenes' colour words."""
   if name == "all":
     return None
   from sycoca_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   mask = np.zeros(vocab_size, np.float32)
   mask[list(tokenizers.scenes_noun_ids())] = 1.0
+  if name == "nouns_colours":
+    mask[list(tokenizers.scenes_colour_ids())] = 1.0
   return mask
 
 
@@ -375,7 +378,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # NegCLIP's loss; 0 = off.
       twin_columns_weight=0.0,
       # The caption's words as the pooled image embedding's multi-label target (words_loss; model.words_head);
-      # 0 = off. words_vocab: which words count: 'all' (SuperClass) or 'nouns' (the built-in scenes' nouns).
+      # 0 = off. words_vocab: which words count: 'all' (SuperClass), 'nouns' (the built-in scenes' nouns) or
+      # 'nouns_colours' (those and the scenes' colour words).
       # words_softmax: what the head's softmax runs over: 'all' the vocabulary's words, or 'vocab' words_vocab's
       # alone (a classifier over those labels, as CatLIP's; needs words_vocab other than 'all').
       words_weight=0.0, words_vocab="all", words_softmax="all",

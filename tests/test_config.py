@@ -146,7 +146,7 @@ def test_eval_configs_take_the_geometry_of_model():
     ("loss.twin_columns_weight", 0.5, r"config.loss.twin_columns_weight: 0.5 needs captions with false twins"),
     ("loss.words_weight", 1.0, r"config.loss.words_weight: 1.0 trains the caption-words head: set "
                                r"model.words_head=True"),
-    ("loss.words_vocab", "verbs", r"config.loss.words_vocab: 'verbs' is not one of 'all', 'nouns'"),
+    ("loss.words_vocab", "verbs", r"config.loss.words_vocab: 'verbs' is not one of 'all', 'nouns', 'nouns_colours'"),
     ("loss.words_softmax", "nouns", r"config.loss.words_softmax: 'nouns' is not one of 'all', 'vocab'"),
     ("loss.words_softmax", "vocab", r"config.loss.words_softmax: 'vocab' runs the softmax over loss.words_vocab's "
                                     r"words, and words_vocab='all' is every word"),
@@ -166,6 +166,18 @@ def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config_lib.validate(config)
   config_lib.set_by_path(config, key, value)
   with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("vocab", ["nouns", "nouns_colours"])
+def test_the_scenes_word_vocabularies_need_the_scenes_tokenizer(vocab):
+  config = load("sycoca_tiny", "runlocal")
+  config.model.words_head = True
+  config.loss.update(words_weight=1.0, words_vocab=vocab)
+  config_lib.validate(config)
+  config.data.tokenizer = "byte"
+  with pytest.raises(ValueError, match=rf"config.loss.words_vocab: '{vocab}' are the built-in scenes' words, in the "
+                                       r"'scenes_words' tokenizer's ids; data.tokenizer is 'byte'"):
     config_lib.validate(config)
 
 

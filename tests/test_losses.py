@@ -184,6 +184,9 @@ def test_the_scenes_nouns_are_the_words_that_name_objects():
   for kind in scenes.KINDS:
     words = scenes.SHAPE_WORDS.get(kind, (kind,))
     assert all(w in named and (scenes.SHAPE_PLURALS.get(w, w + "s") in named) for w in words)
+  # 'nouns_colours': those and every colour word, synonyms included, and nothing else.
+  both = {tokenizer.words[i] for i in np.flatnonzero(losses.words_vocab("nouns_colours", tokenizer.vocab_size))}
+  assert both - named == {w for words in scenes.COLOUR_WORDS.values() for w in words} >= {"red", "grey", "violet"}
 
 
 def test_sequence_log_likelihood_sums_real_tokens():

@@ -67,6 +67,7 @@ SHAPE_PLURALS = {
     "plus": "pluses", "heart": "hearts",
 }
 COLOUR_WORDS = {c: (c,) for c in COLOURS} | {"gray": ("gray", "grey"), "purple": ("purple", "violet")}
+COLOUR_VOCAB = tuple(sorted({w for words in COLOUR_WORDS.values() for w in words}))  # loss.words_vocab='nouns_colours'
 SIZE_WORDS = {"small": ("small", "little"), "medium": ("medium",), "large": ("large", "big")}
 FILL_WORDS = {True: ("solid", "filled"), False: ("outlined", "hollow")}
 GENERIC_NOUNS = ("object", "shape", "thing")

@@ -220,6 +220,14 @@ def scenes_noun_ids() -> tuple[int, ...]:
   return tuple(words.index(w) for w in scenes.NOUNS)
 
 
+def scenes_colour_ids() -> tuple[int, ...]:
+  """The built-in scenes' colour words (scenes.COLOUR_VOCAB) as ids of scenes_word_tokenizer."""
+  from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
+
+  words = scenes_word_tokenizer().words
+  return tuple(words.index(w) for w in scenes.COLOUR_VOCAB)
+
+
 # ------------------------------------------------------------------------------------------------ SentencePiece
 
 
