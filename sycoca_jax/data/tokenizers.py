@@ -216,16 +216,19 @@ def scenes_noun_ids() -> tuple[int, ...]:
   """The built-in scenes' nouns (scenes.NOUNS) as ids of scenes_word_tokenizer."""
   from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
 
-  words = scenes_word_tokenizer().words
-  return tuple(words.index(w) for w in scenes.NOUNS)
+  return _scenes_word_ids(scenes.NOUNS)
 
 
 def scenes_colour_ids() -> tuple[int, ...]:
   """The built-in scenes' colour words (scenes.COLOUR_VOCAB) as ids of scenes_word_tokenizer."""
   from sycoca_jax.data import scenes  # pylint: disable=g-import-not-at-top
 
+  return _scenes_word_ids(scenes.COLOUR_VOCAB)
+
+
+def _scenes_word_ids(names) -> tuple[int, ...]:
   words = scenes_word_tokenizer().words
-  return tuple(words.index(w) for w in scenes.COLOUR_VOCAB)
+  return tuple(words.index(w) for w in names)
 
 
 # ------------------------------------------------------------------------------------------------ SentencePiece
