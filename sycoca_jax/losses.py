@@ -38,7 +38,7 @@ ContrastiveFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array
 CONTRASTIVE = ("softmax", "sigmoid")
 CONTRASTIVE_IMPLS = ("sharded", "dense")
 WORDS_VOCABS = ("all", "nouns", "nouns_colours")
-WORDS_SOFTMAXES = ("all", "vocab")
+WORDS_SOFTMAXES = ("all", "vocab", "groups")
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -302,36 +302,47 @@ def caption_words(text: jax.Array, pad_id: int, vocab_size: int, vocab: Optional
 def words_loss(logits: jax.Array, text: jax.Array, pad_id: int, vocab: Optional[jax.Array] = None,
                softmax_over_vocab: bool = False) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy of word_logits [B, V] against the words of each caption in text [B, L] (`caption_words`), which
-  share probability 1 (SuperClass, Huang et al. 2024, without its IDF weights). With vocab [V] (0/1) only those words
+  share probability 1 (SuperClass, Huang et al. 2024, without its IDF weights). With vocab (0/1) only its words
   count (the caption's nouns name its objects, as CatLIP's labels do) and a caption with none of them adds nothing.
-  softmax_over_vocab (loss.words_softmax='vocab'): the softmax runs over vocab's words alone, a classifier over its
-  labels as CatLIP's; otherwise every word outside it is trained down as well.
+  vocab is [V], or [G, V]: G groups of words (loss.words_softmax='groups'), counted as their union unless
+  softmax_over_vocab.
+  softmax_over_vocab (loss.words_softmax='vocab' or 'groups'): the softmax runs over vocab's words alone, one per
+  group, a classifier over each group's labels as CatLIP's over its own; a caption's loss is the sum of its groups'
+  (those it holds a word of). Otherwise every word outside vocab is trained down as well.
   Returns (the mean over the captions that count, how many count)."""
-  present = caption_words(text, pad_id, logits.shape[-1], vocab)
-  total = present.sum(-1)
-  target = present / jnp.maximum(total, 1.0)[:, None]
+  groups = None if vocab is None else jnp.reshape(vocab, (-1, logits.shape[-1]))   # [G, V]
+  present = caption_words(text, pad_id, logits.shape[-1], None if groups is None else groups.max(0))
+  count = (present.sum(-1) > 0).sum().astype(jnp.float32)
   logits = logits.astype(jnp.float32)
-  if softmax_over_vocab:
-    if vocab is None:
-      raise ValueError("words_loss: softmax_over_vocab needs a vocab.")
-    logits = jnp.where(vocab > 0, logits, -1e30)   # finite: 0 * log p stays 0 outside the vocabulary
-  per_caption = -jnp.sum(target * jax.nn.log_softmax(logits), -1)
-  count = (total > 0).sum().astype(jnp.float32)
+  if not softmax_over_vocab:
+    target = present / jnp.maximum(present.sum(-1), 1.0)[:, None]
+    per_caption = -jnp.sum(target * jax.nn.log_softmax(logits), -1)
+  elif groups is None:
+    raise ValueError("words_loss: softmax_over_vocab needs a vocab.")
+  else:
+    present = present[:, None] * groups[None]                              # [B, G, V]
+    target = present / jnp.maximum(present.sum(-1), 1.0)[..., None]
+    # Finite outside each group: 0 * log p stays 0 there.
+    log_probs = jax.nn.log_softmax(jnp.where(groups[None] > 0, logits[:, None], -1e30))
+    per_caption = -jnp.sum(target * log_probs, (-2, -1))
   return per_caption.sum() / jnp.maximum(count, 1.0), count
 
 
-def words_vocab(name: str, vocab_size: int) -> Optional[np.ndarray]:
+def words_vocab(name: str, vocab_size: int, grouped: bool = False) -> Optional[np.ndarray]:
   """loss.words_vocab as words_loss's `vocab`: None for 'all'; for 'nouns' a 0/1 [vocab_size] over the built-in
   scenes' nouns (their objects' kinds and the generic 'object', 'shape', 'thing'), in the scenes' word ids; for
-  'nouns_colours' over those and the scenes' colour words."""
+  'nouns_colours' over those and the scenes' colour words. grouped (loss.words_softmax='groups'): [G, vocab_size],
+  one row per group (the nouns; the colour words)."""
   if name == "all":
     return None
   from sycoca_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  mask = np.zeros(vocab_size, np.float32)
-  mask[list(tokenizers.scenes_noun_ids())] = 1.0
+  ids = [tokenizers.scenes_noun_ids()]
   if name == "nouns_colours":
-    mask[list(tokenizers.scenes_colour_ids())] = 1.0
-  return mask
+    ids.append(tokenizers.scenes_colour_ids())
+  mask = np.zeros((len(ids), vocab_size), np.float32)
+  for row, group in zip(mask, ids):
+    row[list(group)] = 1.0
+  return mask if grouped else mask.max(0)
 
 
 def mim_targets(images: jax.Array, patch_size: int, norm_pix: bool = True) -> jax.Array:
@@ -380,8 +391,10 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # The caption's words as the pooled image embedding's multi-label target (words_loss; model.words_head);
       # 0 = off. words_vocab: which words count: 'all' (SuperClass), 'nouns' (the built-in scenes' nouns) or
       # 'nouns_colours' (those and the scenes' colour words).
-      # words_softmax: what the head's softmax runs over: 'all' the vocabulary's words, or 'vocab' words_vocab's
-      # alone (a classifier over those labels, as CatLIP's; needs words_vocab other than 'all').
+      # words_softmax: what the head's softmax runs over: 'all' the vocabulary's words, 'vocab' words_vocab's
+      # alone (a classifier over those labels, as CatLIP's), or 'groups' one softmax per group of words_vocab (the
+      # nouns; the colour words), so that one group's words do not take the other's probability. 'vocab' and
+      # 'groups' need words_vocab other than 'all'.
       words_weight=0.0, words_vocab="all", words_softmax="all",
       # > 0: the words weight falls on a cosine from words_weight at step 0 to 0 at this step, and stays 0 after
       # (the head teaches the tower objects early, then leaves the update to the other objectives); 0 = constant.
@@ -400,9 +413,10 @@ def validate_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
   if loss_cfg.words_softmax not in WORDS_SOFTMAXES:
     raise ValueError(f"config.loss.words_softmax: {loss_cfg.words_softmax!r} is not one of "
                      f"{', '.join(map(repr, WORDS_SOFTMAXES))}.")
-  if loss_cfg.words_softmax == "vocab" and loss_cfg.words_vocab == "all":
-    raise ValueError("config.loss.words_softmax: 'vocab' runs the softmax over loss.words_vocab's words, and "
-                     "words_vocab='all' is every word; set words_vocab='nouns' or words_softmax='all'.")
+  if loss_cfg.words_softmax != "all" and loss_cfg.words_vocab == "all":
+    raise ValueError(f"config.loss.words_softmax: {loss_cfg.words_softmax!r} runs the softmax over "
+                     "loss.words_vocab's words, and words_vocab='all' is every word; set words_vocab='nouns' or "
+                     "words_softmax='all'.")
   if loss_cfg.sigmoid_init_temperature <= 0:
     raise ValueError(f"config.loss.sigmoid_init_temperature: {loss_cfg.sigmoid_init_temperature} must be > 0.")
   if loss_cfg.words_decay_steps < 0:
@@ -471,9 +485,9 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
                                                                     model.pad_id)
   if "words" in heads:
     with jax.named_scope("words_loss"):
-      vocab = words_vocab(loss_cfg.words_vocab, out["word_logits"].shape[-1])
+      vocab = words_vocab(loss_cfg.words_vocab, out["word_logits"].shape[-1], loss_cfg.words_softmax == "groups")
       terms["words_loss"], terms["word_captions"] = words_loss(out["word_logits"], batch["text"], model.pad_id, vocab,
-                                                               loss_cfg.words_softmax == "vocab")
+                                                               loss_cfg.words_softmax != "all")
   if "mim" in heads:
     with jax.named_scope("mim_loss"):
       target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)

@@ -147,9 +147,11 @@ def test_eval_configs_take_the_geometry_of_model():
     ("loss.words_weight", 1.0, r"config.loss.words_weight: 1.0 trains the caption-words head: set "
                                r"model.words_head=True"),
     ("loss.words_vocab", "verbs", r"config.loss.words_vocab: 'verbs' is not one of 'all', 'nouns', 'nouns_colours'"),
-    ("loss.words_softmax", "nouns", r"config.loss.words_softmax: 'nouns' is not one of 'all', 'vocab'"),
+    ("loss.words_softmax", "nouns", r"config.loss.words_softmax: 'nouns' is not one of 'all', 'vocab', 'groups'"),
     ("loss.words_softmax", "vocab", r"config.loss.words_softmax: 'vocab' runs the softmax over loss.words_vocab's "
                                     r"words, and words_vocab='all' is every word"),
+    ("loss.words_softmax", "groups", r"config.loss.words_softmax: 'groups' runs the softmax over "
+                                     r"loss.words_vocab's words, and words_vocab='all' is every word"),
     ("model.words_pool", "sum", r"config.model.words_pool: 'sum' is not one of 'mean', 'max'"),
     ("model.words_grad", "half", r"config.model.words_grad: 'half' is not one of 'full', 'centred'"),
     ("model.masking.score", "nouns", r"config.model.masking.score: 'nouns' ranks patches by the caption-words head: "

@@ -155,6 +155,39 @@ def test_words_loss_with_its_softmax_over_the_vocabulary_is_a_classifier_over_th
     losses.words_loss(jnp.asarray(logits), jnp.asarray(text), 0, softmax_over_vocab=True)
 
 
+def test_words_loss_with_one_softmax_per_group_sums_each_groups_classifier():
+  rng = np.random.RandomState(6)
+  # Groups {3, 4} and {5, 6, 7}; the first caption holds a word of each, the second of the second group alone, the
+  # third of neither (word 8 is in no group).
+  text = np.array([[1, 3, 6, 7, 2, 0], [1, 5, 8, 2, 0, 0], [1, 8, 2, 0, 0, 0]])
+  logits = rng.randn(3, 9).astype(np.float32)
+  groups = np.zeros((2, 9), np.float32)
+  groups[0, [3, 4]] = 1
+  groups[1, [5, 6, 7]] = 1
+  first, second = _log_softmax(logits[:, [3, 4]]), _log_softmax(logits[:, [5, 6, 7]])
+  want = (-first[0, 0] - 0.5 * (second[0, 1] + second[0, 2]) - second[1, 0]) / 2
+  loss_fn = lambda z: losses.words_loss(z, jnp.asarray(text), 0, jnp.asarray(groups), softmax_over_vocab=True)
+  loss, count = loss_fn(jnp.asarray(logits))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert count == 2
+  # Each group's softmax alone: a group's logits do not move the other group's probabilities.
+  grad = np.asarray(jax.grad(lambda z: loss_fn(z)[0])(jnp.asarray(logits)))
+  np.testing.assert_allclose(grad[0, [3, 4]], (np.exp(first[0]) - [1, 0]) / 2, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(grad[1, [3, 4]], 0, atol=0)
+  np.testing.assert_allclose(grad[1, [5, 6, 7]], (np.exp(second[1]) - [1, 0, 0]) / 2, rtol=1e-4, atol=1e-7)
+  assert np.all(grad[:, [0, 1, 2, 8]] == 0) and np.all(grad[2] == 0)
+  # One softmax over the union is another loss; a single group is loss.words_softmax='vocab'.
+  union = groups.max(0)
+  one = float(losses.words_loss(jnp.asarray(logits), jnp.asarray(text), 0, jnp.asarray(union), True)[0])
+  assert abs(one - want) > 0.1
+  np.testing.assert_allclose(losses.words_loss(jnp.asarray(logits), jnp.asarray(text), 0, jnp.asarray(union[None]),
+                                               True)[0], one, rtol=1e-6)
+  # Without the per-group softmax, the groups count as their union.
+  np.testing.assert_allclose(losses.words_loss(jnp.asarray(logits), jnp.asarray(text), 0, jnp.asarray(groups))[0],
+                             losses.words_loss(jnp.asarray(logits), jnp.asarray(text), 0, jnp.asarray(union))[0],
+                             rtol=1e-6)
+
+
 def test_the_words_weight_decays_on_a_cosine_to_zero_and_stays_there():
   loss_cfg = losses.default_loss_config()
   loss_cfg.words_weight = 8.0
@@ -187,6 +220,11 @@ def test_the_scenes_nouns_are_the_words_that_name_objects():
   # 'nouns_colours': those and every colour word, synonyms included, and nothing else.
   both = {tokenizer.words[i] for i in np.flatnonzero(losses.words_vocab("nouns_colours", tokenizer.vocab_size))}
   assert both - named == {w for words in scenes.COLOUR_WORDS.values() for w in words} >= {"red", "grey", "violet"}
+  # Grouped (loss.words_softmax='groups'): the nouns, then the colour words, as rows whose union is the vocabulary.
+  grouped = losses.words_vocab("nouns_colours", tokenizer.vocab_size, grouped=True)
+  assert grouped.shape == (2, tokenizer.vocab_size) and grouped.sum(0).max() == 1
+  np.testing.assert_array_equal(grouped[0], vocab)
+  np.testing.assert_array_equal(grouped.max(0), losses.words_vocab("nouns_colours", tokenizer.vocab_size))
 
 
 def test_sequence_log_likelihood_sums_real_tokens():

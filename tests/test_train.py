@@ -236,10 +236,10 @@ def test_gradient_accumulation_is_exact(contrastive):
   the sigmoid loss) gives the full-batch gradient of the dense formula on one device."""
   # The softmax case with the twin terms on: their means over the batch's twins are exact too.
   twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5, "loss.twin_text_weight": 0.5}
-  # The sigmoid case with the caption-nouns head (its softmax over the nouns): its mean over the captions that name an
-  # object is exact too, and its weight, decaying over the run, is the step's on both paths.
-  nouns = {"model.words_head": True, "loss.words_weight": 0.5, "loss.words_vocab": "nouns",
-           "loss.words_softmax": "vocab", "loss.words_decay_steps": 4}
+  # The sigmoid case with the caption-words head (one softmax over the nouns, one over the colour words): its mean over
+  # the captions that name one is exact too, and its weight, decaying over the run, is the step's on both paths.
+  nouns = {"model.words_head": True, "loss.words_weight": 0.5, "loss.words_vocab": "nouns_colours",
+           "loss.words_softmax": "groups", "loss.words_decay_steps": 4}
   config = small_train_config(**{"loss.contrastive": contrastive, **(twins if contrastive == "softmax" else nouns)})
   model = sycoca.build_model(config.model).clone(**losses.contrastive_init(config.loss))
   params = sycoca.init_params(model, jax.random.PRNGKey(0))
@@ -247,9 +247,9 @@ def test_gradient_accumulation_is_exact(contrastive):
   local = next(build_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1))
   batch = {k: local[k] for k in ("image", "text", "hard_negative") if k in local}
   if config.loss.words_weight:
-    # Six captions of the first micro-batch (even rows) lose their nouns: the micro-batches then hold different
-    # numbers of captions that count, and only a mean weighted by those counts is the full batch's.
-    nouns = losses.words_vocab("nouns", config.model.text.vocab_size)
+    # Six captions of the first micro-batch (even rows) lose their nouns and colours: the micro-batches then hold
+    # different numbers of captions that count, and only a mean weighted by those counts is the full batch's.
+    nouns = losses.words_vocab("nouns_colours", config.model.text.vocab_size)
     blank = (np.arange(16) % 2 == 0) & (np.arange(16) < 12)
     batch["text"] = np.where(blank[:, None] & (nouns[batch["text"]] > 0), 3, batch["text"])
   step = np.int32(1)
