@@ -312,10 +312,11 @@ def words_loss(logits: jax.Array, text: jax.Array, pad_id: int, vocab: Optional[
   Returns (the mean over the captions that count, how many count)."""
   groups = None if vocab is None else jnp.reshape(vocab, (-1, logits.shape[-1]))   # [G, V]
   present = caption_words(text, pad_id, logits.shape[-1], None if groups is None else groups.max(0))
-  count = (present.sum(-1) > 0).sum().astype(jnp.float32)
+  total = present.sum(-1)
+  count = (total > 0).sum().astype(jnp.float32)
   logits = logits.astype(jnp.float32)
   if not softmax_over_vocab:
-    target = present / jnp.maximum(present.sum(-1), 1.0)[:, None]
+    target = present / jnp.maximum(total, 1.0)[:, None]
     per_caption = -jnp.sum(target * jax.nn.log_softmax(logits), -1)
   elif groups is None:
     raise ValueError("words_loss: softmax_over_vocab needs a vocab.")
