@@ -84,6 +84,9 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   if config.loss.words_decay_steps and config.loss.words_weight <= 0:
     fail("loss.words_decay_steps", f"{config.loss.words_decay_steps} decays the words weight, but loss.words_weight "
          f"is {config.loss.words_weight}.")
+  if config.loss.token_weight > 0 and config.model.vision.pool == "attn":
+    fail("loss.token_weight", f"{config.loss.token_weight} scores caption tokens against patch embeddings, and "
+         "model.vision.pool='attn' has none.")
   if config.model.masking.score in ("words", "nouns") and config.loss.words_weight <= 0:
     fail("model.masking.score", f"{config.model.masking.score!r} ranks patches by the caption-words head, which only "
          "loss.words_weight > 0 trains.")

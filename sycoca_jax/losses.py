@@ -29,6 +29,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from sycoca_jax import pixels, sharding
 from sycoca_jax.models import vit
+from sycoca_jax.models.layers import normalize
 from sycoca_jax.models.sycoca import SyCoCa
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -329,6 +330,37 @@ def words_loss(logits: jax.Array, text: jax.Array, pad_id: int, vocab: Optional[
   return per_caption.sum() / jnp.maximum(count, 1.0), count
 
 
+def token_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Array, temperature: jax.Array) -> jax.Array:
+  """SPARC's fine-grained term (Bica et al. 2024): each caption token against the patches it picks, per example.
+
+  patch_emb [B, N, E], token_emb [B, L, E] (the joint-space vectors attentive masking compares), valid [B, L]
+  (the tokens that count) -> scalar. For token l: its cosines with the N patches, min-max scaled to [0, 1] over
+  the patches; those below 1 / N set to 0 and the rest normalised to sum 1 give the weights a_l; the grouped patch
+  embedding c_l = sum_n a_ln p_n. Within the caption, c_l must pick t_l out of the caption's tokens and t_l must
+  pick c_l out of the groups (a softmax over the caption's valid tokens each way, at `temperature`). The loss is
+  the mean over each caption's valid tokens, then over the batch (a caption without any: 0).
+
+  ITC trains only the pooled embeddings, so nothing asks a caption's words to point at their patches; this term
+  trains the very cosines that the paper's mask score takes its max over.
+  """
+  p = normalize(patch_emb.astype(jnp.float32))
+  t = normalize(token_emb.astype(jnp.float32))
+  sim = jnp.einsum("ble,bne->bln", t, p)                                         # [B, L, N]
+  lo, hi = sim.min(-1, keepdims=True), sim.max(-1, keepdims=True)
+  scaled = (sim - lo) / jnp.maximum(hi - lo, 1e-6)
+  weights = jnp.where(scaled >= 1.0 / sim.shape[-1], scaled, 0.0)   # the best patch always keeps weight 1
+  weights = weights / weights.sum(-1, keepdims=True)
+  grouped = normalize(jnp.einsum("bln,bne->ble", weights, p))                     # [B, L, E]
+  logits = temperature * jnp.einsum("ble,bke->blk", grouped, t)                   # group l against token k
+  pair = valid[:, :, None] & valid[:, None, :]
+  logits = jnp.where(pair, logits, -1e9)
+  own = jnp.diagonal(logits, axis1=1, axis2=2)                                     # [B, L]
+  group_to_token = own - jax.nn.logsumexp(logits, axis=2)
+  token_to_group = own - jax.nn.logsumexp(logits, axis=1)
+  per_token = -0.5 * (group_to_token + token_to_group) * valid
+  return (per_token.sum(-1) / jnp.maximum(valid.sum(-1), 1)).mean()
+
+
 def words_vocab(name: str, vocab_size: int, grouped: bool = False) -> Optional[np.ndarray]:
   """loss.words_vocab as words_loss's `vocab`: None for 'all'; for 'nouns' a 0/1 [vocab_size] over the built-in
   scenes' nouns (their objects' kinds and the generic 'object', 'shape', 'thing'), in the scenes' word ids; for
@@ -400,6 +432,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # > 0: the words weight falls on a cosine from words_weight at step 0 to 0 at this step, and stays 0 after
       # (the head teaches the tower objects early, then leaves the update to the other objectives); 0 = constant.
       words_decay_steps=0,
+      # Each caption token against the patches it is most similar to, within its own example (token_loss, SPARC's
+      # fine-grained term): trains the token-patch cosines the paper's mask score reads; 0 = off.
+      token_weight=0.0,
   ))
 
 
@@ -428,19 +463,19 @@ def validate_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
 def enabled_heads(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   validate_loss_config(loss_cfg)
   weights = {"itc": loss_cfg.itc_weight, "ic": loss_cfg.ic_weight, "mim": loss_cfg.mim_weight,
-             "words": loss_cfg.words_weight}
+             "words": loss_cfg.words_weight, "token": loss_cfg.token_weight}
   for name, w in weights.items():
     if w < 0:
       raise ValueError(f"config.loss.{name}_weight: {w} is negative; use 0 to switch {name} off.")
   heads = tuple(name for name, w in weights.items() if w > 0)
   if not heads:
-    raise ValueError("config.loss: every objective weight is 0; enable at least one of itc, ic, mim, words.")
+    raise ValueError("config.loss: every objective weight is 0; enable at least one of itc, ic, mim, words, token.")
   return heads
 
 
 # Each objective's named term and the config.loss key of its weight, in the order they are summed.
 LOSS_WEIGHTS = {"contrastive_loss": "itc_weight", "caption_loss": "ic_weight", "mim_loss": "mim_weight",
-                "words_loss": "words_weight",
+                "words_loss": "words_weight", "token_loss": "token_weight",
                 "hard_negative_loss": "hard_negative_weight", "twin_text_loss": "twin_text_weight",
                 "twin_columns_loss": "twin_columns_weight"}
 # The terms on the captions' false twins: each needs the batch's 'hard_negative' captions.
@@ -489,6 +524,11 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
       vocab = words_vocab(loss_cfg.words_vocab, out["word_logits"].shape[-1], loss_cfg.words_softmax == "groups")
       terms["words_loss"], terms["word_captions"] = words_loss(out["word_logits"], batch["text"], model.pad_id, vocab,
                                                                loss_cfg.words_softmax != "all")
+  if "token" in heads:
+    with jax.named_scope("token_loss"):
+      # The ITC temperature, held: this term must not set how sharp the contrastive softmax is.
+      terms["token_loss"] = token_loss(out["patch_embeddings"], out["token_embeddings"], out["token_valid"],
+                                       lax.stop_gradient(out["logit_scale"]))
   if "mim" in heads:
     with jax.named_scope("mim_loss"):
       target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)

@@ -160,7 +160,7 @@ def test_eval_configs_take_the_geometry_of_model():
                                     r"loss.words_weight is 0.0"),
     ("loss.words_decay_steps", -1, r"config.loss.words_decay_steps: -1 is negative"),
     ("model.masking.score", "words", r"config.model.masking.score: 'words' ranks patches by the caption-words head: "
-                                     r"set model.words_head=True"),
+                                     r"set model.words_head=True"),    ("loss.token_weight", -1.0, r"config.loss.token_weight: -1.0 is negative"),
 ])
 def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config = load("sycoca_tiny", "runlocal")
@@ -168,6 +168,16 @@ def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config_lib.validate(config)
   config_lib.set_by_path(config, key, value)
   with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_the_token_loss_needs_patch_embeddings():
+  config = load("sycoca_tiny", "runlocal")
+  config.model.vision.pool, config.model.masking.strategy = "attn", "random"
+  config_lib.validate(config)
+  config.loss.token_weight = 1.0
+  with pytest.raises(ValueError, match=r"config.loss.token_weight: 1.0 scores caption tokens against patch embeddings, "
+                                       r"and model.vision.pool='attn' has none"):
     config_lib.validate(config)
 
 

@@ -188,6 +188,58 @@ def test_words_loss_with_one_softmax_per_group_sums_each_groups_classifier():
                              rtol=1e-6)
 
 
+def _token_loss_reference(patch_emb, token_emb, valid, temperature):
+  """SPARC's fine-grained term, one example and one token at a time."""
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  per_example = []
+  for p, t, v in zip(unit(patch_emb), unit(token_emb), valid):
+    t = t[v]
+    if not len(t):
+      per_example.append(0.0)
+      continue
+    groups = []
+    for token in t:
+      sim = p @ token
+      scaled = (sim - sim.min()) / (sim.max() - sim.min())
+      weights = np.where(scaled >= 1 / len(p), scaled, 0.0)
+      groups.append(unit(weights @ p / weights.sum()))
+    logits = temperature * np.stack(groups) @ t.T                # group l against token k
+    own = np.diag(logits)
+    per_example.append(-0.5 * (own - np.log(np.exp(logits).sum(1)) + own - np.log(np.exp(logits).sum(0))).mean())
+  return np.mean(per_example)
+
+
+def test_token_loss_matches_its_formula_per_example_and_token():
+  rng = np.random.RandomState(6)
+  patch_emb, token_emb = rng.randn(3, 7, 5), rng.randn(3, 6, 5)
+  # Start token and padding excluded; the third caption has no valid token and adds 0 to the batch mean.
+  valid = np.array([[0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
+  loss = losses.token_loss(jnp.asarray(patch_emb, jnp.float32), jnp.asarray(token_emb, jnp.float32),
+                           jnp.asarray(valid), jnp.float32(3.0))
+  np.testing.assert_allclose(loss, _token_loss_reference(patch_emb, token_emb, valid, 3.0), rtol=1e-5)
+  # Padding's vectors do not matter, and the gradient reaches the patches and the valid tokens only.
+  token_emb[~valid] = rng.randn((~valid).sum(), 5)
+  loss_fn = lambda p, t: losses.token_loss(p, t, jnp.asarray(valid), jnp.float32(3.0))
+  np.testing.assert_allclose(loss_fn(jnp.asarray(patch_emb, jnp.float32), jnp.asarray(token_emb, jnp.float32)), loss,
+                             rtol=1e-6)
+  g_patch, g_token = jax.grad(loss_fn, argnums=(0, 1))(jnp.asarray(patch_emb, jnp.float32),
+                                                      jnp.asarray(token_emb, jnp.float32))
+  assert np.all(g_token[~valid] == 0) and np.all(np.abs(g_token[valid]).sum(-1) > 0)
+  assert np.all(g_patch[2] == 0) and np.abs(g_patch[:2]).sum() > 0
+
+
+def test_token_loss_is_low_when_each_token_has_its_own_patch():
+  # Each caption token is one patch's vector: its group centres on that patch, and the loss falls towards 0 as
+  # the temperature sharpens; random tokens (no patch of their own) cost more.
+  rng = np.random.RandomState(7)
+  patch_emb = rng.randn(2, 9, 16).astype(np.float32)
+  token_emb = patch_emb[:, :4]
+  valid = np.ones((2, 4), bool)
+  at = lambda t, temp: float(losses.token_loss(jnp.asarray(patch_emb), jnp.asarray(t), jnp.asarray(valid),
+                                               jnp.float32(temp)))
+  assert at(token_emb, 30.0) < 0.05 < at(token_emb, 3.0) < at(rng.randn(2, 4, 16).astype(np.float32), 3.0)
+
+
 def test_the_words_weight_decays_on_a_cosine_to_zero_and_stays_there():
   loss_cfg = losses.default_loss_config()
   loss_cfg.words_weight = 8.0

@@ -234,8 +234,10 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used():
 def test_gradient_accumulation_is_exact(contrastive):
   """Micro-batching (with contrastive negatives from the whole batch, sharded over the 8 devices: the ring for
   the sigmoid loss) gives the full-batch gradient of the dense formula on one device."""
-  # The softmax case with the twin terms on: their means over the batch's twins are exact too.
-  twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5, "loss.twin_text_weight": 0.5}
+  # The softmax case with the twin terms and the token term on: their means over the batch's twins, and over each
+  # caption's tokens, are exact too.
+  twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5, "loss.twin_text_weight": 0.5,
+           "loss.token_weight": 0.5}
   # The sigmoid case with the caption-words head (one softmax over the nouns, one over the colour words): its mean over
   # the captions that name one is exact too, and its weight, decaying over the run, is the step's on both paths.
   nouns = {"model.words_head": True, "loss.words_weight": 0.5, "loss.words_vocab": "nouns_colours",
@@ -257,7 +259,7 @@ def test_gradient_accumulation_is_exact(contrastive):
   mesh = sharding.make_mesh(config.mesh)
   acc, aux_acc = jax.jit(losses.make_grad_fn(model, config.loss, 2, mesh))(
       params, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0), step)
-  extra = (("hard_negative_loss", "twin_text_loss") if "hard_negative" in batch
+  extra = (("hard_negative_loss", "twin_text_loss", "token_loss") if "hard_negative" in batch
            else ("words_loss", "word_captions", "words_weight"))
   if config.loss.words_weight:
     np.testing.assert_allclose(aux_acc["words_weight"], 0.5 * 0.5 * (1 + np.cos(np.pi / 4)), rtol=1e-6)

@@ -31,6 +31,8 @@ from sycoca_jax.models.vit import VisionTransformer
 
 HEADS = ("itc", "ic", "mim")  # the paper's three objectives
 OPTIONAL_HEADS = ("words",)   # heads a model has only when its config builds them (model.words_head)
+# Outputs for a loss that needs no head of its own: 'token' returns the joint-space patch and token embeddings.
+EXTRA_OUTPUTS = ("token",)
 
 
 class SyCoCa(nn.Module):
@@ -124,6 +126,10 @@ class SyCoCa(nn.Module):
     logits = self.word_head(features.astype(jnp.float32))
     return logits.max(axis=1) if self.words_pool == "max" else logits
 
+  def caption_tokens(self, text: jax.Array) -> jax.Array:
+    """bool [B, L]: the tokens that carry the caption's content (not the start token, not padding)."""
+    return (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+
   def choose_masks(self, rng, image_out, text_out, text) -> masking_lib.Masks:
     patch_embeddings = image_out.get("patch_embeddings")
     if patch_embeddings is None:  # attentional pooling: no per-patch tokens, only their count matters
@@ -133,13 +139,13 @@ class SyCoCa(nn.Module):
     if self.mask_score == "words" and self.masking == "attentive":
       # Each patch's logits for the caption's words, from the caption-words head (loss.words_weight).
       vectors = self.word_head.variables["params"]["kernel"].T[text]             # [B, L, E]
-      valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+      valid = self.caption_tokens(text)
       scores = masking_lib.word_scores(patch_embeddings, vectors, valid)
       return masking_lib.masks_from_scores(scores, self.ic_ratio, self.mim_ratio)
     if self.mask_score == "nouns" and self.masking == "attentive":
       # Each patch's log-probability of the caption's nouns under the head's softmax over the nouns.
       head = self.word_head.variables["params"]
-      valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+      valid = self.caption_tokens(text)
       scores = masking_lib.noun_scores(patch_embeddings, head["kernel"], head["bias"], text,
                                        jnp.asarray(self.noun_ids, jnp.int32), valid)
       return masking_lib.masks_from_scores(scores, self.ic_ratio, self.mim_ratio)
@@ -148,7 +154,7 @@ class SyCoCa(nn.Module):
       tokens, valid = text_out["pooled"][:, None], jnp.ones((text.shape[0], 1), bool)
     else:
       # The start token and padding carry no caption content; the appended CLS is not among the tokens.
-      tokens, valid = text_out["token_embeddings"], (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+      tokens, valid = text_out["token_embeddings"], self.caption_tokens(text)
     return masking_lib.get_strategy(self.masking)(
         rng, patch_embeddings=patch_embeddings, token_embeddings=tokens, token_valid=valid,
         ic_ratio=self.ic_ratio, mim_ratio=self.mim_ratio)
@@ -165,9 +171,9 @@ class SyCoCa(nn.Module):
     When masking runs: masks (a masking.Masks: the chosen index sets, for losses and visualisation).
     `rng` feeds the `random` strategy; the others are deterministic.
     """
-    unknown = set(heads) - set(HEADS + OPTIONAL_HEADS)
+    unknown = set(heads) - set(HEADS + OPTIONAL_HEADS + EXTRA_OUTPUTS)
     if unknown:
-      raise ValueError(f"Unknown heads {sorted(unknown)}; choose from {HEADS + OPTIONAL_HEADS}.")
+      raise ValueError(f"Unknown heads {sorted(unknown)}; choose from {HEADS + OPTIONAL_HEADS + EXTRA_OUTPUTS}.")
     images = pixels.normalize(images)  # the re-encoding passes below take the same floats
     image_out = self.encode_image(images)
     text_out = self.encode_text(text)
@@ -182,6 +188,13 @@ class SyCoCa(nn.Module):
       if not self.words_head:
         raise ValueError("The 'words' head needs a model built with model.words_head=True.")
       out["word_logits"] = self._word_logits(image_out)
+
+    if "token" in heads:
+      if "patch_embeddings" not in image_out:
+        raise ValueError("loss.token_weight needs per-patch embeddings: model.vision.pool must not be 'attn'.")
+      out["patch_embeddings"] = image_out["patch_embeddings"]
+      out["token_embeddings"] = text_out["token_embeddings"]
+      out["token_valid"] = self.caption_tokens(text)
 
     needs_masks = ("ic" in heads and self.ic_ratio > 0) or "mim" in heads
     masks = None
