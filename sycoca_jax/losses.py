@@ -40,6 +40,7 @@ CONTRASTIVE = ("softmax", "sigmoid")
 CONTRASTIVE_IMPLS = ("sharded", "dense")
 WORDS_VOCABS = ("all", "nouns", "nouns_colours")
 WORDS_SOFTMAXES = ("all", "vocab", "groups")
+TOKEN_LOSSES = ("sparc", "filip")
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -330,6 +331,31 @@ def words_loss(logits: jax.Array, text: jax.Array, pad_id: int, vocab: Optional[
   return per_caption.sum() / jnp.maximum(count, 1.0), count
 
 
+def token_filip_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Array,
+                     temperature: jax.Array) -> jax.Array:
+  """FILIP's token-wise contrastive loss (Yao et al. 2022): every caption against every image of the batch.
+
+  patch_emb [B, N, E], token_emb [B, L, E], valid [B, L] -> scalar. Caption b's similarity to image c is the mean
+  over its valid tokens of each token's best cosine with c's patches; image c's to caption b, the mean over its
+  patches of each patch's best cosine with b's valid tokens. Each is a softmax over the batch at `temperature`
+  (captions over images, images over captions), averaged. A token's best patch must be in its own image rather
+  than in another's, so a word is pushed onto the patches that tell its image apart, and the position of a
+  patch, the same in every image, cannot serve (as it can within one example, token_loss). Its logits are
+  [B, B, L, N] (dense; a tiny-scale option).
+  """
+  p = normalize(patch_emb.astype(jnp.float32))
+  t = normalize(token_emb.astype(jnp.float32))
+  sim = jnp.einsum("ble,cne->bcln", t, p)                                        # caption b, image c
+  count = jnp.maximum(valid.sum(-1), 1)[:, None]                                   # [B, 1]
+  text_to_image = (sim.max(-1) * valid[:, None]).sum(-1) / count                   # [B, B]
+  image_to_text = jnp.where(valid[:, None, :, None], sim, -jnp.inf).max(2)
+  image_to_text = jnp.where(valid.any(-1)[:, None, None], image_to_text, 0.0).mean(-1)   # [B, B]
+  labels = jnp.arange(sim.shape[0])
+  per_text = optax.softmax_cross_entropy_with_integer_labels(temperature * text_to_image, labels)
+  per_image = optax.softmax_cross_entropy_with_integer_labels(temperature * image_to_text.T, labels)
+  return 0.5 * (per_text.mean() + per_image.mean())
+
+
 def token_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Array, temperature: jax.Array) -> jax.Array:
   """SPARC's fine-grained term (Bica et al. 2024): each caption token against the patches it picks, per example.
 
@@ -435,12 +461,16 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # Each caption token against the patches it is most similar to, within its own example (token_loss, SPARC's
       # fine-grained term): trains the token-patch cosines the paper's mask score reads; 0 = off.
       token_weight=0.0,
+      # Which: 'sparc' (token_loss: each token against its caption's other tokens) or 'filip' (token_filip_loss:
+      # each caption against the batch's images through its tokens' best patches; [B, B, L, N] logits).
+      token_loss="sparc",
   ))
 
 
 def validate_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the offending config.loss key."""
-  for key, allowed in (("contrastive", CONTRASTIVE), ("contrastive_impl", CONTRASTIVE_IMPLS)):
+  for key, allowed in (("contrastive", CONTRASTIVE), ("contrastive_impl", CONTRASTIVE_IMPLS),
+                       ("token_loss", TOKEN_LOSSES)):
     if loss_cfg[key] not in allowed:
       raise ValueError(f"config.loss.{key}: {loss_cfg[key]!r} is not one of {', '.join(map(repr, allowed))}.")
   if loss_cfg.words_vocab not in WORDS_VOCABS:
@@ -527,8 +557,9 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
   if "token" in heads:
     with jax.named_scope("token_loss"):
       # The ITC temperature, held: this term must not set how sharp the contrastive softmax is.
-      terms["token_loss"] = token_loss(out["patch_embeddings"], out["token_embeddings"], out["token_valid"],
-                                       lax.stop_gradient(out["logit_scale"]))
+      fn = token_filip_loss if loss_cfg.token_loss == "filip" else token_loss
+      terms["token_loss"] = fn(out["patch_embeddings"], out["token_embeddings"], out["token_valid"],
+                               lax.stop_gradient(out["logit_scale"]))
   if "mim" in heads:
     with jax.named_scope("mim_loss"):
       target = mim_targets(batch["image"], model.image_encoder.patch_size, loss_cfg.norm_pix)

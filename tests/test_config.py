@@ -161,6 +161,7 @@ def test_eval_configs_take_the_geometry_of_model():
     ("loss.words_decay_steps", -1, r"config.loss.words_decay_steps: -1 is negative"),
     ("model.masking.score", "words", r"config.model.masking.score: 'words' ranks patches by the caption-words head: "
                                      r"set model.words_head=True"),    ("loss.token_weight", -1.0, r"config.loss.token_weight: -1.0 is negative"),
+    ("loss.token_loss", "dense", r"config.loss.token_loss: 'dense' is not one of 'sparc', 'filip'"),
 ])
 def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config = load("sycoca_tiny", "runlocal")
@@ -201,6 +202,16 @@ def test_a_centred_words_gradient_refuses_gradient_accumulation():
   config.grad_accum_steps = 2
   with pytest.raises(ValueError, match=r"config.model.words_grad: 'centred' takes the gradient's mean over the batch, "
                                        r"and gradient accumulation splits it \(grad_accum_steps=2\)"):
+    config_lib.validate(config)
+
+
+def test_the_filip_token_loss_refuses_gradient_accumulation():
+  config = load("sycoca_tiny", "runlocal")
+  config.loss.update(token_weight=1.0, token_loss="filip")
+  config_lib.validate(config)
+  config.grad_accum_steps = 2
+  with pytest.raises(ValueError, match=r"config.loss.token_loss: 'filip' scores each caption against the whole "
+                                       r"batch's images, which gradient accumulation does not split"):
     config_lib.validate(config)
 
 

@@ -240,6 +240,27 @@ def test_token_loss_is_low_when_each_token_has_its_own_patch():
   assert at(token_emb, 30.0) < 0.05 < at(token_emb, 3.0) < at(rng.randn(2, 4, 16).astype(np.float32), 3.0)
 
 
+def test_token_filip_loss_matches_its_formula_caption_by_image():
+  rng = np.random.RandomState(8)
+  patch_emb, token_emb = rng.randn(4, 5, 6), rng.randn(4, 3, 6)
+  valid = np.array([[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 0, 1]], bool)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  p, t, temperature = unit(patch_emb), unit(token_emb), 5.0
+  text_to_image, image_to_text = np.zeros((4, 4)), np.zeros((4, 4))
+  for b in range(4):
+    for c in range(4):
+      sim = t[b][valid[b]] @ p[c].T                                  # the caption's valid tokens x the patches
+      text_to_image[b, c] = sim.max(1).mean()
+      image_to_text[c, b] = sim.max(0).mean()
+  want = 0.5 * (-np.diag(_log_softmax(temperature * text_to_image)).mean()
+                - np.diag(_log_softmax(temperature * image_to_text)).mean())
+  loss_fn = lambda p, t: losses.token_filip_loss(p, t, jnp.asarray(valid), jnp.float32(temperature))
+  args = jnp.asarray(patch_emb, jnp.float32), jnp.asarray(token_emb, jnp.float32)
+  np.testing.assert_allclose(loss_fn(*args), want, rtol=1e-5)
+  g_patch, g_token = jax.grad(loss_fn, argnums=(0, 1))(*args)
+  assert np.all(np.isfinite(g_patch)) and np.all(g_token[~valid] == 0) and np.all(np.abs(g_token[valid]).sum(-1) > 0)
+
+
 def test_the_words_weight_decays_on_a_cosine_to_zero_and_stays_there():
   loss_cfg = losses.default_loss_config()
   loss_cfg.words_weight = 8.0
