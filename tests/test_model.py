@@ -126,7 +126,8 @@ STEMS = {"linear": {"vision.stem": "linear"},
          "patch_cnn": {"vision.stem": "patch_cnn", "vision.stem_channels": (4, 4, 8, 8, 8)},
          "conv": {"vision.stem": "conv", "vision.stem_channels": (4, 4, 8, 8, 8)},
          "conv_instance_norm_s2d": {"vision.stem": "conv", "vision.stem_channels": (4, 4, 8, 8, 8),
-                                    "vision.stem_norm": "instance", "vision.stem_space_to_depth": 2}}
+                                    "vision.stem_norm": "instance", "vision.stem_space_to_depth": 2,
+                                    "vision.registers": 2}}
 
 
 @pytest.mark.slow(reason="three full forward passes of the model per stem and strategy")
@@ -178,6 +179,22 @@ def test_conv_stem_pools_to_the_patch_grid_and_sees_across_patch_borders():
   # Unlike patch_cnn's, its own token and its eight neighbours' change.
   neighbours = {r * 4 + c for r in (0, 1, 2) for c in (1, 2, 3)}
   assert differs.tolist() == [i in neighbours for i in range(16)]
+
+
+def test_registers_are_tokens_no_output_reads():
+  """vision.registers: the patch embeddings are still one per patch, and the registers take part in attention."""
+  cfg, model, params = _setup(**{"vision.pool": "gap", "vision.registers": 3})
+  assert params["image_encoder"]["registers"].shape == (3, cfg.vision.width)
+  images, _ = random_batch(cfg)
+  encode = _jit_apply(model, method=SyCoCa.encode_image)
+  out = encode(params, images)
+  assert out["patch_embeddings"].shape == (images.shape[0], model.image_encoder.num_patches, cfg.embed_dim)
+  np.testing.assert_allclose(out["pooled"], out["patch_embeddings"].mean(axis=1), rtol=1e-5, atol=1e-6)
+  moved = jax.tree.map(lambda x: x, params)
+  # A random change (a constant shift would vanish in ln_pre).
+  moved["image_encoder"]["registers"] = params["image_encoder"]["registers"] + np.random.RandomState(0).randn(
+      3, cfg.vision.width).astype(np.float32)
+  assert not np.allclose(encode(moved, images)["patch_embeddings"], out["patch_embeddings"], atol=1e-4)
 
 
 @pytest.mark.parametrize("pool", ["gap", "max"])

@@ -249,7 +249,9 @@ def default_model_config() -> ml_collections.ConfigDict:
       vision=dict(image_size=288, patch_size=18, width=768, depth=12, heads=12, mlp_ratio=4.0,
                   pool="tok", attn_pooler_queries=256, attn_pooler_heads=8, stem="linear",
                   stem_channels=(32, 32, 64, 64, 128), stem_norm="none",
-                  stem_space_to_depth=1),
+                  stem_space_to_depth=1,
+                  # registers: learned tokens beside the CLS token that no output reads (0: none).
+                  registers=0),
       text=dict(vocab_size=49408, context_length=76, width=768, depth=12, heads=12, mlp_ratio=4.0,
                 legacy_cls_mask=False),
       text_decoder=dict(width=768, depth=12, heads=12, mlp_ratio=4.0),
@@ -303,6 +305,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
          f"or more widths, not {len(v.stem_channels)}.")
   if v.pool not in vit.POOLS:
     fail("vision.pool", f"{v.pool!r} is not one of {', '.join(vit.POOLS)}.")
+  if not isinstance(v.registers, int) or v.registers < 0:
+    fail("vision.registers", f"{v.registers!r} must be an integer >= 0 (0: none).")
   if t.width != d.width:
     fail("text_decoder.width", f"must equal text.width={t.width}: the decoder continues the text features.")
   if cfg.act not in layers.ACTIVATIONS:
@@ -363,7 +367,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
       image_encoder=VisionTransformer(
           tower(v), v.image_size, v.patch_size, cfg.embed_dim, pool=v.pool, stem=v.stem,
           stem_channels=tuple(v.stem_channels), stem_norm=v.stem_norm, stem_space_to_depth=v.stem_space_to_depth,
-          attn_pooler_queries=v.attn_pooler_queries, attn_pooler_heads=v.attn_pooler_heads),
+          attn_pooler_queries=v.attn_pooler_queries, attn_pooler_heads=v.attn_pooler_heads, registers=v.registers),
       text_encoder=TextEncoder(
           tower(t), t.vocab_size, t.context_length, cfg.embed_dim, pad_id=cfg.pad_id,
           legacy_cls_mask=t.legacy_cls_mask),

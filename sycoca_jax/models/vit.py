@@ -187,6 +187,7 @@ class VisionTransformer(nn.Module):
   stem_space_to_depth: int = 1
   attn_pooler_queries: int = 256
   attn_pooler_heads: int = 8
+  registers: int = 0
 
   @property
   def num_patches(self) -> int:
@@ -210,6 +211,10 @@ class VisionTransformer(nn.Module):
     else:
       raise ValueError(f"stem={self.stem!r}: choose from {STEMS}.")
     self.class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (t.width,))
+    if self.registers:
+      # Learned tokens beside the CLS token that no output reads (Darcet et al. 2024, "Vision Transformers need
+      # registers"): a place for the transformer's global computation other than low-content patches.
+      self.register_tokens = self.param("registers", nn.initializers.normal(scale), (self.registers, t.width))
     self.positional_embedding = self.param(
         "positional_embedding", nn.initializers.normal(scale), (self.num_patches + 1, t.width))
     self.ln_pre = t.layer_norm()
@@ -248,16 +253,19 @@ class VisionTransformer(nn.Module):
       x = self.patch_cnn(patches.reshape(*patches.shape[:2], p, p, -1))
       positions = jnp.broadcast_to(self.positional_embedding[1:], (x.shape[0], self.num_patches, self.tower.width))
       x = x + layers.take_tokens(positions, ids_keep).astype(x.dtype)
-    cls = (self.class_embedding + self.positional_embedding[0]).astype(x.dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.tower.width)), x], axis=1)
+    cls = (self.class_embedding + self.positional_embedding[0]).astype(x.dtype)[None]
+    if self.registers:
+      cls = jnp.concatenate([cls, self.register_tokens.astype(x.dtype)], axis=0)   # [1 + R, D]
+    first = cls.shape[0]  # the patches' tokens start after the CLS token and the registers
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], *cls.shape)), x], axis=1)
     x = self.transformer(self.ln_pre(x))
 
     if self.pool == "attn":
-      patch_tokens = x[:, 1:]
+      patch_tokens = x[:, first:]
       x = self.ln_post(self.attn_pool(x))
       return {"pooled": layers.matmul_f32(x[:, 0], self.proj), "tokens": x[:, 1:], "patch_tokens": patch_tokens}
     x = self.ln_post(x)
-    patches = x[:, 1:]
+    patches = x[:, first:]
     # The pooled embedding feeds the contrastive logits (times a temperature up to 100): kept in float32.
     if self.pool == "gap":
       pooled = layers.matmul_f32(patches.mean(axis=1, dtype=jnp.float32).astype(x.dtype), self.proj)
