@@ -195,35 +195,30 @@ def test_the_scenes_word_vocabularies_need_the_scenes_tokenizer(vocab):
     config_lib.validate(config)
 
 
-def test_a_centred_words_gradient_refuses_gradient_accumulation():
+# Terms whose means run over the whole batch, which micro-batches would split: each refuses grad_accum_steps > 1.
+BATCH_WIDE = {
+    "centred_words": ({"model.words_head": True, "model.words_grad": "centred", "loss.words_weight": 1.0,
+                       "loss.words_vocab": "nouns"},
+                      r"config.model.words_grad: 'centred' takes the gradient's mean over the batch, and gradient "
+                      r"accumulation splits it \(grad_accum_steps=2\)"),
+    "filip": ({"loss.token_weight": 1.0, "loss.token_loss": "filip"},
+              r"config.loss.token_loss: 'filip' scores each caption against the whole batch's images, which gradient "
+              r"accumulation does not split"),
+    "twin_columns": ({"data.scenes.hard_negatives": ("object",), "loss.twin_columns_weight": 0.5},
+                     r"config.loss.twin_columns_weight: 0.5 scores each image against the whole batch's twins, which "
+                     r"gradient accumulation does not split"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_WIDE))
+def test_batch_wide_terms_refuse_gradient_accumulation(name):
+  overrides, message = BATCH_WIDE[name]
   config = load("sycoca_tiny", "runlocal")
-  config.model.update(words_head=True, words_grad="centred")
-  config.loss.update(words_weight=1.0, words_vocab="nouns")
+  for key, value in overrides.items():
+    config_lib.set_by_path(config, key, value)
   config_lib.validate(config)
   config.grad_accum_steps = 2
-  with pytest.raises(ValueError, match=r"config.model.words_grad: 'centred' takes the gradient's mean over the batch, "
-                                       r"and gradient accumulation splits it \(grad_accum_steps=2\)"):
-    config_lib.validate(config)
-
-
-def test_the_filip_token_loss_refuses_gradient_accumulation():
-  config = load("sycoca_tiny", "runlocal")
-  config.loss.update(token_weight=1.0, token_loss="filip")
-  config_lib.validate(config)
-  config.grad_accum_steps = 2
-  with pytest.raises(ValueError, match=r"config.loss.token_loss: 'filip' scores each caption against the whole "
-                                       r"batch's images, which gradient accumulation does not split"):
-    config_lib.validate(config)
-
-
-def test_twin_columns_refuse_gradient_accumulation():
-  config = load("sycoca_tiny", "runlocal")
-  config.data.scenes.hard_negatives = ("object",)
-  config.loss.twin_columns_weight = 0.5
-  config_lib.validate(config)
-  config.grad_accum_steps = 2
-  with pytest.raises(ValueError, match=r"config.loss.twin_columns_weight: 0.5 scores each image against the whole "
-                                       r"batch's twins, which gradient accumulation does not split"):
+  with pytest.raises(ValueError, match=message):
     config_lib.validate(config)
 
 
