@@ -458,8 +458,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # > 0: the words weight falls on a cosine from words_weight at step 0 to 0 at this step, and stays 0 after
       # (the head teaches the tower objects early, then leaves the update to the other objectives); 0 = constant.
       words_decay_steps=0,
-      # Each caption token against the patches it is most similar to, within its own example (token_loss, SPARC's
-      # fine-grained term): trains the token-patch cosines the paper's mask score reads; 0 = off.
+      # A term on the cosines between the caption's tokens and the patches, the ones the paper's mask score reads
+      # (token_loss picks its form); 0 = off.
       token_weight=0.0,
       # Which: 'sparc' (token_loss: each token against its caption's other tokens) or 'filip' (token_filip_loss:
       # each caption against the batch's images through its tokens' best patches; [B, B, L, N] logits).

@@ -168,6 +168,7 @@ class SyCoCa(nn.Module):
     Always: image_embedding, text_embedding [B, E], logit_scale (the temperature, exp(logit_scale)), logit_bias.
     'ic' in heads: caption_logits [B, L - 1, V].   'mim' in heads: mim_pred [B, N, P].
     'words' in heads: word_logits [B, V] (which words the image's caption holds).
+    'token' in heads: patch_embeddings [B, N, E], token_embeddings [B, L, E] and token_valid [B, L] (the token loss).
     When masking runs: masks (a masking.Masks: the chosen index sets, for losses and visualisation).
     `rng` feeds the `random` strategy; the others are deterministic.
     """
