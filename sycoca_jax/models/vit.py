@@ -174,6 +174,8 @@ class VisionTransformer(nn.Module):
   pool="attn": open_clip's coca_ViT-* pooling: x = ln_post(attn_pool(x)); pooled = x[:, 0] @ proj,
     tokens = x[:, 1:] (num_queries - 1 learned summaries, no longer one per patch), and patch_tokens: the
     transformer's outputs for the kept patches, what the TG-MIM decoder rebuilds the image from.
+  With `registers` R > 0, R learned tokens follow the CLS token in the sequence and no output includes them (the
+  patch tokens are x[:, 1 + R:]).
   """
 
   tower: layers.TowerConfig
