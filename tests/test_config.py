@@ -160,7 +160,8 @@ def test_eval_configs_take_the_geometry_of_model():
                                     r"loss.words_weight is 0.0"),
     ("loss.words_decay_steps", -1, r"config.loss.words_decay_steps: -1 is negative"),
     ("model.masking.score", "words", r"config.model.masking.score: 'words' ranks patches by the caption-words head: "
-                                     r"set model.words_head=True"),    ("loss.token_weight", -1.0, r"config.loss.token_weight: -1.0 is negative"),
+                                     r"set model.words_head=True"),
+    ("loss.token_weight", -1.0, r"config.loss.token_weight: -1.0 is negative"),
     ("model.vision.registers", -1, r"config.model.vision.registers: -1 must be an integer >= 0"),
     ("loss.token_loss", "dense", r"config.loss.token_loss: 'dense' is not one of 'sparc', 'filip'"),
 ])

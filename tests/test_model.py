@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from sycoca_jax.models import layers
+from sycoca_jax.models import masking as masking_lib
 from sycoca_jax.models import vit
 from sycoca_jax.models.sycoca import HEADS, OPTIONAL_HEADS, SyCoCa, build_model, init_params
 from tests.helpers import random_batch
@@ -28,7 +29,7 @@ GEOMETRIES = {
 
 # Keys that change what the model computes but not its parameters: geometries that differ only in these share
 # one initialisation.
-PARAMETER_FREE = ("masking.score", "text.legacy_cls_mask")
+PARAMETER_FREE = ("masking.score", "masking.end_token", "text.legacy_cls_mask")
 
 
 def _setup(init=False, **overrides):
@@ -458,6 +459,27 @@ def test_masks_follow_the_caption():
   masks = lambda t: forward(params, images, t)["masks"]
   assert not np.array_equal(masks(text).scores, masks(other).scores)
   assert not np.array_equal(masks(text).mim_mask, masks(other).mim_mask)
+
+
+@pytest.mark.parametrize("end_token", [True, False])
+def test_the_tokens_masks_and_the_token_loss_read(end_token):
+  """Every token after the start token and before the padding; with masking.end_token=False, not the end token
+  either. The mask scores are each patch's best cosine over exactly those tokens."""
+  cfg, model, params = _setup(**{"masking.end_token": end_token})
+  images, text = random_batch(cfg)
+  out = _jit_apply(model, heads=HEADS + ("token",))(params, images, text)
+  want = np.zeros(text.shape, bool)
+  for i, n in enumerate(np.asarray((text != 0).sum(-1))):  # start, words, end
+    want[i, 1:n if end_token else n - 1] = True
+  np.testing.assert_array_equal(out["token_valid"], want)
+  scores = masking_lib.patch_scores(out["patch_embeddings"], out["token_embeddings"], jnp.asarray(want))
+  np.testing.assert_allclose(out["masks"].scores, scores, rtol=1e-6)
+  # Another id in the end token's place: the causal text tower's earlier tokens do not see it, so only a score that
+  # reads the end token can move.
+  last = jnp.asarray((text != 0).sum(-1) - 1)
+  other = text.at[jnp.arange(text.shape[0]), last].set(5)
+  moved = _jit_apply(model, heads=HEADS)(params, images, other)["masks"].scores
+  assert np.array_equal(moved, out["masks"].scores) != end_token
 
 
 def test_bad_model_config_names_the_key():

@@ -42,6 +42,7 @@ class SyCoCa(nn.Module):
   image_decoder: ImageDecoder
   masking: str = "attentive"
   mask_score: str = "tokens"  # masking.score: what attentive masking compares each patch with (MASK_SCORES)
+  end_token: bool = True  # masking.end_token: whether the end token counts among the caption's tokens
   ic_ratio: float = 0.5
   mim_ratio: float = 0.5
   ic_reencode: bool = False
@@ -127,8 +128,16 @@ class SyCoCa(nn.Module):
     return logits.max(axis=1) if self.words_pool == "max" else logits
 
   def caption_tokens(self, text: jax.Array) -> jax.Array:
-    """bool [B, L]: the tokens that carry the caption's content (not the start token, not padding)."""
-    return (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+    """bool [B, L]: the tokens that attentive masking and the token loss read.
+
+    Not the start token, not padding, and, with masking.end_token=False, not the end token: every row is
+    [start, words..., end, padding...], so the end token is the last one before the padding.
+    """
+    valid = (text != self.pad_id) & (jnp.arange(text.shape[1]) > 0)[None]
+    if self.end_token:
+      return valid
+    end = valid.sum(-1, keepdims=True)                                             # [B, 1]: the end token's position
+    return valid & (jnp.arange(text.shape[1])[None] != end)
 
   def choose_masks(self, rng, image_out, text_out, text) -> masking_lib.Masks:
     patch_embeddings = image_out.get("patch_embeddings")
@@ -262,7 +271,11 @@ def default_model_config() -> ml_collections.ConfigDict:
       # (its logits for the caption's words from the caption-words head; needs words_head), or "nouns" (each
       # patch's log-probability of the caption's nouns under that head's softmax over the nouns; needs words_head
       # and the scenes' word tokenizer).
-      masking=dict(strategy="attentive", ic_ratio=0.5, mim_ratio=0.5, ic_reencode=False, score="tokens"),
+      # end_token: whether the caption's end token is among the tokens that "tokens" (and "words", "nouns") and the
+      # token loss read. The causal text tower's end token has read the whole caption, so it is a second summary of
+      # it, not a word; with False only the words count.
+      masking=dict(strategy="attentive", ic_ratio=0.5, mim_ratio=0.5, ic_reencode=False, score="tokens",
+                   end_token=True),
       # A linear head naming the caption's words from the pooled image embedding (loss.words_weight trains it).
       # words_pool: "mean", the head on the pooled embedding; "max", the head on every patch embedding and a word's
       # logit its best patch's (multiple-instance learning; needs per-patch tokens, vision.pool not "attn").
@@ -380,6 +393,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> SyCoCa:
       mim_ratio=cfg.masking.mim_ratio,
       ic_reencode=cfg.masking.ic_reencode,
       mask_score=cfg.masking.score,
+      end_token=cfg.masking.end_token,
       init_logit_scale=cfg.init_logit_scale,
       pad_id=cfg.pad_id,
       words_head=cfg.words_head,
