@@ -16,6 +16,7 @@ A weight of 0 switches that objective off, and its head is not even run. The cap
 log-likelihood (`sequence_log_likelihood`) is the one that evaluation and inference score captions with.
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -40,7 +41,7 @@ CONTRASTIVE = ("softmax", "sigmoid")
 CONTRASTIVE_IMPLS = ("sharded", "dense")
 WORDS_VOCABS = ("all", "nouns", "nouns_colours")
 WORDS_SOFTMAXES = ("all", "vocab", "groups")
-TOKEN_LOSSES = ("sparc", "filip")
+TOKEN_LOSSES = ("sparc", "filip", "filip_text")
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -332,7 +333,7 @@ def words_loss(logits: jax.Array, text: jax.Array, pad_id: int, vocab: Optional[
 
 
 def token_filip_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Array,
-                     temperature: jax.Array) -> jax.Array:
+                     temperature: jax.Array, image_to_text: bool = True) -> jax.Array:
   """FILIP's token-wise contrastive loss (Yao et al. 2022): every caption against every image of the batch.
 
   patch_emb [B, N, E], token_emb [B, L, E], valid [B, L] -> scalar. Caption b's similarity to image c is the mean
@@ -342,17 +343,24 @@ def token_filip_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Arra
   than in another's, so a word is pushed onto the patches that tell its image apart, and the position of a
   patch, the same in every image, cannot serve (as it can within one example, token_loss). Its logits are
   [B, B, L, N] (dense; a tiny-scale option).
+
+  image_to_text=False (loss.token_loss='filip_text') keeps the captions-over-images half only. The other half asks
+  every patch for its best token in its own caption, the patches of objects the caption does not name included: a
+  caption elsewhere in the batch that names such an object's kind wins, so that half pushes an object's patches
+  away from its own words whenever its caption leaves it out.
   """
   p = normalize(patch_emb.astype(jnp.float32))
   t = normalize(token_emb.astype(jnp.float32))
   sim = jnp.einsum("ble,cne->bcln", t, p)                                        # caption b, image c
   count = jnp.maximum(valid.sum(-1), 1)[:, None]                                   # [B, 1]
   text_to_image = (sim.max(-1) * valid[:, None]).sum(-1) / count                   # [B, B]
-  image_to_text = jnp.where(valid[:, None, :, None], sim, -jnp.inf).max(2)
-  image_to_text = jnp.where(valid.any(-1)[:, None, None], image_to_text, 0.0).mean(-1)   # [B, B]
   labels = jnp.arange(sim.shape[0])
   per_text = optax.softmax_cross_entropy_with_integer_labels(temperature * text_to_image, labels)
-  per_image = optax.softmax_cross_entropy_with_integer_labels(temperature * image_to_text.T, labels)
+  if not image_to_text:
+    return per_text.mean()
+  patch_to_text = jnp.where(valid[:, None, :, None], sim, -jnp.inf).max(2)
+  patch_to_text = jnp.where(valid.any(-1)[:, None, None], patch_to_text, 0.0).mean(-1)   # [B, B]
+  per_image = optax.softmax_cross_entropy_with_integer_labels(temperature * patch_to_text.T, labels)
   return 0.5 * (per_text.mean() + per_image.mean())
 
 
@@ -461,8 +469,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # A term on the cosines between the caption's tokens and the patches, the ones the paper's mask score reads
       # (token_loss picks its form); 0 = off.
       token_weight=0.0,
-      # Which: 'sparc' (token_loss: each token against its caption's other tokens) or 'filip' (token_filip_loss:
-      # each caption against the batch's images through its tokens' best patches; [B, B, L, N] logits).
+      # Which: 'sparc' (token_loss: each token against its caption's other tokens), 'filip' (token_filip_loss:
+      # each caption against the batch's images through its tokens' best patches, and each image against the
+      # captions through its patches' best tokens; [B, B, L, N] logits) or 'filip_text' (its first half only).
       token_loss="sparc",
   ))
 
@@ -557,7 +566,8 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
   if "token" in heads:
     with jax.named_scope("token_loss"):
       # The ITC temperature, held: this term must not set how sharp the contrastive softmax is.
-      fn = token_filip_loss if loss_cfg.token_loss == "filip" else token_loss
+      fn = {"sparc": token_loss, "filip": token_filip_loss,
+            "filip_text": functools.partial(token_filip_loss, image_to_text=False)}[loss_cfg.token_loss]
       terms["token_loss"] = fn(out["patch_embeddings"], out["token_embeddings"], out["token_valid"],
                                lax.stop_gradient(out["logit_scale"]))
   if "mim" in heads:

@@ -163,7 +163,7 @@ def test_eval_configs_take_the_geometry_of_model():
                                      r"set model.words_head=True"),
     ("loss.token_weight", -1.0, r"config.loss.token_weight: -1.0 is negative"),
     ("model.vision.registers", -1, r"config.model.vision.registers: -1 must be an integer >= 0"),
-    ("loss.token_loss", "dense", r"config.loss.token_loss: 'dense' is not one of 'sparc', 'filip'"),
+    ("loss.token_loss", "dense", r"config.loss.token_loss: 'dense' is not one of 'sparc', 'filip', 'filip_text'"),
 ])
 def test_validate_refuses_impossible_values_naming_the_key(key, value, message):
   config = load("sycoca_tiny", "runlocal")
@@ -205,6 +205,8 @@ BATCH_WIDE = {
     "filip": ({"loss.token_weight": 1.0, "loss.token_loss": "filip"},
               r"config.loss.token_loss: 'filip' scores each caption against the whole batch's images, which gradient "
               r"accumulation does not split"),
+    "filip_text": ({"loss.token_weight": 1.0, "loss.token_loss": "filip_text"},
+                   r"config.loss.token_loss: 'filip_text' scores each caption against the whole batch's images"),
     "twin_columns": ({"data.scenes.hard_negatives": ("object",), "loss.twin_columns_weight": 0.5},
                      r"config.loss.twin_columns_weight: 0.5 scores each image against the whole batch's twins, which "
                      r"gradient accumulation does not split"),

@@ -252,13 +252,24 @@ def test_token_filip_loss_matches_its_formula_caption_by_image():
       sim = t[b][valid[b]] @ p[c].T                                  # the caption's valid tokens x the patches
       text_to_image[b, c] = sim.max(1).mean()
       image_to_text[c, b] = sim.max(0).mean()
-  want = 0.5 * (-np.diag(_log_softmax(temperature * text_to_image)).mean()
-                - np.diag(_log_softmax(temperature * image_to_text)).mean())
-  loss_fn = lambda p, t: losses.token_filip_loss(p, t, jnp.asarray(valid), jnp.float32(temperature))
+  captions_over_images = -np.diag(_log_softmax(temperature * text_to_image)).mean()
+  images_over_captions = -np.diag(_log_softmax(temperature * image_to_text)).mean()
   args = jnp.asarray(patch_emb, jnp.float32), jnp.asarray(token_emb, jnp.float32)
-  np.testing.assert_allclose(loss_fn(*args), want, rtol=1e-5)
-  g_patch, g_token = jax.grad(loss_fn, argnums=(0, 1))(*args)
-  assert np.all(np.isfinite(g_patch)) and np.all(g_token[~valid] == 0) and np.all(np.abs(g_token[valid]).sum(-1) > 0)
+  for image_to_text_half, want in ((True, 0.5 * (captions_over_images + images_over_captions)),
+                                   (False, captions_over_images)):                   # 'filip' / 'filip_text'
+    loss_fn = lambda p, t: losses.token_filip_loss(p, t, jnp.asarray(valid), jnp.float32(temperature),
+                                                   image_to_text=image_to_text_half)
+    np.testing.assert_allclose(loss_fn(*args), want, rtol=1e-5)
+    g_patch, g_token = jax.grad(loss_fn, argnums=(0, 1))(*args)
+    assert np.all(np.isfinite(g_patch)) and np.all(g_token[~valid] == 0)
+    assert np.all(np.abs(g_token[valid]).sum(-1) > 0)
+  # Captions over images only: a patch that is no token's best in any image gets no gradient.
+  sim = np.einsum("ble,cne->bcln", t, p)
+  best = np.zeros((4, 5), bool)
+  for b in range(4):
+    for c in range(4):
+      best[c, sim[b, c][valid[b]].argmax(-1)] = True
+  assert (~best).any() and np.all(g_patch[~best] == 0) and np.all(np.abs(g_patch[best]).sum(-1) > 0)
 
 
 def test_the_words_weight_decays_on_a_cosine_to_zero_and_stays_there():
