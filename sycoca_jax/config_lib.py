@@ -99,7 +99,7 @@ def validate(config: ml_collections.ConfigDict, device_count: Optional[int] = No
   if config.model.words_grad == "centred" and config.loss.words_weight > 0 and config.grad_accum_steps > 1:
     fail("model.words_grad", f"'centred' takes the gradient's mean over the batch, and gradient accumulation splits "
          f"it (grad_accum_steps={config.grad_accum_steps}).")
-  if config.loss.token_weight > 0 and config.loss.token_loss.startswith("filip") and config.grad_accum_steps > 1:
+  if config.loss.token_weight > 0 and config.loss.token_loss != "sparc" and config.grad_accum_steps > 1:
     fail("loss.token_loss", f"{config.loss.token_loss!r} scores each caption against the whole batch's images, "
          "which gradient accumulation does not split; use grad_accum_steps=1 or token_loss='sparc'.")
   if config.loss.twin_columns_weight > 0 and config.grad_accum_steps > 1:

@@ -41,7 +41,7 @@ CONTRASTIVE = ("softmax", "sigmoid")
 CONTRASTIVE_IMPLS = ("sharded", "dense")
 WORDS_VOCABS = ("all", "nouns", "nouns_colours")
 WORDS_SOFTMAXES = ("all", "vocab", "groups")
-TOKEN_LOSSES = ("sparc", "filip", "filip_text")
+TOKEN_LOSSES = ("sparc", "filip", "filip_text", "per_token")
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -364,6 +364,28 @@ def token_filip_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Arra
   return 0.5 * (per_text.mean() + per_image.mean())
 
 
+def token_contrast_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Array, temperature: jax.Array,
+                        text: jax.Array, pad_id: int, vocab_size: int) -> jax.Array:
+  """Each caption token against the batch's images by its best patch, with the word's own negatives.
+
+  patch_emb [B, N, E], token_emb [B, L, E], valid [B, L], text [B, L] (the word ids) -> scalar. Token l of caption
+  b scores image c by its best cosine with c's patches; a softmax over the images at `temperature` must pick b.
+  An image whose caption holds the same word is not among the token's negatives: it may well show what the word
+  names, and FILIP's form (token_filip_loss), which counts every other image, pushes a word off the objects of its
+  kind in them. A word that every caption of the batch holds (the end token, 'a') has no negatives and adds
+  nothing. The loss is the mean over the valid tokens that have a negative.
+  """
+  p = normalize(patch_emb.astype(jnp.float32))
+  t = normalize(token_emb.astype(jnp.float32))
+  best = temperature * jnp.einsum("ble,cne->blcn", t, p).max(-1)                   # [B, L, B]: token (b, l), image c
+  shares = (caption_words(text, pad_id, vocab_size) > 0).T[text]                    # [B, L, B]: caption c holds it
+  own = jnp.eye(text.shape[0], dtype=bool)[:, None, :]                              # [B, 1, B]
+  logits = jnp.where(own | ~shares, best, -jnp.inf)
+  per_token = jax.nn.logsumexp(logits, axis=-1) - jnp.where(own, best, 0.0).sum(-1)   # [B, L]
+  counted = valid & jnp.any(~shares & ~own, axis=-1)
+  return jnp.where(counted, per_token, 0.0).sum() / jnp.maximum(counted.sum(), 1)
+
+
 def token_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Array, temperature: jax.Array) -> jax.Array:
   """SPARC's fine-grained term (Bica et al. 2024): each caption token against the patches it picks, per example.
 
@@ -471,7 +493,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
       token_weight=0.0,
       # Which: 'sparc' (token_loss: each token against its caption's other tokens), 'filip' (token_filip_loss:
       # each caption against the batch's images through its tokens' best patches, and each image against the
-      # captions through its patches' best tokens; [B, B, L, N] logits) or 'filip_text' (its first half only).
+      # captions through its patches' best tokens; [B, B, L, N] logits), 'filip_text' (its first half only) or
+      # 'per_token' (token_contrast_loss: each token against the batch's images whose captions lack its word).
       token_loss="sparc",
   ))
 
@@ -567,7 +590,9 @@ def loss_terms(model: SyCoCa, loss_cfg: ml_collections.ConfigDict, out: dict[str
     with jax.named_scope("token_loss"):
       # The ITC temperature, held: this term must not set how sharp the contrastive softmax is.
       fn = {"sparc": token_loss, "filip": token_filip_loss,
-            "filip_text": functools.partial(token_filip_loss, image_to_text=False)}[loss_cfg.token_loss]
+            "filip_text": functools.partial(token_filip_loss, image_to_text=False),
+            "per_token": functools.partial(token_contrast_loss, text=batch["text"], pad_id=model.pad_id,
+                                           vocab_size=model.text_encoder.vocab_size)}[loss_cfg.token_loss]
       terms["token_loss"] = fn(out["patch_embeddings"], out["token_embeddings"], out["token_valid"],
                                lax.stop_gradient(out["logit_scale"]))
   if "mim" in heads:

@@ -272,6 +272,32 @@ def test_token_filip_loss_matches_its_formula_caption_by_image():
   assert (~best).any() and np.all(g_patch[~best] == 0) and np.all(np.abs(g_patch[best]).sum(-1) > 0)
 
 
+def test_token_contrast_loss_leaves_images_whose_caption_holds_the_word_out_of_its_negatives():
+  rng = np.random.RandomState(9)
+  patch_emb, token_emb = rng.randn(4, 5, 6), rng.randn(4, 4, 6)
+  text = np.array([[1, 5, 6, 2], [1, 5, 7, 2], [1, 8, 2, 0], [1, 6, 9, 2]])   # start, words, end, padding
+  valid = (text != 0) & (np.arange(4) > 0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  p, t, temperature = unit(patch_emb), unit(token_emb), 5.0
+  total, count = 0.0, 0
+  for b in range(4):
+    for l in np.flatnonzero(valid[b]):
+      candidates = [c for c in range(4) if c == b or text[b, l] not in text[c, 1:]]
+      if len(candidates) == 1:   # every caption holds the word (here: the end token)
+        continue
+      logits = np.array([temperature * (t[b, l] @ p[c].T).max() for c in candidates])
+      total -= _log_softmax(logits[None])[0, candidates.index(b)]
+      count += 1
+  assert count == 7   # word 5 has two negatives, 6 two, 7, 8 and 9 three each; the end token none
+  loss_fn = lambda p, t: losses.token_contrast_loss(p, t, jnp.asarray(valid), jnp.float32(temperature),
+                                                     jnp.asarray(text), pad_id=0, vocab_size=10)
+  args = jnp.asarray(patch_emb, jnp.float32), jnp.asarray(token_emb, jnp.float32)
+  np.testing.assert_allclose(loss_fn(*args), total / count, rtol=1e-5)
+  _, g_token = jax.grad(loss_fn, argnums=(0, 1))(*args)
+  counted = valid & (text != 2)
+  assert np.all(g_token[~counted] == 0) and np.all(np.abs(g_token[counted]).sum(-1) > 0)
+
+
 def test_the_words_weight_decays_on_a_cosine_to_zero_and_stays_there():
   loss_cfg = losses.default_loss_config()
   loss_cfg.words_weight = 8.0
