@@ -576,6 +576,17 @@ def format_peaks(generation: str = "") -> str:
   return "\n".join(lines)
 
 
+def _accepts(config: ml_collections.ConfigDict, **changes) -> bool:
+  """Whether the config still validates with `changes` (terms over the whole batch refuse gradient accumulation)."""
+  changed = ml_collections.ConfigDict(config.to_dict())
+  changed.update(changes)
+  try:
+    config_lib.validate(changed)
+  except ValueError:
+    return False
+  return True
+
+
 def fit_hints(r: Report, config: ml_collections.ConfigDict) -> str:
   """What to change, cheapest for step time first (the FLOP costs quoted were counted on sycoca_base)."""
   hints = []
@@ -588,7 +599,7 @@ def fit_hints(r: Report, config: ml_collections.ConfigDict) -> str:
   if not m.remat:
     hints.append("--config.model.remat=True --config.model.remat_policy=dots: keep each layer's matmul outputs, "
                  "recompute attention scores, norms and activations in the backward pass (+1.8 % FLOPs).")
-  if per_chip // accum >= 2:
+  if per_chip // accum >= 2 and _accepts(config, grad_accum_steps=2 * accum):
     hints.append(f"--config.grad_accum_steps={2 * accum}: activations of {per_chip // (2 * accum)} examples per chip "
                  f"at a time, contrastive negatives still from the whole batch (one more forward pass of both "
                  f"encoders: +14 % FLOPs).")
