@@ -4,8 +4,9 @@ r"""SyCoCa-Tiny on the built-in scenes data: the embedded default, trains on a l
 
 Sized for 2 CPU cores (or any single accelerator). 48 px scenes, patch 6 (64 patches) from a small
 convolutional stem, 3-layer image and 2-layer text towers of width 96, a 1-layer TG-MIM decoder, word-level
-tokenizer, global batch 64, and FILIP's token-wise contrast beside the paper's three objectives. The ablation rows of the paper are the `variant=` argument (clip, coca, coca_am,
-coca_mim_image_only, coca_tgmim_random, sycoca), e.g.
+tokenizer, global batch 64, and FILIP's token-wise contrast beside the paper's three objectives. The ablation
+rows of the paper are the `variant=` argument (clip, coca, coca_am, coca_mim_image_only, coca_tgmim_random,
+sycoca), e.g.
   python main.py --config=configs/sycoca_tiny.py:variant=coca --workdir=/tmp/coca_tiny
 `:runlocal` shrinks it further to a 10-step smoke run; `:eval_split=val` evaluates on the scenes' validation
 twins (to tune on; the test splits are for reporting). Measured numbers for this config are in README.md.

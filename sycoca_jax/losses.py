@@ -345,9 +345,9 @@ def token_filip_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.Arra
   [B, B, L, N] (dense; a tiny-scale option).
 
   image_to_text=False (loss.token_loss='filip_text') keeps the captions-over-images half only. The other half asks
-  every patch for its best token in its own caption, the patches of objects the caption does not name included: a
-  caption elsewhere in the batch that names such an object's kind wins, so that half pushes an object's patches
-  away from its own words whenever its caption leaves it out.
+  every patch for its best token in its own caption, the patches of objects the caption does not name included,
+  which a caption elsewhere in the batch naming such an object's kind may win; this option tests whether that
+  hurts (on the built-in scenes it does not: without that half the words turn away from their objects).
   """
   p = normalize(patch_emb.astype(jnp.float32))
   t = normalize(token_emb.astype(jnp.float32))
@@ -371,9 +371,9 @@ def token_contrast_loss(patch_emb: jax.Array, token_emb: jax.Array, valid: jax.A
   patch_emb [B, N, E], token_emb [B, L, E], valid [B, L], text [B, L] (the word ids) -> scalar. Token l of caption
   b scores image c by its best cosine with c's patches; a softmax over the images at `temperature` must pick b.
   An image whose caption holds the same word is not among the token's negatives: it may well show what the word
-  names, and FILIP's form (token_filip_loss), which counts every other image, pushes a word off the objects of its
-  kind in them. A word that every caption of the batch holds (the end token, 'a') has no negatives and adds
-  nothing. The loss is the mean over the valid tokens that have a negative.
+  names, and FILIP's form (token_filip_loss), which counts every other image, would push the word off it. A word
+  that every caption of the batch holds (the end token, 'a') has no negatives and adds nothing. The loss is the
+  mean over the valid tokens that have a negative.
   """
   p = normalize(patch_emb.astype(jnp.float32))
   t = normalize(token_emb.astype(jnp.float32))
