@@ -51,10 +51,9 @@ def test_fit_hints_offer_gradient_accumulation_only_where_the_config_takes_it():
   report = types.SimpleNamespace(mesh={"fsdp": 1}, global_batch=64, slice=types.SimpleNamespace(chips=4),
                                  state_bytes=0, total_bytes=1, temp_bytes=0, error=None)
   config = small_train_config()
-  assert config.loss.token_loss == "filip" and config.loss.token_weight > 0   # the whole batch's images per caption
-  assert "--config.grad_accum_steps" not in aot.fit_hints(report, config)
-  config.loss.token_weight = 0.0
   assert "--config.grad_accum_steps=2" in aot.fit_hints(report, config)
+  config.loss.update(token_weight=1.0, token_loss="filip")   # each caption against the whole batch's images
+  assert "--config.grad_accum_steps" not in aot.fit_hints(report, config)
 
 
 def test_chip_peaks_are_the_published_figures():
@@ -291,7 +290,7 @@ def test_a_batch_too_large_for_the_slice_fails_and_says_what_to_change():
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, "-m", "sycoca_jax.tools.aot", "--config=configs/sycoca_tiny.py:runlocal",
-       "--config.global_batch_size=262144", "--config.loss.token_weight=0", "--topology=v5e:2x2"],
+       "--config.global_batch_size=262144", "--topology=v5e:2x2"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "DOES NOT FIT" in proc.stdout

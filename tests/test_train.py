@@ -235,14 +235,14 @@ def test_gradient_accumulation_is_exact(contrastive):
   """Micro-batching (with contrastive negatives from the whole batch, sharded over the 8 devices: the ring for
   the sigmoid loss) gives the full-batch gradient of the dense formula on one device."""
   # The softmax case with the twin terms and SPARC's token term on: their means over the batch's twins, and over
-  # each caption's tokens, are exact too. (The tiny default's FILIP term scores captions against the whole batch's
-  # images, which micro-batches would split: the config refuses it with accumulation, and the sigmoid case drops it.)
+  # each caption's tokens, are exact too (FILIP's forms score captions against the whole batch's images, which
+  # micro-batches would split: the config refuses them with accumulation).
   twins = {"data.scenes.hard_negatives": ("object",), "loss.hard_negative_weight": 0.5, "loss.twin_text_weight": 0.5,
            "loss.token_weight": 0.5, "loss.token_loss": "sparc"}
   # The sigmoid case with the caption-words head (one softmax over the nouns, one over the colour words): its mean over
   # the captions that name one is exact too, and its weight, decaying over the run, is the step's on both paths.
   nouns = {"model.words_head": True, "loss.words_weight": 0.5, "loss.words_vocab": "nouns_colours",
-           "loss.words_softmax": "groups", "loss.words_decay_steps": 4, "loss.token_weight": 0.0}
+           "loss.words_softmax": "groups", "loss.words_decay_steps": 4}
   config = small_train_config(**{"loss.contrastive": contrastive, **(twins if contrastive == "softmax" else nouns)})
   model = sycoca.build_model(config.model).clone(**losses.contrastive_init(config.loss))
   params = sycoca.init_params(model, jax.random.PRNGKey(0))
